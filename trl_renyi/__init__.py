@@ -1,0 +1,24 @@
+"""trl_renyi: uncertainty-aware post-training for TRL with α-Rényi ensembles of LoRA adapters."""
+
+__version__ = "0.1.0"
+
+from .config import RenyiDPOConfig, RenyiEnsembleArguments, RenyiSFTConfig  # noqa: E402
+from .ensemble import RenyiEnsemble, ScoreResult  # noqa: E402
+from .members import build_ensemble, member_names, tile_for_members  # noqa: E402
+from .objective import RenyiBound, renyi_bound  # noqa: E402
+from .sft import RenyiSFTTrainer  # noqa: E402
+
+__all__ = [
+    "RenyiBound",
+    "RenyiDPOConfig",
+    "RenyiEnsemble",
+    "RenyiEnsembleArguments",
+    "RenyiSFTConfig",
+    "RenyiSFTTrainer",
+    "ScoreResult",
+    "__version__",
+    "build_ensemble",
+    "member_names",
+    "renyi_bound",
+    "tile_for_members",
+]

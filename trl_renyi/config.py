@@ -1,0 +1,104 @@
+"""Configuration: the ensemble fields shared by :class:`RenyiSFTConfig` and :class:`RenyiDPOConfig`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import DPOConfig, SFTConfig
+
+
+@dataclass
+class RenyiEnsembleArguments:
+    """Fields of the α-Rényi LoRA ensemble, mixed into TRL's SFT and DPO configs (one definition, not two)."""
+
+    num_members: int = field(
+        default=4,
+        metadata={"help": "Number K of LoRA members in the ensemble (>= 1). K = 1 reproduces plain TRL training."},
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "Rényi order α of the objective J = 1/(1-α)·log Σ_k π_k exp((1-α)ℓ_k). α → 1: independent "
+            "deep ensemble (every member fits everything); α = 0: predictive mixture (complementary specialists); "
+            "α < 0: sharper, winner-take-all routing; α > 1: soft minimum."
+        },
+    )
+    member_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Prior mixture weights π_k, K positive numbers (normalised to sum to 1). Uniform if unset."},
+    )
+    loglik_reduction: str = field(
+        default="sum",
+        metadata={
+            "help": "Per-example log-likelihood ℓ_ik of SFT: 'sum' of the completion tokens' log-probs (the "
+            "sequence likelihood; K = 1 equals TRL's loss) or their 'mean' per token.",
+            "choices": ["sum", "mean"],
+        },
+    )
+    alpha_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of the training steps during which α is held at 1 (every member fits all data) before "
+            "`alpha` applies. Lets every member learn what the data agrees on before members specialise."
+        },
+    )
+    member_init_std: float = field(
+        default=0.0,
+        metadata={
+            "help": "Standard deviation of each member's random initial LoRA B (own seed per member), so that members "
+            "start functionally different; 0 keeps PEFT's B = 0, where identical members sit on a saddle."
+        },
+    )
+
+    def _validate_renyi_fields(self) -> None:
+        if isinstance(self.num_members, bool) or not isinstance(self.num_members, int) or self.num_members < 1:
+            raise ValueError(f"num_members must be an integer >= 1, got {self.num_members!r}.")
+        try:
+            alpha = float(self.alpha)
+        except (TypeError, ValueError):
+            raise ValueError(f"alpha must be a finite float, got {self.alpha!r}.") from None
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite float, got {self.alpha!r}.")
+        self.alpha = alpha
+        if self.member_weights is not None:
+            weights = list(self.member_weights)
+            if len(weights) != self.num_members:
+                raise ValueError(
+                    f"member_weights must have num_members={self.num_members} entries, got {len(weights)}."
+                )
+            if not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights):
+                raise ValueError(f"member_weights must be finite and positive, got {weights}.")
+            total = float(sum(weights))
+            self.member_weights = [float(w) / total for w in weights]
+        if self.loglik_reduction not in ("sum", "mean"):
+            raise ValueError(f"loglik_reduction must be 'sum' or 'mean', got {self.loglik_reduction!r}.")
+        if not (0.0 <= float(self.alpha_warmup_ratio) <= 1.0):
+            raise ValueError(f"alpha_warmup_ratio must lie in [0, 1], got {self.alpha_warmup_ratio!r}.")
+        if not (math.isfinite(float(self.member_init_std)) and float(self.member_init_std) >= 0.0):
+            raise ValueError(f"member_init_std must be a finite number >= 0, got {self.member_init_std!r}.")
+
+    def __post_init__(self):
+        self._validate_renyi_fields()
+        super().__post_init__()
+
+    def renyi_metadata(self) -> dict:
+        """The ensemble fields, as written to ``renyi_ensemble.json``."""
+        return {
+            "num_members": self.num_members,
+            "alpha": self.alpha,
+            "member_weights": self.member_weights,
+            "loglik_reduction": self.loglik_reduction,
+            "alpha_warmup_ratio": self.alpha_warmup_ratio,
+            "member_init_std": self.member_init_std,
+        }
+
+
+@dataclass
+class RenyiSFTConfig(RenyiEnsembleArguments, SFTConfig):
+    """[`~trl.SFTConfig`] plus the α-Rényi ensemble fields of :class:`RenyiEnsembleArguments`."""
+
+
+@dataclass
+class RenyiDPOConfig(RenyiEnsembleArguments, DPOConfig):
+    """[`~trl.DPOConfig`] plus the α-Rényi ensemble fields of :class:`RenyiEnsembleArguments`."""

@@ -1,0 +1,311 @@
+"""`RenyiEnsemble`: a trained ensemble of K LoRA members on one base model — saving, loading and scoring.
+
+On disk (and on the Hub) an ensemble is a folder holding one plain PEFT adapter folder per member
+(``member_k/adapter_config.json`` + ``adapter_model.safetensors``, each loadable with
+``PeftModel.from_pretrained(base, folder/member_k)``) and ``renyi_ensemble.json`` with the ensemble's settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+
+from . import __version__
+from .encoding import collate_scoring_batch, encode_prompt_completion
+from .members import attach_ensemble, get_router, member_names, tile_for_members
+from .models import load_causal_lm, load_tokenizer, model_name_or_path
+from .objective import normalized_log_weights, renyi_bound
+from .uncertainty import decompose
+
+METADATA_FILE = "renyi_ensemble.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_STRUCTURAL_CONFIG_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "head_dim",
+)
+
+
+def base_config_hash(config) -> str:
+    """SHA-256 of the base model's structural config fields (architecture and sizes), to detect a wrong base."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    fields = {key: getattr(text_config, key, None) for key in _STRUCTURAL_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def ensemble_metadata(peft_model: PeftModel, settings: dict, extra: dict | None = None) -> dict:
+    """The content of ``renyi_ensemble.json`` for ``peft_model`` and the ensemble ``settings``."""
+    names = member_names(settings["num_members"])
+    base = peft_model.get_base_model()
+    weights = settings.get("member_weights")
+    if weights is None:
+        weights = [1.0 / len(names)] * len(names)
+    meta = {
+        "format_version": 1,
+        "library": "trl_renyi",
+        "library_version": __version__,
+        "num_members": len(names),
+        "member_names": names,
+        "alpha": float(settings["alpha"]),
+        "member_weights": [float(w) for w in weights],
+        "loglik_reduction": settings.get("loglik_reduction", "sum"),
+        "alpha_warmup_ratio": float(settings.get("alpha_warmup_ratio", 0.0)),
+        "member_init_std": float(settings.get("member_init_std", 0.0)),
+        "base_model_name_or_path": peft_model.peft_config[names[0]].base_model_name_or_path
+        or model_name_or_path(base),
+        "base_model_config_hash": base_config_hash(base.config),
+    }
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def write_metadata(directory: str | os.PathLike, metadata: dict) -> None:
+    """Write ``renyi_ensemble.json`` atomically (a partial file never carries the final name)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / METADATA_FILE)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """Read and validate ``renyi_ensemble.json``; errors name the file and the field."""
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a trl_renyi ensemble folder.")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object.")
+    for key in ("num_members", "member_names", "alpha", "member_weights"):
+        if key not in meta:
+            raise ValueError(f"{path} lacks the field {key!r}.")
+    k = meta["num_members"]
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"{path}: num_members must be an integer >= 1, got {k!r}.")
+    if meta["member_names"] != member_names(k):
+        raise ValueError(f"{path}: member_names {meta['member_names']} do not match num_members={k}.")
+    weights = meta["member_weights"]
+    if not isinstance(weights, list) or len(weights) != k or not all(
+        isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights
+    ):
+        raise ValueError(f"{path}: member_weights must be {k} positive numbers, got {weights!r}.")
+    if not isinstance(meta["alpha"], (int, float)) or not math.isfinite(meta["alpha"]):
+        raise ValueError(f"{path}: alpha must be a finite number, got {meta['alpha']!r}.")
+    return meta
+
+
+@dataclass
+class ScoreResult:
+    """Per-example scores of prompt/completion pairs under every member and the mixture (N examples, K members).
+
+    Attributes:
+        member_loglik: ``(N, K)`` ℓ_ik, summed log-probability of the completion under member k.
+        loglik: ``(N,)`` mixture log-likelihood ``log Σ_k π_k p_ik``.
+        responsibilities: ``(N, K)`` routing weights ``softmax_k(log π_k + (1-α) ℓ_ik)`` at the ensemble's α.
+        num_tokens: ``(N,)`` completion tokens scored.
+        mutual_information: ``(N,)`` mean per-token mutual information (epistemic) over the completion.
+        mutual_information_max: ``(N,)`` its maximum over the completion tokens.
+        entropy: ``(N,)`` mean per-token total predictive entropy.
+        aleatoric: ``(N,)`` mean per-token expected member entropy.
+        loglik_std: ``(N,)`` standard deviation of ℓ_ik across members.
+    """
+
+    member_loglik: torch.Tensor
+    loglik: torch.Tensor
+    responsibilities: torch.Tensor
+    num_tokens: torch.Tensor
+    mutual_information: torch.Tensor
+    mutual_information_max: torch.Tensor
+    entropy: torch.Tensor
+    aleatoric: torch.Tensor
+    loglik_std: torch.Tensor
+
+
+class RenyiEnsemble:
+    """A K-member LoRA ensemble on one base model, ready for scoring, saving and publishing.
+
+    Args:
+        model: a PeftModel holding adapters ``member_0 … member_{K-1}``.
+        tokenizer: its tokenizer (needed for scoring text).
+        alpha: the Rényi order the ensemble was trained with (used for responsibilities).
+        member_weights: mixture weights π_k (normalised); uniform when ``None``.
+        metadata: extra settings recorded in ``renyi_ensemble.json``.
+    """
+
+    def __init__(self, model: PeftModel, tokenizer=None, alpha: float = 0.5, member_weights=None, metadata=None):
+        num_members = sum(1 for n in model.peft_config if n.startswith("member_"))
+        attach_ensemble(model, num_members)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.alpha = float(alpha)
+        self.member_names = member_names(num_members)
+        self.log_weights = normalized_log_weights(num_members, member_weights)
+        self.metadata = dict(metadata or {})
+
+    @property
+    def num_members(self) -> int:
+        return len(self.member_names)
+
+    @property
+    def member_weights(self) -> list[float]:
+        return self.log_weights.exp().tolist()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def settings(self) -> dict:
+        return {
+            **self.metadata,
+            "num_members": self.num_members,
+            "alpha": self.alpha,
+            "member_weights": self.member_weights,
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike, **extra) -> None:
+        """Write every member as a plain PEFT adapter folder (safetensors), the tokenizer and ``renyi_ensemble.json``."""
+        directory = Path(directory)
+        self.model.save_pretrained(str(directory), selected_adapters=self.member_names, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
+        write_metadata(directory, ensemble_metadata(self.model, self.settings(), extra or None))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        base_model=None,
+        tokenizer=None,
+        revision: str | None = None,
+        dtype: str | torch.dtype = "float32",
+        trust_remote_code: bool = False,
+        check_base_model: bool = True,
+    ) -> RenyiEnsemble:
+        """Rebuild a saved ensemble from a local folder (or a Hub repo id, downloaded at ``revision``).
+
+        Args:
+            path: folder written by ``save_pretrained`` / ``RenyiSFTTrainer.save_model``, or a Hub repo id.
+            base_model: the base model, as a loaded model or a name; by default the one recorded in the metadata.
+            tokenizer: defaults to the tokenizer saved with the ensemble, else the base model's.
+            revision: Hub revision (branch, tag or commit) to pin.
+            check_base_model: refuse a base model whose architecture differs from the recorded one.
+        """
+        folder = Path(path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(path), revision=revision))
+        meta = read_metadata(folder)
+        for name in meta["member_names"]:
+            weights = folder / name / ADAPTER_WEIGHTS
+            if not (folder / name / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"Member folder {folder / name} (adapter_config.json) is missing.")
+            if not weights.is_file():
+                raise FileNotFoundError(
+                    f"{weights} is missing; members are loaded from safetensors only (pickle files are refused)."
+                )
+        base_name = meta.get("base_model_name_or_path") or ""
+        if base_model is None:
+            if not base_name:
+                raise ValueError(f"{folder / METADATA_FILE} records no base model: pass `base_model`.")
+            base_model = base_name
+        if isinstance(base_model, str):
+            base_model = load_causal_lm(base_model, dtype=dtype, trust_remote_code=trust_remote_code)
+        recorded_hash = meta.get("base_model_config_hash")
+        if check_base_model and recorded_hash and recorded_hash != base_config_hash(base_model.config):
+            raise ValueError(
+                f"The base model ({model_name_or_path(base_model) or type(base_model).__name__}) differs from the one "
+                f"recorded in {folder / METADATA_FILE} ({base_name or 'unnamed'}): its config hash does not match."
+            )
+        if tokenizer is None:
+            if (folder / "tokenizer_config.json").is_file():
+                tokenizer = load_tokenizer(str(folder))
+            elif base_name:
+                tokenizer = load_tokenizer(base_name)
+        names = meta["member_names"]
+        model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(folder / name), adapter_name=name)
+        model.eval()
+        return cls(model, tokenizer, alpha=meta["alpha"], member_weights=meta["member_weights"], metadata=meta)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def member_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(K, B, T, V)`` logits of every member for a batch of B rows, in one member-batched forward."""
+        router = get_router(self.model)
+        if not router.enabled:
+            raise RuntimeError("The member router is disabled; re-enable it before member-batched inference.")
+        device = self.device
+        tiled = tile_for_members({k: v.to(device) for k, v in batch.items() if k != "labels"}, self.num_members)
+        logits = self.model(**tiled, use_cache=False).logits
+        return logits.view(self.num_members, batch["input_ids"].shape[0], *logits.shape[1:])
+
+    def score(self, prompts, completions, batch_size: int = 8, show_progress: bool | None = None) -> ScoreResult:
+        """Score completions under every member in member-batched forwards (no gradients).
+
+        ``prompts`` / ``completions`` are plain strings or conversational message lists (rendered with the
+        tokenizer's chat template exactly as SFTTrainer renders them).
+        """
+        if self.tokenizer is None:
+            raise ValueError("This ensemble has no tokenizer; pass one to RenyiEnsemble or from_pretrained.")
+        if len(prompts) != len(completions):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions.")
+        was_training = self.model.training
+        self.model.eval()
+        encoded = [encode_prompt_completion(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        starts = range(0, len(encoded), batch_size)
+        if show_progress is None:
+            show_progress = len(encoded) > 4 * batch_size
+        fields: dict[str, list[torch.Tensor]] = {}
+        for start in tqdm(starts, desc="scoring", disable=not show_progress):
+            batch = collate_scoring_batch(encoded[start : start + batch_size], pad)
+            for key, value in self._score_batch(batch).items():
+                fields.setdefault(key, []).append(value)
+        if was_training:
+            self.model.train()
+        out = {key: torch.cat(values) for key, values in fields.items()}
+        bound = renyi_bound(out["member_loglik"], self.alpha, self.log_weights)
+        out["responsibilities"] = bound.responsibilities
+        out["loglik"] = renyi_bound(out["member_loglik"], 0.0, self.log_weights).value
+        out["loglik_std"] = out["member_loglik"].std(dim=-1, unbiased=False)
+        return ScoreResult(**out)
+
+    def _score_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.member_logits(batch)  # (K, B, T, V)
+        log_probs = torch.log_softmax(logits[:, :, :-1].float(), dim=-1)
+        labels = batch["labels"][:, 1:].to(log_probs.device)
+        mask = labels != -100
+        token_lp = log_probs.gather(-1, labels.clamp(min=0)[None, ..., None].expand(self.num_members, -1, -1, 1))
+        token_lp = token_lp.squeeze(-1) * mask  # (K, B, T-1)
+        member_loglik = token_lp.sum(-1).T.cpu()  # (B, K)
+        parts = decompose(log_probs, self.log_weights.to(log_probs.device))  # each (B, T-1)
+        num_tokens = mask.sum(-1).clamp(min=1)
+        mean = lambda x: ((x * mask).sum(-1) / num_tokens).cpu()  # noqa: E731
+        return {
+            "member_loglik": member_loglik,
+            "num_tokens": mask.sum(-1).cpu(),
+            "mutual_information": mean(parts.mutual_information),
+            "mutual_information_max": parts.mutual_information.masked_fill(~mask, 0.0).amax(-1).cpu(),
+            "entropy": mean(parts.total),
+            "aleatoric": mean(parts.aleatoric),
+        }

@@ -1,0 +1,268 @@
+"""K LoRA members on one frozen base model, and the member-batched LoRA forward.
+
+The ensemble is one :class:`peft.PeftModel` holding K adapters named ``member_0 … member_{K-1}``; PEFT's own
+storage is the single source of truth (saving, checkpoints, ``disable_adapter()`` and the Hub layout stay standard).
+
+Member-batched forward: a batch of B rows is tiled K times, rows ``k·B … (k+1)·B − 1`` belonging to member k.
+Inside every LoRA ``Linear`` layer the input is viewed as ``(K, B·T, d_in)`` and member k's low-rank delta
+``scaling_k · B_k A_k x`` is added to its own rows with two stacked batched matmuls:
+
+.. math::
+
+    y_{k} = W x_{k} + s_k\, (x_k A_k^\\top) B_k^\\top, \\qquad A \\in \\mathbb{R}^{K\\times r\\times d_{in}},\\;
+    B \\in \\mathbb{R}^{K\\times d_{out}\\times r}
+
+The routing state is persistent (not a context entered only around the forward), so a forward recomputed during
+the backward pass by gradient checkpointing routes the rows exactly as the original forward did.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import PeftType
+
+MEMBER_PREFIX = "member_"
+
+
+def member_names(num_members: int) -> list[str]:
+    """The adapter names of a K-member ensemble: ``member_0 … member_{K-1}``."""
+    return [f"{MEMBER_PREFIX}{k}" for k in range(num_members)]
+
+
+class MemberRouter:
+    """Shared state of the patched LoRA layers: which adapters are members, and whether rows are routed."""
+
+    def __init__(self, names: Sequence[str]):
+        self.member_names = list(names)
+        self.enabled = True
+
+    @property
+    def num_members(self) -> int:
+        return len(self.member_names)
+
+
+def _device_indices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _member_batched_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    router: MemberRouter = self._renyi_router
+    if not router.enabled or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+        return self._renyi_original_forward(x, *args, **kwargs)
+    names = router.member_names
+    num_members = len(names)
+    if x.shape[0] % num_members:
+        raise ValueError(
+            f"Member-batched forward expects the batch tiled {num_members} times (one block of rows per member), "
+            f"got {x.shape[0]} rows. Tile the inputs with `tile_for_members`, or use `router_disabled()` for a "
+            "plain single-adapter forward."
+        )
+    result = self.base_layer(x, *args, **kwargs)
+    weight_a = torch.stack([self.lora_A[n].weight for n in names])  # (K, r, d_in)
+    weight_b = torch.stack([self.lora_B[n].weight for n in names])  # (K, d_out, r)
+    xk = self._cast_input_dtype(x, weight_a.dtype).reshape(num_members, -1, x.shape[-1])
+    dropouts = [self.lora_dropout[n] for n in names]
+    if not all(isinstance(d, torch.nn.Identity) for d in dropouts):
+        xk = torch.stack([dropout(xk[k]) for k, dropout in enumerate(dropouts)])
+    delta = torch.bmm(torch.bmm(xk, weight_a.transpose(1, 2)), weight_b.transpose(1, 2))
+    scalings = [self.scaling[n] for n in names]
+    if all(s == scalings[0] for s in scalings):
+        delta = delta * scalings[0]
+    else:
+        delta = delta * torch.tensor(scalings, device=delta.device, dtype=delta.dtype).view(-1, 1, 1)
+    return result + delta.reshape(*x.shape[:-1], delta.shape[-1]).to(result.dtype)
+
+
+def check_members_servable(model: PeftModel, names: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless every member is a plain LoRA adapter on ``Linear`` layers with one shared shape."""
+    missing = [n for n in names if n not in model.peft_config]
+    if missing:
+        raise ValueError(
+            f"The PeftModel lacks the ensemble adapters {missing}; it holds {sorted(model.peft_config)}. "
+            f"Members must be named {MEMBER_PREFIX}0 … {MEMBER_PREFIX}{len(names) - 1} (see `num_members`)."
+        )
+    reference = None
+    for n in names:
+        cfg = model.peft_config[n]
+        if cfg.peft_type != PeftType.LORA:
+            raise ValueError(f"Adapter {n!r} is {cfg.peft_type.value}; the member-batched forward serves LoRA only.")
+        if getattr(cfg, "use_dora", False):
+            raise ValueError(f"Adapter {n!r} uses DoRA, which the member-batched forward cannot serve.")
+        if getattr(cfg, "lora_bias", False):
+            raise ValueError(f"Adapter {n!r} sets lora_bias, which the member-batched forward cannot serve.")
+        if cfg.modules_to_save or getattr(cfg, "trainable_token_indices", None):
+            raise ValueError(
+                f"Adapter {n!r} trains full modules (modules_to_save / trainable_token_indices); ensemble members "
+                "must be LoRA deltas only, since a copied module cannot be member-batched."
+            )
+        shape = (cfg.r, cfg.lora_alpha, sorted(cfg.target_modules) if isinstance(cfg.target_modules, set) else cfg.target_modules)
+        if reference is None:
+            reference = (n, shape)
+        elif shape != reference[1]:
+            raise ValueError(
+                f"Members {reference[0]!r} and {n!r} have different LoRA configs (r, lora_alpha, target_modules): "
+                f"{reference[1]} vs {shape}; all members must share one LoraConfig."
+            )
+    member_set = set(names)
+    for module_name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        held = member_set.intersection(getattr(module, "lora_A", {}) or {})
+        held |= member_set.intersection(getattr(module, "modules_to_save", {}) or {})
+        if not held:
+            continue
+        if not isinstance(module, LoraLinear) or not isinstance(module, LoraLayer):
+            raise ValueError(
+                f"Layer {module_name!r} ({type(module).__name__}) holds members {sorted(held)} but is not a LoRA "
+                "Linear layer; the member-batched forward serves LoRA on torch.nn.Linear modules only."
+            )
+        if held != member_set:
+            raise ValueError(f"Layer {module_name!r} holds only members {sorted(held)}; every member must adapt it.")
+        variants = member_set.intersection(module.lora_variant)
+        if variants:
+            raise ValueError(f"Layer {module_name!r} uses a LoRA variant (e.g. DoRA) for {sorted(variants)}.")
+
+
+def install_member_batching(model: PeftModel, names: Sequence[str]) -> MemberRouter:
+    """Patch every LoRA ``Linear`` layer of ``model`` with the member-batched forward and return its router.
+
+    Calling it again re-uses the existing router (idempotent).
+    """
+    check_members_servable(model, names)
+    existing = getattr(model, "_renyi_router", None)
+    if existing is not None:
+        existing.member_names = list(names)
+        return existing
+    router = MemberRouter(names)
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and names[0] in module.lora_A:
+            module._renyi_original_forward = module.forward
+            module._renyi_router = router
+            module.forward = types.MethodType(_member_batched_forward, module)
+    model._renyi_router = router
+    return router
+
+
+def get_router(model) -> MemberRouter:
+    router = getattr(model, "_renyi_router", None)
+    if router is None:
+        raise ValueError("This model has no member-batched ensemble installed; build it with `build_ensemble`.")
+    return router
+
+
+@contextmanager
+def router_disabled(model):
+    """Plain PEFT behaviour (the active adapter only) inside the block. Never wrap a forward whose backward runs
+    outside the block under gradient checkpointing."""
+    router = get_router(model)
+    previous = router.enabled
+    router.enabled = False
+    try:
+        yield
+    finally:
+        router.enabled = previous
+
+
+def set_members_trainable(model: PeftModel, names: Sequence[str], trainable: bool = True) -> None:
+    """Make every member's LoRA weights (not only PEFT's single active adapter) trainable."""
+    model.set_requires_grad(list(names), requires_grad=trainable)
+    for n in names:
+        model.peft_config[n].inference_mode = not trainable
+
+
+def perturb_lora_b(model: PeftModel, names: Sequence[str], std: float, seed: int) -> None:
+    """Draw each member's LoRA ``B`` from N(0, std²) with its own seed (``std = 0`` keeps PEFT's B = 0).
+
+    With B = 0 every member equals the base model, the responsibilities are uniform and on conflicting data the
+    members' gradients cancel: a saddle only noise escapes. A small random B makes members functionally distinct.
+    """
+    if std <= 0:
+        return
+    for k, n in enumerate(names):
+        generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
+        for module in model.modules():
+            if isinstance(module, LoraLinear) and n in module.lora_B:
+                weight = module.lora_B[n].weight
+                noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * std
+                with torch.no_grad():
+                    weight.copy_(noise.to(device=weight.device, dtype=weight.dtype))
+
+
+def build_ensemble(
+    model: torch.nn.Module,
+    lora_config: LoraConfig,
+    num_members: int,
+    seed: int = 0,
+    init_std: float = 0.0,
+) -> PeftModel:
+    """Wrap ``model`` in a PeftModel with ``num_members`` LoRA adapters built from one ``lora_config``.
+
+    Member 0 is created by ``get_peft_model`` from the caller's RNG state, exactly as TRL creates its single adapter
+    (so K = 1 with ``init_std = 0`` is bit-identical to TRL); member k ≥ 1 draws its LoRA ``A`` under seed
+    ``seed + k``; every member gets its own random ``B`` when ``init_std > 0``. All members are trainable and the
+    member-batched forward is installed.
+    """
+    if not isinstance(lora_config, LoraConfig):
+        raise ValueError(
+            f"peft_config must be a peft.LoraConfig for an ensemble of LoRA members, got {type(lora_config).__name__}."
+        )
+    if num_members < 1:
+        raise ValueError(f"num_members must be >= 1, got {num_members}.")
+    names = member_names(num_members)
+    peft_model = get_peft_model(model, copy.deepcopy(lora_config), adapter_name=names[0])
+    for k, name in enumerate(names[1:], start=1):
+        with torch.random.fork_rng(devices=_device_indices()):
+            torch.manual_seed(seed + k)
+            peft_model.add_adapter(name, copy.deepcopy(lora_config))
+    perturb_lora_b(peft_model, names, init_std, seed)
+    set_members_trainable(peft_model, names)
+    install_member_batching(peft_model, names)
+    return peft_model
+
+
+def attach_ensemble(model: PeftModel, num_members: int) -> PeftModel:
+    """Validate a PeftModel that already holds ``member_*`` adapters, make them all trainable and install routing."""
+    names = member_names(num_members)
+    extra = sorted(n for n in model.peft_config if n.startswith(MEMBER_PREFIX) and n not in names)
+    if extra:
+        raise ValueError(
+            f"num_members={num_members} but the PeftModel also holds {extra}; set num_members to the number of "
+            "member adapters."
+        )
+    check_members_servable(model, names)
+    set_members_trainable(model, names)
+    install_member_batching(model, names)
+    return model
+
+
+def tile_for_members(batch: dict, num_members: int) -> dict:
+    """Tile a model-input batch K times along the rows: rows ``k·B … (k+1)·B − 1`` are member k's.
+
+    Tensors whose first dimension is the batch size are repeated; the flattened-sequence boundaries of padding-free
+    batches (``cu_seq_lens_q/k``) are offset for each copy; scalars are kept.
+    """
+    if num_members == 1:
+        return dict(batch)
+    rows = batch["input_ids"].shape[0]
+    out = {}
+    for key, value in batch.items():
+        if key in ("cu_seq_lens_q", "cu_seq_lens_k") and isinstance(value, torch.Tensor):
+            total = batch["input_ids"].numel()
+            starts = value[:-1]
+            out[key] = torch.cat(
+                [starts + k * total for k in range(num_members)] + [value[-1:] + (num_members - 1) * total]
+            )
+        elif isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+            out[key] = value.repeat(num_members, *([1] * (value.dim() - 1)))
+        else:
+            out[key] = value
+    return out

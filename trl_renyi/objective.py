@@ -1,0 +1,135 @@
+r"""The α-Rényi variational objective over an ensemble of K members (pure torch, no TRL).
+
+For example :math:`i` and member :math:`k` let :math:`\ell_{ik} = \log p(y_i \mid x_i, \theta_k)` and let
+:math:`\pi_k` be the mixture weights. The per-example bound (maximised; the training loss is its negative) is
+
+.. math::
+
+    J_i(\alpha) = \frac{1}{1-\alpha} \log \sum_k \pi_k \exp\big((1-\alpha)\,\ell_{ik}\big)
+
+* :math:`\alpha \to 1`: :math:`J_i = \sum_k \pi_k \ell_{ik}` (classical VB, an independent deep ensemble);
+* :math:`\alpha = 0`: :math:`J_i = \log \sum_k \pi_k p_{ik}` (the predictive mixture likelihood);
+* :math:`\alpha \to -\infty`: :math:`J_i \to \max_k \ell_{ik}` (winner takes all);
+* :math:`\alpha > 1`: a soft minimum, favouring members that are good everywhere.
+
+Its gradient is soft routing without a gating network:
+
+.. math::
+
+    \frac{\partial J_i}{\partial \ell_{ik}} = r_{ik}, \qquad
+    r_{ik} = \operatorname{softmax}_k\big(\log \pi_k + (1-\alpha)\,\ell_{ik}\big).
+
+All reductions run in float32 (or float64 when the input is float64) whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+# Below this |1 - α| the bound is evaluated by a centred expansion that is exact in the limit and free of the
+# division by 1 - α ≈ 0 (see `_bound_near_one`).
+_NEAR_ONE = 1e-3
+
+
+class RenyiBound(NamedTuple):
+    """Result of :func:`renyi_bound`.
+
+    Attributes:
+        value: ``(B,)`` the per-example bound :math:`J_i` (differentiable w.r.t. the log-likelihoods).
+        responsibilities: ``(B, K)`` the detached routing weights :math:`r_{ik}`, rows summing to one.
+    """
+
+    value: torch.Tensor
+    responsibilities: torch.Tensor
+
+
+def normalized_log_weights(
+    num_members: int, weights=None, device=None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Return :math:`\\log \\pi_k` for ``weights`` (positive, any scale; uniform when ``None``)."""
+    if weights is None:
+        return torch.full((num_members,), -math.log(num_members), device=device, dtype=dtype)
+    w = torch.as_tensor(weights, device=device, dtype=torch.float64)
+    if w.shape != (num_members,):
+        raise ValueError(f"member_weights must have {num_members} entries, got shape {tuple(w.shape)}.")
+    if not torch.isfinite(w).all() or (w <= 0).any():
+        raise ValueError(f"member_weights must be finite and positive, got {w.tolist()}.")
+    return (w / w.sum()).log().to(dtype)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bound_near_one(loglik: torch.Tensor, log_weights: torch.Tensor, eps: float) -> torch.Tensor:
+    r"""Evaluate :math:`J` for small :math:`\varepsilon = 1-\alpha` without dividing a rounding error by :math:`\varepsilon`.
+
+    With :math:`m = \sum_k \pi_k \ell_k` and :math:`c_k = \ell_k - m` (so :math:`\sum_k \pi_k c_k = 0`):
+
+    .. math::
+
+        J = m + \frac{1}{\varepsilon}\log\Big(1 + \sum_k \pi_k\big(\operatorname{expm1}(\varepsilon c_k) - \varepsilon c_k\big)\Big)
+
+    which equals :math:`m` exactly at :math:`\varepsilon = 0` and is continuous across it. Its gradient w.r.t.
+    :math:`\ell_k` is exactly :math:`r_k`.
+    """
+    weights = log_weights.exp()
+    mean = (weights * loglik).sum(-1)
+    if eps == 0.0:
+        return mean
+    centred = loglik - mean.unsqueeze(-1)
+    excess = (weights * (torch.expm1(eps * centred) - eps * centred)).sum(-1)
+    return mean + torch.log1p(excess) / eps
+
+
+def renyi_bound(loglik: torch.Tensor, alpha: float, log_weights: torch.Tensor | None = None) -> RenyiBound:
+    r"""The α-Rényi bound :math:`J_i(\alpha)` of each example and its routing responsibilities.
+
+    Args:
+        loglik: ``(B, K)`` per-example, per-member log-likelihoods :math:`\ell_{ik}` (any float dtype).
+        alpha: the Rényi order α, any finite float. α = 1 is the exact limit :math:`\sum_k \pi_k \ell_{ik}`.
+        log_weights: ``(K,)`` log mixture weights :math:`\log \pi_k` (normalised); uniform when ``None``.
+
+    Returns:
+        :class:`RenyiBound` with ``value`` ``(B,)`` and detached ``responsibilities`` ``(B, K)``, both in float32
+        (float64 for float64 input).
+    """
+    if loglik.dim() != 2:
+        raise ValueError(f"loglik must have shape (batch, num_members), got {tuple(loglik.shape)}.")
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite float, got {alpha}.")
+    dtype = _accumulation_dtype(loglik.dtype)
+    ll = loglik.to(dtype)
+    num_members = ll.shape[-1]
+    if log_weights is None:
+        lw = normalized_log_weights(num_members, device=ll.device, dtype=dtype)
+    else:
+        lw = log_weights.to(device=ll.device, dtype=dtype)
+        if lw.shape != (num_members,):
+            raise ValueError(f"log_weights must have shape ({num_members},), got {tuple(lw.shape)}.")
+
+    eps = 1.0 - alpha
+    logits = lw + eps * ll
+    responsibilities = torch.softmax(logits.detach(), dim=-1)
+    if abs(eps) < _NEAR_ONE:
+        value = _bound_near_one(ll, lw, eps)
+    else:
+        value = torch.logsumexp(logits, dim=-1) / eps
+    return RenyiBound(value=value, responsibilities=responsibilities)
+
+
+def routing_entropy(responsibilities: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of the responsibilities, ``(B, K) -> (B,)``; ``0 · log 0`` counts as 0."""
+    r = responsibilities.to(_accumulation_dtype(responsibilities.dtype))
+    return -(torch.special.xlogy(r, r)).sum(-1)
+
+
+def alpha_at_step(alpha: float, warmup_ratio: float, step: int, max_steps: int) -> float:
+    """The α in force at optimizer ``step``: held at 1 for the first ``warmup_ratio · max_steps`` steps, then ``alpha``."""
+    if warmup_ratio > 0 and max_steps > 0 and step < warmup_ratio * max_steps:
+        return 1.0
+    return float(alpha)

@@ -1,0 +1,109 @@
+"""`RenyiSFTTrainer`: TRL's SFTTrainer training a K-member LoRA ensemble with the α-Rényi objective."""
+
+from __future__ import annotations
+
+import torch
+from trl import SFTTrainer
+
+from .config import RenyiSFTConfig
+from .members import tile_for_members
+from .trainer_base import (
+    RenyiEnsembleTrainerMixin,
+    coerce_config,
+    padding_free_segments,
+    sequence_log_likelihood,
+)
+
+
+class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
+    r"""Drop-in replacement for [`~trl.SFTTrainer`] that trains ``num_members`` LoRA adapters on one frozen base.
+
+    Every batch is tiled K times and goes through one member-batched forward and backward. With
+    :math:`\ell_{ik}` the summed log-probability of example i's completion tokens under member k, the loss is
+
+    .. math::
+
+        \mathcal{L} = -\frac{1}{N_\text{tokens}} \sum_i \frac{1}{1-\alpha}
+        \log \sum_k \pi_k \exp\big((1-\alpha)\,\ell_{ik}\big)
+
+    where :math:`N_\text{tokens}` is TRL's own normaliser (the completion tokens of the batch, or
+    ``num_items_in_batch`` under gradient accumulation). K = 1 reproduces SFTTrainer exactly, for every α.
+    With ``loglik_reduction="mean"``, :math:`\ell_{ik}` is the per-token mean and the normaliser the number of
+    examples.
+
+    Args:
+        model: a model name/path, a ``PreTrainedModel`` (with ``peft_config``), or a ``PeftModel`` already holding
+            adapters ``member_0 … member_{K-1}``.
+        args: a :class:`RenyiSFTConfig` (a plain ``SFTConfig`` is converted with default ensemble fields).
+        peft_config: the ``LoraConfig`` replicated into every member.
+        Other arguments are SFTTrainer's.
+    """
+
+    _tag_names = ["trl", "sft", "trl-renyi", "lora-ensemble"]
+    _name = "Rényi SFT"
+
+    def __init__(
+        self,
+        model,
+        args: RenyiSFTConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        **kwargs,
+    ):
+        args = coerce_config(args, RenyiSFTConfig, model if isinstance(model, str) else "model", "RenyiSFT")
+        model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self._finish_ensemble_setup()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        num_members = self.num_members
+        outputs = model(**tile_for_members(inputs, num_members), fused_lm_head=True)
+        loglik, num_tokens = sequence_log_likelihood(
+            outputs.log_probs, inputs["labels"], num_members, padding_free_segments(inputs)
+        )
+        if self.args.loglik_reduction == "mean":
+            example_loglik = loglik / num_tokens.unsqueeze(-1)
+        else:
+            example_loglik = loglik
+        bound = self.renyi_objective(example_loglik, mode, per_token=num_tokens)
+        # routing metrics above report the summed NLL per token; the objective uses the chosen reduction
+        neg_bound = -bound.value.sum()
+        if self.args.loglik_reduction == "sum":
+            normaliser = num_tokens.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = neg_bound / torch.as_tensor(normaliser, device=neg_bound.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        else:
+            loss = neg_bound / max(example_loglik.shape[0], 1)
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                loss = loss / self.current_gradient_accumulation_steps
+        self._log_token_metrics(outputs, inputs, mode)
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_token_metrics(self, outputs, inputs, mode: str) -> None:
+        """TRL's own SFT metrics (entropy, token accuracy over all members' tokens, and tokens seen)."""
+        num_valid = self.accelerator.gather_for_metrics(outputs.label_mask.sum()).sum()
+        entropy_sum = self.accelerator.gather_for_metrics(outputs.entropy.detach().sum()).sum()
+        num_correct = self.accelerator.gather_for_metrics(outputs.is_top1.sum()).sum()
+        self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            else:
+                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
