@@ -117,6 +117,7 @@ def check_members_servable(model: PeftModel, names: Sequence[str]) -> None:
         if not isinstance(module, BaseTunerLayer):
             continue
         held = member_set.intersection(getattr(module, "lora_A", {}) or {})
+        held |= member_set.intersection(getattr(module, "lora_embedding_A", {}) or {})
         held |= member_set.intersection(getattr(module, "modules_to_save", {}) or {})
         if not held:
             continue
