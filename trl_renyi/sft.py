@@ -6,7 +6,6 @@ import torch
 from trl import SFTTrainer
 
 from .config import RenyiSFTConfig
-from .members import tile_for_members
 from .trainer_base import (
     RenyiEnsembleTrainerMixin,
     coerce_config,
@@ -70,7 +69,7 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
         num_members = self.num_members
-        outputs = model(**tile_for_members(inputs, num_members), fused_lm_head=True)
+        outputs = self.member_forward(model, inputs)
         loglik, num_tokens = sequence_log_likelihood(
             outputs.log_probs, inputs["labels"], num_members, padding_free_segments(inputs)
         )

@@ -17,7 +17,7 @@ from transformers import TrainingArguments, set_seed
 
 from .config import RenyiEnsembleArguments
 from .ensemble import ADAPTER_WEIGHTS, RenyiEnsemble, ensemble_metadata, write_metadata
-from .members import attach_ensemble, build_ensemble, get_router, member_names
+from .members import attach_ensemble, build_ensemble, get_router, member_names, tile_for_members
 from .models import is_embedded, load_causal_lm, load_tokenizer
 from .objective import RenyiBound, alpha_at_step, normalized_log_weights, renyi_bound, routing_entropy
 
@@ -108,6 +108,15 @@ class RenyiEnsembleTrainerMixin:
             member_weights=self.args.member_weights,
             metadata=self.args.renyi_metadata(),
         )
+
+    # ------------------------------------------------------------------ forward
+    def member_forward(self, model, inputs: dict):
+        """One member-batched forward of ``inputs`` (B rows) through all K members with TRL's fused LM head.
+
+        ``inputs`` must hold ``labels`` (-100 where no log-prob is needed). Returns TRL's ``FusedCausalLMOutput`` for
+        the K·B tiled rows: ``log_probs`` ``(K·B, T−1)``, rows ``k·B … (k+1)·B − 1`` belonging to member k.
+        """
+        return model(**tile_for_members(inputs, self.num_members), fused_lm_head=True)
 
     # ------------------------------------------------------------------ objective
     def current_alpha(self) -> float:

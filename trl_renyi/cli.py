@@ -1,0 +1,40 @@
+"""The ``trl-renyi`` command: ``trl-renyi {sft,dpo,eval,audit,demo} ...``, in the style of ``trl sft``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# sub-command -> (module under trl_renyi.scripts exposing main(argv), one-line description)
+COMMANDS = {
+    "sft": ("sft", "Train an α-Rényi LoRA ensemble with supervised fine-tuning (like `trl sft`)."),
+    "dpo": ("dpo", "Train an α-Rényi LoRA ensemble with preference optimisation (like `trl dpo`)."),
+    "eval": ("eval", "Evaluate an ensemble (and baselines) on multiple-choice or preference data."),
+    "audit": ("audit", "List the training examples the ensemble disagrees on most."),
+    "demo": ("demo", "Train a small ensemble on the embedded model and show what it is for."),
+}
+
+
+def usage() -> str:
+    lines = ["usage: trl-renyi <command> [options]", "", "commands:"]
+    lines += [f"  {name:<7}{description}" for name, (_, description) in COMMANDS.items()]
+    lines.append("\nRun `trl-renyi <command> --help` for the options of a command.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"trl-renyi: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"trl_renyi.scripts.{COMMANDS[command][0]}")
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Entry points of the ``trl-renyi`` sub-commands; each module exposes ``main(argv: list[str]) -> int``."""
