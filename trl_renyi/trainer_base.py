@@ -7,16 +7,28 @@ per-example member log-likelihoods into the α-Rényi loss, logs routing metrics
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from peft import PeftConfig, PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainingArguments, set_seed
 
+from .checkpoint import AtomicCheckpointMixin
 from .config import RenyiEnsembleArguments
-from .ensemble import ADAPTER_WEIGHTS, RenyiEnsemble, ensemble_metadata, write_metadata
+from .ensemble import (
+    ADAPTER_WEIGHTS,
+    METADATA_FILE,
+    PICKLE_ADAPTER_WEIGHTS,
+    RenyiEnsemble,
+    ensemble_metadata,
+    read_metadata,
+    write_metadata,
+)
+from .lm_head import add_completion_lm_head
 from .members import attach_ensemble, build_ensemble, get_router, member_names, tile_for_members
 from .models import is_embedded, load_causal_lm, load_tokenizer
 from .objective import RenyiBound, alpha_at_step, normalized_log_weights, renyi_bound, routing_entropy
@@ -39,8 +51,20 @@ def coerce_config(args, config_class, model_name: str, suffix: str):
 def load_member_weights(model: PeftModel, checkpoint: str | Path, names: list[str]) -> None:
     """Load every member's LoRA weights from ``checkpoint/member_k/adapter_model.safetensors`` in place."""
     checkpoint = Path(checkpoint)
+    if (checkpoint / METADATA_FILE).is_file():
+        recorded = read_metadata(checkpoint)["member_names"]
+        if recorded != list(names):
+            raise ValueError(
+                f"{checkpoint / METADATA_FILE} records num_members={len(recorded)} but this trainer has "
+                f"num_members={len(names)}; resume with the num_members the checkpoint was trained with."
+            )
     for name in names:
         path = checkpoint / name / ADAPTER_WEIGHTS
+        if not path.is_file() and (checkpoint / name / PICKLE_ADAPTER_WEIGHTS).is_file():
+            raise ValueError(
+                f"{checkpoint / name / PICKLE_ADAPTER_WEIGHTS} is a pickle file, which is never loaded (it can run "
+                f"arbitrary code); member weights are read from {ADAPTER_WEIGHTS} only."
+            )
         if not path.is_file():
             raise FileNotFoundError(
                 f"Checkpoint {checkpoint} lacks {name}/{ADAPTER_WEIGHTS}; every member must be saved as safetensors."
@@ -51,8 +75,8 @@ def load_member_weights(model: PeftModel, checkpoint: str | Path, names: list[st
             raise ValueError(f"{path} holds weights that fit no layer of the model: {unexpected[:5]}.")
 
 
-class RenyiEnsembleTrainerMixin:
-    """Mixed into TRL trainers, before the TRL class in the bases."""
+class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
+    """Mixed into TRL trainers, before the TRL class in the bases. Checkpoints are published atomically."""
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -92,7 +116,9 @@ class RenyiEnsembleTrainerMixin:
         self.member_names = member_names(args.num_members)
         self._renyi_log_weights = normalized_log_weights(args.num_members, args.member_weights)
         # TRL may have touched PEFT's active adapter (which freezes the others): every member trains.
-        attach_ensemble(self.accelerator.unwrap_model(self.model), args.num_members)
+        peft_model = self.accelerator.unwrap_model(self.model)
+        attach_ensemble(peft_model, args.num_members)
+        self._completion_head = add_completion_lm_head(peft_model.get_base_model())
 
     @property
     def num_members(self) -> int:
@@ -111,12 +137,16 @@ class RenyiEnsembleTrainerMixin:
 
     # ------------------------------------------------------------------ forward
     def member_forward(self, model, inputs: dict):
-        """One member-batched forward of ``inputs`` (B rows) through all K members with TRL's fused LM head.
+        """One member-batched forward of ``inputs`` (B rows) through all K members.
 
-        ``inputs`` must hold ``labels`` (-100 where no log-prob is needed). Returns TRL's ``FusedCausalLMOutput`` for
-        the K·B tiled rows: ``log_probs`` ``(K·B, T−1)``, rows ``k·B … (k+1)·B − 1`` belonging to member k.
+        ``inputs`` must hold ``labels`` (-100 where no log-prob is needed). Uses the completion-only chunked head of
+        :mod:`trl_renyi.lm_head` when the model allows it (TRL's fused head otherwise) and returns a
+        ``FusedCausalLMOutput`` for the K·B tiled rows: ``log_probs`` ``(K·B, T−1)``, rows ``k·B … (k+1)·B − 1`` belonging to member k.
         """
-        return model(**tile_for_members(inputs, self.num_members), fused_lm_head=True)
+        tiled = tile_for_members(inputs, self.num_members)
+        if getattr(self, "_completion_head", False):
+            return model(**tiled, completion_head=True)
+        return model(**tiled, fused_lm_head=True)
 
     # ------------------------------------------------------------------ objective
     def current_alpha(self) -> float:
@@ -127,14 +157,26 @@ class RenyiEnsembleTrainerMixin:
         return alpha_at_step(self.args.alpha, self.args.alpha_warmup_ratio, step, max_steps)
 
     def _check_finite(self, loglik: torch.Tensor) -> None:
-        if torch.isfinite(loglik).all():
+        """Raise ``FloatingPointError`` naming the step and the member(s) when any ℓ_ik is NaN or ±inf.
+
+        It runs before the loss exists, so no backward pass and no optimizer step ever sees the bad values. Under
+        distributed training the per-member count of bad entries is summed over the processes, so every process
+        stops at the same step and none is left waiting in a collective.
+        """
+        local = ~torch.isfinite(loglik.detach())
+        bad = local.sum(0).float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if not bool(bad.any()):
             return
-        bad = (~torch.isfinite(loglik)).nonzero()
-        example, member = (int(v) for v in bad[0])
-        step = self.state.global_step if getattr(self, "state", None) is not None else 0
+        members = ", ".join(self.member_names[k] for k in bad.nonzero().flatten().tolist())
+        state = getattr(self, "state", None)
+        step = state.global_step + 1 if state is not None else 1
+        first = local.nonzero()
+        where = f"first at example {int(first[0, 0])} of the batch" if first.numel() else "on another process"
         raise FloatingPointError(
-            f"Non-finite log-likelihood at step {step} for member {self.member_names[member]} (example {example} of "
-            "the batch); stopping before the optimizer applies it. Check the learning rate and the data."
+            f"Non-finite log-likelihood at step {step} for member {members} ({where}); stopping before the "
+            "optimizer applies it, so the weights keep their last finite values. Check the learning rate and the data."
         )
 
     def renyi_objective(self, loglik: torch.Tensor, mode: str, per_token: torch.Tensor | None = None) -> RenyiBound:
@@ -174,6 +216,19 @@ class RenyiEnsembleTrainerMixin:
             metrics[f"renyi/{name}/share"].append(float(shares[index]) / max(count, 1.0))
             metrics[f"renyi/{name}/nll"].append(float(nll[index]) / max(token_sum, 1.0))
 
+    # ------------------------------------------------------------------ data
+    def _prepare_dataset(self, dataset, *args, **kwargs):
+        """TRL's dataset preparation, reporting the examples it drops because truncation to ``max_length`` left them
+        without a completion token.
+
+        Such an example has no log-likelihood to train on (TRL removes it; were it kept, ℓ_ik would be an empty sum,
+        never a NaN). Dropping some is a ``UserWarning`` that counts them; dropping all is a ``ValueError``.
+        """
+        prepared = super()._prepare_dataset(dataset, *args, **kwargs)
+        name = kwargs.get("dataset_name", args[-1] if args and isinstance(args[-1], str) else "train")
+        report_dropped_examples(dataset, prepared, self.args, name)
+        return prepared
+
     # ------------------------------------------------------------------ saving and resuming
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
@@ -191,6 +246,33 @@ class RenyiEnsembleTrainerMixin:
         attach_ensemble(model, self.num_members)
         get_router(model).enabled = True
         return None
+
+
+def report_dropped_examples(raw, prepared, args, dataset_name: str) -> int:
+    """Warn about (or refuse) examples removed by preparation; return how many were dropped.
+
+    Only counted for map-style datasets that were not packed (packing changes the number of rows by design).
+    """
+    if not (isinstance(raw, Dataset) and isinstance(prepared, Dataset)) or "seq_lengths" in prepared.column_names:
+        return 0
+    total, kept = len(raw), len(prepared)
+    dropped = total - kept
+    if dropped <= 0:
+        return 0
+    max_length = getattr(args, "max_length", None)
+    mode = getattr(args, "truncation_mode", "keep_start")
+    if kept == 0:
+        raise ValueError(
+            f"All {total} examples of the {dataset_name} dataset have no completion token left after truncation to "
+            f"max_length={max_length} (truncation_mode={mode!r}); raise max_length or shorten the prompts."
+        )
+    warnings.warn(
+        f"{dropped} of {total} examples of the {dataset_name} dataset have no completion token left after truncation "
+        f"to max_length={max_length} (truncation_mode={mode!r}) and were excluded from training.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return dropped
 
 
 def sequence_log_likelihood(log_probs: torch.Tensor, labels: torch.Tensor, num_members: int, segments=None):

@@ -1,0 +1,135 @@
+r"""A completion-only, token-chunked LM head for member-batched training.
+
+TRL's fused head projects every position of the batch through the vocabulary on CPU (it compacts to the labelled
+positions only on its Triton path) with a 32768-wide vocabulary tile, which grows faster than linearly with the
+tokens. A K-tiled batch multiplies the tokens by K, so this head:
+
+1. runs the backbone, keeps only the positions whose next-token label is not ``-100`` (the completion tokens), and
+2. computes, for chunks of those positions,
+
+   .. math::
+
+       \log p(y_t) = z_{t, y_t} - \operatorname{logsumexp}_v z_{t,v}, \qquad z_t = W h_t,
+
+   in float32, saving only ``h``, the labels and the log-normaliser; the backward pass recomputes each chunk's
+   logits and returns :math:`\partial/\partial h_t = g_t\,(e_{y_t} - p_t)^\top W` (and the weight gradient only when
+   the head itself is trainable).
+
+Memory for the logits is bounded by the chunk, cost is linear in the completion tokens. The output has the same
+fields as TRL's ``FusedCausalLMOutput`` (``log_probs``, ``entropy``, ``is_top1``, ``label_mask``), so the two are
+interchangeable; models with logit soft-capping, logit scaling or an LM-head bias keep TRL's head.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from trl.trainer.utils import FusedCausalLMOutput
+
+# Rows per chunk are chosen so that one chunk of float32 logits takes about this many bytes.
+_CHUNK_BYTES = 64 * 2**20
+_SCALING_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+class _CompletionLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, rows_per_chunk):
+        count = hidden.shape[0]
+        log_probs = torch.empty(count, device=hidden.device, dtype=torch.float32)
+        log_norm = torch.empty_like(log_probs)
+        entropy = torch.empty_like(log_probs)
+        is_top1 = torch.empty(count, device=hidden.device, dtype=torch.bool)
+        for start in range(0, count, rows_per_chunk):
+            end = min(start + rows_per_chunk, count)
+            logits = (hidden[start:end] @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            log_norm[start:end] = lse
+            log_probs[start:end] = logits.gather(-1, labels[start:end, None]).squeeze(-1) - lse
+            probs = torch.exp(logits - lse[:, None])
+            entropy[start:end] = lse - (probs * logits).sum(-1)
+            is_top1[start:end] = logits.argmax(-1) == labels[start:end]
+        ctx.save_for_backward(hidden, weight, labels, log_norm)
+        ctx.rows_per_chunk = rows_per_chunk
+        ctx.mark_non_differentiable(entropy, is_top1)
+        return log_probs, entropy, is_top1
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, _grad_entropy, _grad_top1):
+        hidden, weight, labels, log_norm = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
+        step = ctx.rows_per_chunk
+        for start in range(0, hidden.shape[0], step):
+            end = min(start + step, hidden.shape[0])
+            g = grad_log_probs[start:end].float()
+            logits = (hidden[start:end] @ weight.T).float()
+            grad_logits = torch.exp(logits - log_norm[start:end, None]).mul_(-g[:, None])
+            grad_logits.scatter_add_(1, labels[start:end, None], g[:, None])
+            grad_logits = grad_logits.to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[start:end] = grad_logits @ weight
+            if need_weight:
+                grad_weight += (grad_logits.T @ hidden[start:end]).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def completion_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows_per_chunk=None):
+    """Log-probability, entropy and top-1 hit of ``labels`` (N,) under ``softmax(hidden @ weight.T)``, chunked.
+
+    ``hidden`` is ``(N, d)``, ``weight`` ``(V, d)``. Only the log-probs carry gradients.
+    """
+    if rows_per_chunk is None:
+        rows_per_chunk = max(1, _CHUNK_BYTES // (4 * weight.shape[0]))
+    return _CompletionLogProbs.apply(hidden, weight, labels, int(rows_per_chunk))
+
+
+def supports_completion_head(model) -> bool:
+    """Whether ``model``'s logits are a plain ``lm_head(h)`` (no soft-capping, scaling or bias)."""
+    config = model.config.get_text_config()
+    if any(getattr(config, name, None) not in (None, 1.0) for name in _SCALING_ATTRIBUTES):
+        return False
+    head = model.get_output_embeddings()
+    return isinstance(head, torch.nn.Linear) and head.bias is None
+
+
+def add_completion_lm_head(model) -> bool:
+    """Patch ``model.forward`` so that ``model(..., labels=labels, completion_head=True)`` returns a
+    ``FusedCausalLMOutput`` computed by the completion-only chunked head. Other calls are unchanged.
+
+    Returns ``False`` (and patches nothing) when the model's logits are not a plain linear head. Idempotent.
+    """
+    if getattr(model, "_renyi_completion_head", False):
+        return True
+    if not supports_completion_head(model):
+        return False
+    previous_forward = model.forward
+    backbone_name = model.base_model_prefix
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, completion_head=False, labels=None, **kwargs):
+        if not completion_head:
+            if labels is not None:
+                kwargs["labels"] = labels
+            return previous_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden_states = getattr(self, backbone_name)(*args, **kwargs).last_hidden_state[:, :-1]
+        shifted = labels[:, 1:].to(hidden_states.device)
+        mask = shifted != -100
+        head = self.get_output_embeddings()
+        log_probs, entropy, is_top1 = completion_log_probs(hidden_states[mask], head.weight, shifted[mask])
+        zeros = torch.zeros(mask.shape, device=log_probs.device, dtype=torch.float32)
+        return FusedCausalLMOutput(
+            log_probs=zeros.masked_scatter(mask, log_probs),
+            entropy=zeros.masked_scatter(mask, entropy),
+            is_top1=torch.zeros_like(mask).masked_scatter(mask, is_top1),
+            label_mask=mask,
+        )
+
+    model.forward = types.MethodType(forward, model)
+    model._renyi_completion_head = True
+    return True
