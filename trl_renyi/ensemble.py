@@ -21,12 +21,31 @@ from tqdm.auto import tqdm
 from . import __version__
 from .encoding import collate_scoring_batch, encode_prompt_completion
 from .members import attach_ensemble, get_router, member_names, tile_for_members
-from .models import load_causal_lm, load_tokenizer, model_name_or_path
+from .models import canonical_name, load_causal_lm, load_tokenizer, model_name_or_path
 from .objective import normalized_log_weights, renyi_bound
 from .uncertainty import decompose
 
 METADATA_FILE = "renyi_ensemble.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_ADAPTER_WEIGHTS = "adapter_model.bin"
+ADAPTER_CONFIG = "adapter_config.json"
+# adapter_config.json fields every member must share (the member-batched forward stacks their LoRA weights)
+_SHARED_LORA_FIELDS = (
+    "peft_type",
+    "base_model_name_or_path",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+    "lora_bias",
+    "modules_to_save",
+)
 _STRUCTURAL_CONFIG_KEYS = (
     "model_type",
     "vocab_size",
@@ -109,6 +128,96 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     if not isinstance(meta["alpha"], (int, float)) or not math.isfinite(meta["alpha"]):
         raise ValueError(f"{path}: alpha must be a finite number, got {meta['alpha']!r}.")
     return meta
+
+
+def _read_adapter_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object.")
+    return config
+
+
+def _comparable(value):
+    return sorted(value) if isinstance(value, list) else value
+
+
+def check_saved_members(folder: str | os.PathLike, names: list[str]) -> None:
+    """Check a saved ensemble's member folders before any weight is loaded; errors name the file at fault.
+
+    Every member listed in ``renyi_ensemble.json`` must have ``adapter_config.json`` and safetensors weights (a
+    pickle ``adapter_model.bin`` is refused: unpickling can run arbitrary code), no unlisted ``member_*`` folder may
+    exist, and all members must share one LoRA configuration (:data:`_SHARED_LORA_FIELDS`).
+    """
+    folder = Path(folder)
+    metadata = folder / METADATA_FILE
+    extra = sorted(
+        p.name for p in folder.glob("member_*") if p.is_dir() and p.name not in names and (p / ADAPTER_CONFIG).exists()
+    )
+    if extra:
+        raise ValueError(f"{folder} holds member folders {extra} that {metadata} does not list (num_members={len(names)}).")
+    reference = None
+    for name in names:
+        member = folder / name
+        if not member.is_dir():
+            raise FileNotFoundError(f"Member folder {member} listed in {metadata} is missing.")
+        if not (member / ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(f"{member / ADAPTER_CONFIG} is missing.")
+        if not (member / ADAPTER_WEIGHTS).is_file():
+            if (member / PICKLE_ADAPTER_WEIGHTS).is_file():
+                raise ValueError(
+                    f"{member / PICKLE_ADAPTER_WEIGHTS} is a pickle file, which is never loaded (it can run arbitrary "
+                    f"code); save the member as {ADAPTER_WEIGHTS} (safe_serialization=True)."
+                )
+            raise FileNotFoundError(f"{member / ADAPTER_WEIGHTS} is missing; members are loaded from safetensors only.")
+        config = _read_adapter_config(member / ADAPTER_CONFIG)
+        shared = {key: _comparable(config.get(key)) for key in _SHARED_LORA_FIELDS}
+        if reference is None:
+            reference = (member / ADAPTER_CONFIG, shared)
+            continue
+        differing = [key for key in _SHARED_LORA_FIELDS if shared[key] != reference[1][key]]
+        if differing:
+            key = differing[0]
+            raise ValueError(
+                f"The members' LoRA configs disagree on {differing}: {member / ADAPTER_CONFIG} has {key}="
+                f"{shared[key]!r} but {reference[0]} has {key}={reference[1][key]!r}; all members must share one "
+                "LoraConfig."
+            )
+
+
+def _same_model_name(given: str, recorded: str) -> bool:
+    """Whether two model names refer to the same model: equal after alias resolution, or a local copy whose folder
+    name is the recorded repository's name (``/models/SmolLM2-135M-Instruct`` for ``HuggingFaceTB/SmolLM2-135M-Instruct``)."""
+    if not given or not recorded:
+        return True
+    given, recorded = canonical_name(given), canonical_name(recorded)
+    tail = lambda name: Path(str(name).rstrip("/")).name.lower()  # noqa: E731
+    return given == recorded or tail(given) == tail(recorded)
+
+
+def check_base_model_name(name: str, metadata: dict, metadata_path: Path) -> None:
+    """Refuse a base model whose name differs from ``base_model_name_or_path`` recorded in ``metadata``."""
+    recorded_name = metadata.get("base_model_name_or_path") or ""
+    if not _same_model_name(name, recorded_name):
+        raise ValueError(
+            f"The base model {name!r} differs from the one recorded in {metadata_path} ({recorded_name!r}): "
+            "base_model_name_or_path does not match. Pass the recorded base model, or check_base_model=False if "
+            "it is the same model under another name."
+        )
+
+
+def check_base_model_hash(base_model, metadata: dict, metadata_path: Path) -> None:
+    """Refuse a base model whose structural config hash differs from ``base_model_config_hash`` in ``metadata``."""
+    recorded_hash = metadata.get("base_model_config_hash")
+    if recorded_hash and recorded_hash != base_config_hash(base_model.config):
+        name = model_name_or_path(base_model) or type(base_model).__name__
+        raise ValueError(
+            f"The base model ({name}) differs from the one recorded in {metadata_path} "
+            f"({metadata.get('base_model_name_or_path') or 'unnamed'}): its config hash (base_model_config_hash) "
+            "does not match."
+        )
 
 
 @dataclass
@@ -198,6 +307,7 @@ class RenyiEnsemble:
         dtype: str | torch.dtype = "float32",
         trust_remote_code: bool = False,
         check_base_model: bool = True,
+        base_model_revision: str | None = None,
     ) -> RenyiEnsemble:
         """Rebuild a saved ensemble from a local folder (or a Hub repo id, downloaded at ``revision``).
 
@@ -205,8 +315,15 @@ class RenyiEnsemble:
             path: folder written by ``save_pretrained`` / ``RenyiSFTTrainer.save_model``, or a Hub repo id.
             base_model: the base model, as a loaded model or a name; by default the one recorded in the metadata.
             tokenizer: defaults to the tokenizer saved with the ensemble, else the base model's.
-            revision: Hub revision (branch, tag or commit) to pin.
-            check_base_model: refuse a base model whose architecture differs from the recorded one.
+            revision: Hub revision (branch, tag or commit) of the ensemble repository to pin.
+            dtype: dtype of a base model loaded by name.
+            trust_remote_code: allow a base model or tokenizer loaded by name to run code from its repository (off
+                unless asked).
+            check_base_model: refuse a base model whose name or config hash differs from the recorded one.
+            base_model_revision: Hub revision of a base model (and its tokenizer) loaded by name.
+
+        Member weights are read from safetensors only; the folder is validated (``renyi_ensemble.json``, every member
+        folder, the members' LoRA configs, the base model) before any weight is loaded.
         """
         folder = Path(path)
         if not folder.is_dir():
@@ -214,32 +331,27 @@ class RenyiEnsemble:
 
             folder = Path(snapshot_download(str(path), revision=revision))
         meta = read_metadata(folder)
-        for name in meta["member_names"]:
-            weights = folder / name / ADAPTER_WEIGHTS
-            if not (folder / name / "adapter_config.json").is_file():
-                raise FileNotFoundError(f"Member folder {folder / name} (adapter_config.json) is missing.")
-            if not weights.is_file():
-                raise FileNotFoundError(
-                    f"{weights} is missing; members are loaded from safetensors only (pickle files are refused)."
-                )
+        check_saved_members(folder, meta["member_names"])
         base_name = meta.get("base_model_name_or_path") or ""
         if base_model is None:
             if not base_name:
                 raise ValueError(f"{folder / METADATA_FILE} records no base model: pass `base_model`.")
             base_model = base_name
+        if check_base_model:  # by name first: fails before a download
+            given = base_model if isinstance(base_model, str) else model_name_or_path(base_model)
+            check_base_model_name(given, meta, folder / METADATA_FILE)
+        hub_kwargs = {"trust_remote_code": trust_remote_code}
+        if base_model_revision is not None:
+            hub_kwargs["revision"] = base_model_revision
         if isinstance(base_model, str):
-            base_model = load_causal_lm(base_model, dtype=dtype, trust_remote_code=trust_remote_code)
-        recorded_hash = meta.get("base_model_config_hash")
-        if check_base_model and recorded_hash and recorded_hash != base_config_hash(base_model.config):
-            raise ValueError(
-                f"The base model ({model_name_or_path(base_model) or type(base_model).__name__}) differs from the one "
-                f"recorded in {folder / METADATA_FILE} ({base_name or 'unnamed'}): its config hash does not match."
-            )
+            base_model = load_causal_lm(base_model, dtype=dtype, **hub_kwargs)
+        if check_base_model:
+            check_base_model_hash(base_model, meta, folder / METADATA_FILE)
         if tokenizer is None:
             if (folder / "tokenizer_config.json").is_file():
-                tokenizer = load_tokenizer(str(folder))
+                tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
             elif base_name:
-                tokenizer = load_tokenizer(base_name)
+                tokenizer = load_tokenizer(base_name, **hub_kwargs)
         names = meta["member_names"]
         model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0])
         for name in names[1:]:

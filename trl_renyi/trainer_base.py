@@ -226,7 +226,8 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         """
         prepared = super()._prepare_dataset(dataset, *args, **kwargs)
         name = kwargs.get("dataset_name", args[-1] if args and isinstance(args[-1], str) else "train")
-        report_dropped_examples(dataset, prepared, self.args, name)
+        config = kwargs.get("args", next((a for a in args if isinstance(a, TrainingArguments)), None))
+        report_dropped_examples(dataset, prepared, config, name)
         return prepared
 
     # ------------------------------------------------------------------ saving and resuming
