@@ -51,6 +51,23 @@ class RenyiEnsembleArguments:
         },
     )
 
+    member_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Process the members in chunks of this size per forward/backward so that activation memory scales "
+            "with the chunk instead of K. A no-grad pass first scores all members (the responsibilities need every "
+            "ℓ_ik), then each chunk is trained with its detached responsibilities: the same loss and gradients "
+            "(exactly, without LoRA dropout) for about one extra forward pass. Unset: all K members in one pass."
+        },
+    )
+    shared_trunk: bool = field(
+        default=True,
+        metadata={
+            "help": "When every LoRA module sits in the upper decoder layers (see LoraConfig.layers_to_transform), run "
+            "the layers below once on the untiled batch and tile the hidden states at the first adapted layer."
+        },
+    )
+
     def _validate_renyi_fields(self) -> None:
         if isinstance(self.num_members, bool) or not isinstance(self.num_members, int) or self.num_members < 1:
             raise ValueError(f"num_members must be an integer >= 1, got {self.num_members!r}.")
@@ -75,6 +92,12 @@ class RenyiEnsembleArguments:
             raise ValueError(f"loglik_reduction must be 'sum' or 'mean', got {self.loglik_reduction!r}.")
         if not (0.0 <= float(self.alpha_warmup_ratio) <= 1.0):
             raise ValueError(f"alpha_warmup_ratio must lie in [0, 1], got {self.alpha_warmup_ratio!r}.")
+        if self.member_chunk_size is not None and (
+            isinstance(self.member_chunk_size, bool)
+            or not isinstance(self.member_chunk_size, int)
+            or self.member_chunk_size < 1
+        ):
+            raise ValueError(f"member_chunk_size must be an integer >= 1 or None, got {self.member_chunk_size!r}.")
         if not (math.isfinite(float(self.member_init_std)) and float(self.member_init_std) >= 0.0):
             raise ValueError(f"member_init_std must be a finite number >= 0, got {self.member_init_std!r}.")
 

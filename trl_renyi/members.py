@@ -44,6 +44,11 @@ class MemberRouter:
     def __init__(self, names: Sequence[str]):
         self.member_names = list(names)
         self.enabled = True
+        # Base-only mode (see `base_model_only`): every patched layer returns its frozen base layer's output.
+        self.base_only = False
+        # shared trunk (see `enable_shared_trunk`): first adapted decoder layer, and whether inputs arrive untiled
+        self.trunk_layer: int | None = None
+        self.trunk_active = False
 
     @property
     def num_members(self) -> int:
@@ -56,6 +61,10 @@ def _device_indices() -> list[int]:
 
 def _member_batched_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     router: MemberRouter = self._renyi_router
+    if router.base_only:
+        if self.merged:
+            raise ValueError("A base-only forward needs unmerged LoRA layers; unmerge the adapters first.")
+        return self.base_layer(x, *args, **kwargs)
     if not router.enabled or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
         return self._renyi_original_forward(x, *args, **kwargs)
     names = router.member_names
@@ -171,6 +180,132 @@ def router_disabled(model):
         yield
     finally:
         router.enabled = previous
+
+
+@contextmanager
+def routed_members(model, names: Sequence[str]):
+    """Route the rows to the members ``names`` only (a subset, in this order) inside the block.
+
+    Used to process members in chunks: the forward AND its backward must both run inside the block, since gradient
+    checkpointing recomputes the forward during the backward with the router's state at that time.
+    """
+    router = get_router(model)
+    previous = router.member_names
+    router.member_names = list(names)
+    try:
+        yield
+    finally:
+        router.member_names = previous
+
+
+def _decoder_layers(model: PeftModel):
+    """``(prefix, ModuleList)`` of the decoder layers of a causal LM (the ``layers`` list of its backbone)."""
+    for name, module in model.named_modules():
+        if name.endswith(".layers") and isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            return name, module
+    return None, None
+
+
+def _tile_rows(value, rows: int, copies: int):
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    if isinstance(value, tuple):
+        return tuple(_tile_rows(v, rows, copies) for v in value)
+    return value
+
+
+# keyword arguments of a decoder layer that carry one row per example and must be tiled with the hidden states
+_PER_ROW_LAYER_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
+
+
+def enable_shared_trunk(model: PeftModel) -> int | None:
+    r"""Share the layers below the first adapted decoder layer between members.
+
+    When every LoRA module sits in decoder layers ``≥ L`` (e.g. ``layers_to_transform`` on the top layers), the
+    bottom ``L`` layers compute the same thing for every member. With the trunk shared, the model receives the
+    *untiled* batch (B rows); a forward pre-hook on layer ``L`` detaches the hidden states (nothing below trains) and
+    tiles them K times, and every layer from ``L`` on tiles its per-row arguments (attention mask, position ids and
+    rotary embeddings). Cost of the bottom layers: 1× instead of K×, forward and backward.
+
+    Returns ``L``, or ``None`` (nothing installed) when a LoRA module lies outside the decoder layers or in layer 0.
+    """
+    router = get_router(model)
+    if router.trunk_layer is not None:
+        return router.trunk_layer
+    prefix, layers = _decoder_layers(model)
+    if layers is None:
+        return None
+    adapted = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear) and router.member_names[0] in module.lora_A:
+            if not name.startswith(prefix + "."):
+                return None
+            adapted.add(int(name[len(prefix) + 1 :].split(".")[0]))
+    first = min(adapted) if adapted else None
+    if not first:
+        return None
+
+    def tile_hook(layer_index):
+        def hook(module, args, kwargs):
+            if not (router.enabled and router.trunk_active):
+                return None
+            copies = router.num_members
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if layer_index == first:
+                rows = hidden.shape[0]
+                hidden = hidden.detach().repeat(copies, *([1] * (hidden.dim() - 1)))
+                hidden.requires_grad_(torch.is_grad_enabled())
+            else:
+                rows = hidden.shape[0] // copies
+            kwargs = {
+                key: _tile_rows(value, rows, copies) if key in _PER_ROW_LAYER_KWARGS else value
+                for key, value in kwargs.items()
+            }
+            if args:
+                args = (hidden, *(_tile_rows(a, rows, copies) for a in args[1:]))
+            else:
+                kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    for index in range(first, len(layers)):
+        layers[index].register_forward_pre_hook(tile_hook(index), with_kwargs=True)
+    router.trunk_layer = first
+    return first
+
+
+@contextmanager
+def shared_trunk(model, active: bool = True):
+    """Inside the block, forwards take the untiled batch and tile at the first adapted layer (see
+    :func:`enable_shared_trunk`). Keep the backward inside the block when gradient checkpointing is on."""
+    router = get_router(model)
+    previous = router.trunk_active
+    router.trunk_active = active and router.trunk_layer is not None
+    try:
+        yield
+    finally:
+        router.trunk_active = previous
+
+
+@contextmanager
+def base_model_only(model):
+    """Run the frozen base model alone inside the block: every member-holding LoRA layer returns its base layer's
+    output, whatever the row count (no tiling needed).
+
+    Unlike PEFT's ``disable_adapter()`` this touches neither the active adapter nor any ``requires_grad`` flag
+    (``disable_adapter()`` re-freezes every adapter but the active one on exit). Meant for no-grad reference passes
+    (DPO's π_ref, one pass for all K members); never wrap a forward whose backward runs outside the block under
+    gradient checkpointing.
+    """
+    router = get_router(model)
+    previous = router.base_only, getattr(router, "trunk_active", False)
+    # the rows are never tiled here, so no layer may tile them either (a shared trunk stays off)
+    router.base_only, router.trunk_active = True, False
+    try:
+        yield
+    finally:
+        router.base_only, router.trunk_active = previous
 
 
 def set_members_trainable(model: PeftModel, names: Sequence[str], trainable: bool = True) -> None:

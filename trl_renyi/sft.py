@@ -6,6 +6,7 @@ import torch
 from trl import SFTTrainer
 
 from .config import RenyiSFTConfig
+from .members import get_router
 from .trainer_base import (
     RenyiEnsembleTrainerMixin,
     coerce_config,
@@ -66,37 +67,46 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         self._finish_ensemble_setup()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
-        num_members = self.num_members
+        loss = self._ensemble_loss(model, inputs, num_items_in_batch)
+        if return_outputs:
+            raise ValueError("RenyiSFTTrainer does not return logits from compute_loss; use RenyiEnsemble.score.")
+        return loss
+
+    def _member_loglik(self, model, inputs):
+        inputs["use_cache"] = False
         outputs = self.member_forward(model, inputs)
+        routed = get_router(self.accelerator.unwrap_model(model)).num_members
         loglik, num_tokens = sequence_log_likelihood(
-            outputs.log_probs, inputs["labels"], num_members, padding_free_segments(inputs)
+            outputs.log_probs, inputs["labels"], routed, padding_free_segments(inputs)
         )
         if self.args.loglik_reduction == "mean":
-            example_loglik = loglik / num_tokens.unsqueeze(-1)
-        else:
-            example_loglik = loglik
-        bound = self.renyi_objective(example_loglik, mode, per_token=num_tokens)
-        # routing metrics above report the summed NLL per token; the objective uses the chosen reduction
-        neg_bound = -bound.value.sum()
+            loglik = loglik / num_tokens.unsqueeze(-1)
+        return loglik, {"num_tokens": num_tokens, "outputs": outputs}
+
+    def _normalised_loss(self, negative_bound_sum, aux, num_items_in_batch):
+        """TRL's normaliser: completion tokens of the batch (``num_items_in_batch`` under gradient accumulation) for
+        ``loglik_reduction="sum"``; the number of examples for ``"mean"``."""
         if self.args.loglik_reduction == "sum":
-            normaliser = num_tokens.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = neg_bound / torch.as_tensor(normaliser, device=neg_bound.device).clamp(min=1)
+            count = aux["num_tokens"].sum() if num_items_in_batch is None else num_items_in_batch
+            loss = negative_bound_sum / torch.as_tensor(count, device=negative_bound_sum.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        else:
-            loss = neg_bound / max(example_loglik.shape[0], 1)
-            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-                loss = loss / self.current_gradient_accumulation_steps
-        self._log_token_metrics(outputs, inputs, mode)
-        return (loss, outputs) if return_outputs else loss
+            return loss
+        loss = negative_bound_sum / max(aux["num_tokens"].shape[0], 1)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss
 
-    def _log_token_metrics(self, outputs, inputs, mode: str) -> None:
+    def _log_forward_metrics(self, auxes, inputs, mode: str) -> None:
         """TRL's own SFT metrics (entropy, token accuracy over all members' tokens, and tokens seen)."""
-        num_valid = self.accelerator.gather_for_metrics(outputs.label_mask.sum()).sum()
-        entropy_sum = self.accelerator.gather_for_metrics(outputs.entropy.detach().sum()).sum()
-        num_correct = self.accelerator.gather_for_metrics(outputs.is_top1.sum()).sum()
+        totals = torch.zeros(3, device=inputs["input_ids"].device)
+        for aux in auxes:
+            outputs = aux["outputs"]
+            totals += torch.stack(
+                [outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum()]
+            ).float().to(totals.device)
+        num_valid, entropy_sum, num_correct = self.accelerator.reduce(totals, reduction="sum")
         self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
         if mode == "train":

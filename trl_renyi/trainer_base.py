@@ -7,6 +7,8 @@ per-example member log-likelihoods into the α-Rényi loss, logs routing metrics
 
 from __future__ import annotations
 
+import contextlib
+
 import warnings
 from pathlib import Path
 
@@ -29,7 +31,16 @@ from .ensemble import (
     write_metadata,
 )
 from .lm_head import add_completion_lm_head
-from .members import attach_ensemble, build_ensemble, get_router, member_names, tile_for_members
+from .members import (
+    attach_ensemble,
+    base_model_only,
+    build_ensemble,
+    enable_shared_trunk,
+    get_router,
+    member_names,
+    routed_members,
+    tile_for_members,
+)
 from .models import is_embedded, load_causal_lm, load_tokenizer
 from .objective import RenyiBound, alpha_at_step, normalized_log_weights, renyi_bound, routing_entropy
 
@@ -119,6 +130,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         peft_model = self.accelerator.unwrap_model(self.model)
         attach_ensemble(peft_model, args.num_members)
         self._completion_head = add_completion_lm_head(peft_model.get_base_model())
+        self.shared_trunk_layer = enable_shared_trunk(peft_model) if args.shared_trunk else None
 
     @property
     def num_members(self) -> int:
@@ -137,16 +149,121 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
 
     # ------------------------------------------------------------------ forward
     def member_forward(self, model, inputs: dict):
-        """One member-batched forward of ``inputs`` (B rows) through all K members.
+        """One member-batched forward of ``inputs`` (B rows) through the routed members (all K, or a chunk).
 
         ``inputs`` must hold ``labels`` (-100 where no log-prob is needed). Uses the completion-only chunked head of
         :mod:`trl_renyi.lm_head` when the model allows it (TRL's fused head otherwise) and returns a
-        ``FusedCausalLMOutput`` for the K·B tiled rows: ``log_probs`` ``(K·B, T−1)``, rows ``k·B … (k+1)·B − 1`` belonging to member k.
+        ``FusedCausalLMOutput`` for the K·B tiled rows: ``log_probs`` ``(K·B, T−1)``, rows ``k·B … (k+1)·B − 1``
+        belonging to the k-th routed member. With a shared trunk the model receives the untiled batch and tiles at
+        the first adapted layer; only the labels are tiled here.
         """
-        tiled = tile_for_members(inputs, self.num_members)
+        router = get_router(self.accelerator.unwrap_model(model))
+        copies = router.num_members
+        # the trunk state stays set until the step's backward is done (gradient checkpointing recomputes with it)
+        router.trunk_active = router.trunk_layer is not None and "cu_seq_lens_q" not in inputs
+        if router.trunk_active:
+            tiled = dict(inputs)
+            tiled["labels"] = tile_for_members({"input_ids": inputs["labels"]}, copies)["input_ids"]
+        else:
+            tiled = tile_for_members(inputs, copies)
         if getattr(self, "_completion_head", False):
             return model(**tiled, completion_head=True)
         return model(**tiled, fused_lm_head=True)
+
+    def _member_loglik(self, model, inputs: dict):
+        """``(loglik (N, K_routed), aux)`` of the batch under the routed members; ``aux`` feeds
+        :meth:`_normalised_loss` and :meth:`_log_forward_metrics`. Implemented by each trainer."""
+        raise NotImplementedError
+
+    def _normalised_loss(self, negative_bound_sum: torch.Tensor, aux: dict, num_items_in_batch) -> torch.Tensor:
+        """Divide ``−Σ_i J_i`` by the trainer's own normaliser. Implemented by each trainer."""
+        raise NotImplementedError
+
+    def _log_forward_metrics(self, auxes: list[dict], inputs: dict, mode: str) -> None:
+        """Log the trainer's own per-forward metrics from one or several (chunked) forwards."""
+
+    def _ensemble_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        """The α-Rényi loss of one batch in a single member-batched pass (logs all metrics)."""
+        mode = "train" if self.model.training else "eval"
+        loglik, aux = self._member_loglik(model, inputs)
+        bound = self.renyi_objective(loglik, mode, per_token=aux.get("num_tokens"))
+        self._log_forward_metrics([aux], inputs, mode)
+        return self._normalised_loss(-bound.value.sum(), aux, num_items_in_batch)
+
+    def _member_chunks(self) -> list[list[str]] | None:
+        size = getattr(self.args, "member_chunk_size", None)
+        if not size or size >= self.num_members:
+            return None
+        return [self.member_names[i : i + size] for i in range(0, self.num_members, size)]
+
+    def _chunked_loss_and_backward(self, model, inputs: dict, num_items_in_batch, scale: float, backward_kwargs):
+        """Exact chunked training step: score all members without gradients, then train each chunk of members with
+        the surrogate ``−Σ_i Σ_{k∈chunk} r_ik ℓ_ik`` whose gradient equals that of ``−Σ_i J_i`` (∂J_i/∂ℓ_ik = r_ik).
+        Activation memory is that of one chunk. Returns the (detached) loss value."""
+        peft_model = self.accelerator.unwrap_model(model)
+        chunks = self._member_chunks()
+        with torch.no_grad():
+            parts = []
+            for names in chunks:
+                with routed_members(peft_model, names):
+                    loglik, aux = self._member_loglik(model, inputs)
+                parts.append(loglik)
+        bound = self.renyi_objective(torch.cat(parts, dim=-1), "train", per_token=aux.get("num_tokens"))
+        loss = self._normalised_loss(-bound.value.sum(), aux, num_items_in_batch)
+        auxes, offset = [], 0
+        for index, names in enumerate(chunks):
+            last = index == len(chunks) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            with sync, routed_members(peft_model, names):
+                loglik, aux = self._member_loglik(model, inputs)
+                weights = bound.responsibilities[:, offset : offset + len(names)].to(loglik.dtype)
+                surrogate = self._normalised_loss(-(weights * loglik).sum(), aux, num_items_in_batch)
+                self.accelerator.backward(surrogate * scale, **backward_kwargs)
+            auxes.append(aux)
+            offset += len(names)
+        self._log_forward_metrics(auxes, inputs, "train")
+        return loss.detach() * scale
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        router = get_router(self.accelerator.unwrap_model(model))
+        try:
+            if self._member_chunks() is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            if self.args.parallel_mode.value == "distributed" and not self.args.ddp_find_unused_parameters:
+                raise ValueError(
+                    "member_chunk_size under DDP needs ddp_find_unused_parameters=True: each chunk's backward leaves "
+                    "the other members' LoRA weights without gradients."
+                )
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
+            inputs = self._prepare_inputs(inputs)
+            scaled_for_ga = self.loss_is_scaled_for_ga
+            if scaled_for_ga is None:
+                scaled_for_ga = bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+            scale = 1.0 if scaled_for_ga else 1.0 / self.current_gradient_accumulation_steps
+            backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
+            with self.compute_loss_context_manager():
+                return self._chunked_loss_and_backward(model, inputs, num_items_in_batch, scale, backward_kwargs)
+        finally:
+            router.trunk_active = False
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            get_router(self.accelerator.unwrap_model(model)).trunk_active = False
+
+    def base_forward(self, model, inputs: dict):
+        """One forward of the frozen base model alone over the untiled ``inputs`` (B rows), with the LM head that
+        :meth:`member_forward` uses: every member's delta is skipped (:func:`~trl_renyi.members.base_model_only`),
+        with no ``requires_grad`` or active-adapter change. E.g. DPO's reference π_ref, one pass for all K members.
+        Call it under ``torch.no_grad()``. Returns a ``FusedCausalLMOutput`` with ``log_probs`` ``(B, T−1)``.
+        """
+        with base_model_only(self.accelerator.unwrap_model(model)):
+            if getattr(self, "_completion_head", False):
+                return model(**inputs, completion_head=True)
+            return model(**inputs, fused_lm_head=True)
 
     # ------------------------------------------------------------------ objective
     def current_alpha(self) -> float:
@@ -235,9 +352,33 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        write_metadata(
-            output_dir, ensemble_metadata(model, self.args.renyi_metadata(), {"trainer": type(self).__name__})
+        write_metadata(output_dir, self._ensemble_metadata(model))
+        if self.args.should_save:  # TRL convention: a model card with every save (replaces PEFT's adapter card)
+            self._write_ensemble_card(output_dir)
+
+    def _ensemble_metadata(self, model) -> dict:
+        """``renyi_ensemble.json`` content, with the logged routing shares and eval figures for the model card."""
+        from .hub import training_record
+
+        extra = {"trainer": type(self).__name__}
+        extra.update(training_record(self.state.log_history, self.num_members, self.args.alpha))
+        return ensemble_metadata(model, self.args.renyi_metadata(), extra)
+
+    def _write_ensemble_card(self, directory, model_name=None, dataset_name=None, tags=None) -> None:
+        from .hub import write_model_card
+
+        metadata = self._ensemble_metadata(self.accelerator.unwrap_model(self.model))
+        write_model_card(
+            directory, metadata, model_name=model_name, repo_id=self.hub_model_id, dataset_name=dataset_name, tags=tags
         )
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        """TRL's model-card hook (called on saves, checkpoints and ``push_to_hub``): writes the ensemble's card
+        (K, α, weights, routing shares, eval figures, usage) to ``args.output_dir/README.md``."""
+        if not self.is_world_process_zero():
+            return
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        self._write_ensemble_card(self.args.output_dir, model_name, dataset_name, tags)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
