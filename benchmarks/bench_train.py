@@ -1,0 +1,374 @@
+"""Training-step benchmark: one LoRA vs K LoRAs in a loop vs the member-batched α-Rényi ensemble.
+
+Measures, in ONE process and run, the median optimizer-step time after warm-up, tokens/s and peak memory of
+
+    sft_single         TRL SFTTrainer with one LoRA
+    sft_sequential     K LoRA adapters, one forward + backward each per step (plain PEFT, no checkpointing)
+    renyi_sft          RenyiSFTTrainer, K members in one member-batched pass
+    renyi_sft_top      RenyiSFTTrainer with adapters on the top half of the layers, shared trunk off
+    renyi_sft_trunk    the same with the shared trunk (bottom half run once on the untiled batch)
+    renyi_sft_chunk1   RenyiSFTTrainer with member_chunk_size=1 (activation memory of one member)
+    dpo_single         TRL DPOTrainer with one LoRA
+    renyi_dpo          RenyiDPOTrainer, K members, one shared reference pass
+
+and writes a JSON file plus the table in docs/benchmarks.md.
+
+Usage:
+
+    python benchmarks/bench_train.py                        # SmolLM2-135M-Instruct (embedded), K=4, 4 x 128
+    python benchmarks/bench_train.py --num-members 8 --batch-size 2 --seq-len 256 --repeats 5
+    python benchmarks/bench_train.py --model Qwen/Qwen2.5-0.5B --configs sft_single,renyi_sft
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    REPO,
+    PeakMemory,
+    StepTimer,
+    machine_description,
+    median_after_warmup,
+    quiet_transformers,
+    replace_section,
+    write_json,
+)
+
+ALL_CONFIGS = [
+    "sft_single",
+    "sft_sequential",
+    "renyi_sft",
+    "renyi_sft_top",
+    "renyi_sft_trunk",
+    "renyi_sft_chunk1",
+    "dpo_single",
+    "renyi_dpo",
+]
+LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded alias, local path or Hub id")
+    parser.add_argument("--num-members", type=int, default=4, help="K")
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per step (per device)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per example")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-targets", default="all-linear", help="'all-linear' or comma-separated module names")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--configs", default=",".join(ALL_CONFIGS), help="comma-separated subset of " + ",".join(ALL_CONFIGS))
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "bench_train.json"))
+    parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"), help="markdown file whose table is updated ('' to skip)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def lora_config(args, top_half_of: int | None = None):
+    from peft import LoraConfig
+
+    targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+    kwargs = dict(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM")
+    if top_half_of is not None:
+        kwargs["target_modules"] = LINEAR_TARGETS if targets == "all-linear" else targets
+        kwargs["layers_to_transform"] = list(range(top_half_of // 2, top_half_of))
+    else:
+        kwargs["target_modules"] = targets
+    return LoraConfig(**kwargs)
+
+
+def sft_dataset(tokenizer, args, count):
+    from datasets import Dataset
+
+    rng = random.Random(args.seed)
+    low = max(tokenizer.all_special_ids or [0]) + 1
+    rows = [[rng.randrange(low, len(tokenizer)) for _ in range(args.seq_len)] for _ in range(count)]
+    return Dataset.from_dict({"input_ids": rows})
+
+
+WORDS = (
+    "the a of and to in is that it for on with as was at by be this from or have an they which one you were her all "
+    "she there would their we him been has when who will more no if out so said what up its about into than them can "
+    "only other new some could time these two may then do first any my now such like our over man me even most made"
+).split()
+
+
+def dpo_dataset(args, count):
+    from datasets import Dataset
+
+    rng = random.Random(args.seed)
+    half = max(2, args.seq_len // 2)
+
+    def text(n):
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    return Dataset.from_dict(
+        {
+            "prompt": [text(half) for _ in range(count)],
+            "chosen": [" " + text(half) for _ in range(count)],
+            "rejected": [" " + text(half) for _ in range(count)],
+        }
+    )
+
+
+def common_training_args(args, output_dir, device):
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.warmup + args.repeats,
+        learning_rate=1e-4,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        bf16=False,
+        use_cpu=device.type == "cpu",
+        seed=args.seed,
+        max_length=args.seq_len,
+        dataloader_num_workers=0,
+    )
+
+
+def run_trainer(name, build, device, args):
+    timer = StepTimer()
+    trainer = build()
+    trainer.add_callback(timer)
+    with PeakMemory(device) as memory:
+        trainer.train()
+    del trainer
+    gc.collect()
+    return timer.times, memory
+
+
+def run_sequential(base, tokenizer, dataset, args, device):
+    """K LoRA adapters trained the usual way: one forward and backward per adapter per optimizer step."""
+    from peft import get_peft_model
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    names = [f"member_{k}" for k in range(args.num_members)]
+    model = get_peft_model(copy.deepcopy(base), lora_config(args), adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, lora_config(args))
+    model.set_requires_grad(names, requires_grad=True)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    rows = list(dataset)
+    times = []
+    with PeakMemory(device) as memory:
+        for step in range(args.warmup + args.repeats):
+            batch = collator(rows[step * args.batch_size : (step + 1) * args.batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for name in names:
+                model.set_adapter(name)
+                model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    del model, optimizer
+    gc.collect()
+    return times, memory
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = sorted(set(configs) - set(ALL_CONFIGS))
+    if unknown:
+        raise SystemExit(f"unknown --configs {unknown}; choose from {ALL_CONFIGS}")
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
+    from trl_renyi.config import RenyiDPOConfig
+    from trl_renyi.models import load_causal_lm, load_tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    print(f"loading {args.model} ...", flush=True)
+    with quiet_transformers():
+        base = load_causal_lm(args.model, dtype="float32").to(device)
+        tokenizer = load_tokenizer(args.model)
+    num_layers = base.config.get_text_config().num_hidden_layers
+    steps = args.warmup + args.repeats
+    sft_data = sft_dataset(tokenizer, args, steps * args.batch_size)
+    dpo_data = dpo_dataset(args, steps * args.batch_size)
+    workdir = tempfile.mkdtemp(prefix="bench_train_")
+    k = args.num_members
+
+    def sft_single():
+        return SFTTrainer(
+            model=copy.deepcopy(base),
+            args=SFTConfig(**common_training_args(args, workdir, device)),
+            train_dataset=sft_data,
+            processing_class=tokenizer,
+            peft_config=lora_config(args),
+        )
+
+    def renyi_sft(top_half=False, **extra):
+        def build():
+            return RenyiSFTTrainer(
+                model=copy.deepcopy(base),
+                args=RenyiSFTConfig(
+                    **common_training_args(args, workdir, device), num_members=k, member_init_std=1e-3, **extra
+                ),
+                train_dataset=sft_data,
+                processing_class=tokenizer,
+                peft_config=lora_config(args, num_layers if top_half else None),
+            )
+
+        return build
+
+    def dpo_single():
+        return DPOTrainer(
+            model=copy.deepcopy(base),
+            args=DPOConfig(**common_training_args(args, workdir, device)),
+            train_dataset=dpo_data,
+            processing_class=tokenizer,
+            peft_config=lora_config(args),
+        )
+
+    def renyi_dpo():
+        from trl_renyi.dpo import RenyiDPOTrainer
+
+        return RenyiDPOTrainer(
+            model=copy.deepcopy(base),
+            args=RenyiDPOConfig(**common_training_args(args, workdir, device), num_members=k, member_init_std=1e-3),
+            train_dataset=dpo_data,
+            processing_class=tokenizer,
+            peft_config=lora_config(args),
+        )
+
+    builders = {
+        "sft_single": ("TRL SFTTrainer, one LoRA", sft_single),
+        "renyi_sft": (f"RenyiSFTTrainer, K={k}, member-batched", renyi_sft()),
+        "renyi_sft_top": (f"RenyiSFTTrainer, K={k}, LoRA on the top half, trunk off", renyi_sft(True, shared_trunk=False)),
+        "renyi_sft_trunk": (f"RenyiSFTTrainer, K={k}, LoRA on the top half, shared trunk", renyi_sft(True)),
+        "renyi_sft_chunk1": (f"RenyiSFTTrainer, K={k}, member_chunk_size=1", renyi_sft(member_chunk_size=1)),
+        "dpo_single": ("TRL DPOTrainer, one LoRA", dpo_single),
+        "renyi_dpo": (f"RenyiDPOTrainer, K={k}, one reference pass", renyi_dpo),
+    }
+    results = {}
+    for index, name in enumerate(configs, start=1):
+        print(f"[{index}/{len(configs)}] {name}: {steps} steps ({args.warmup} warm-up) ...", flush=True)
+        try:
+            with quiet_transformers():
+                if name == "sft_sequential":
+                    description = f"{k} LoRAs in a loop, one fwd+bwd each (PEFT, no checkpointing)"
+                    times, memory = run_sequential(base, tokenizer, sft_data, args, device)
+                else:
+                    description, build = builders[name]
+                    times, memory = run_trainer(name, build, device, args)
+        except ImportError as err:
+            print(f"    skipped: {err}", flush=True)
+            continue
+        step = median_after_warmup(times, args.warmup)
+        tokens = args.batch_size * args.seq_len * (2 if "dpo" in name else 1)
+        results[name] = {
+            "description": description,
+            "step_times_s": times,
+            "median_step_s": step,
+            "tokens_per_s": tokens / step,
+            "peak_memory_mib": memory.peak / 2**20,
+            "peak_memory_increase_mib": memory.increase / 2**20,
+        }
+        print(
+            f"    median step {step:.2f} s, {tokens / step:.0f} tokens/s, peak +{memory.increase / 2**20:.0f} MiB",
+            flush=True,
+        )
+
+    ratios = compute_ratios(results, k)
+    payload = {
+        "settings": vars(args),
+        "machine": machine_description(device),
+        "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "results": results,
+        "ratios": ratios,
+    }
+    write_json(args.output, payload)
+    print(f"wrote {args.output}")
+    for name, ratio in ratios.items():
+        print(f"  {name}: {ratio['value']:.3f} (target {ratio['target']}) {'met' if ratio['met'] else 'MISSED'}")
+    if args.docs:
+        replace_section(Path(args.docs), "bench-train", render_table(payload))
+        print(f"updated {args.docs}")
+    return 0
+
+
+def compute_ratios(results, k):
+    def get(name, key="median_step_s"):
+        return results.get(name, {}).get(key)
+
+    ratios = {}
+
+    def add(label, numerator, denominator, target, comparison):
+        if numerator is None or denominator is None:
+            return
+        value = numerator / denominator
+        ratios[label] = {"value": value, "target": target, "met": comparison(value)}
+
+    add(f"renyi_sft / ({k} x sft_single)", get("renyi_sft"), None if get("sft_single") is None else k * get("sft_single"), "<= 1.05", lambda v: v <= 1.05)
+    add("renyi_sft / sft_sequential", get("renyi_sft"), get("sft_sequential"), "< 1", lambda v: v < 1)
+    add("renyi_dpo / dpo_single", get("renyi_dpo"), get("dpo_single"), "<= 3.4", lambda v: v <= 3.4)
+    add("renyi_sft_trunk / renyi_sft", get("renyi_sft_trunk"), get("renyi_sft"), "<= 0.65", lambda v: v <= 0.65)
+    add("renyi_sft_trunk / renyi_sft_top", get("renyi_sft_trunk"), get("renyi_sft_top"), "(trunk effect alone)", lambda v: v < 1)
+    add(
+        "renyi_sft_chunk1 peak / sft_single peak (increase)",
+        get("renyi_sft_chunk1", "peak_memory_increase_mib"),
+        get("sft_single", "peak_memory_increase_mib"),
+        "<= 1.5",
+        lambda v: v <= 1.5,
+    )
+    add(
+        "renyi_sft peak / sft_single peak (increase)",
+        get("renyi_sft", "peak_memory_increase_mib"),
+        get("sft_single", "peak_memory_increase_mib"),
+        "(reference)",
+        lambda v: True,
+    )
+    return ratios
+
+
+def render_table(payload) -> str:
+    machine = payload["machine"]
+    settings = payload["settings"]
+    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
+    where = machine.get("gpu") or f"CPU, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads"
+    lines = [
+        f"Model `{settings['model']}`, K = {settings['num_members']}, batch {settings['batch_size']} x "
+        f"{settings['seq_len']} tokens, LoRA r = {settings['lora_r']} on `{settings['lora_targets']}`, float32; "
+        f"median of {settings['repeats']} steps after {settings['warmup']} warm-up.",
+        f"Machine: {where} ({machine['platform']}); {versions}.",
+        f"Command: `{payload['command']}`",
+        "",
+        "| configuration | what | median step (s) | tokens/s | peak memory increase (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in payload["results"].items():
+        lines.append(
+            f"| `{name}` | {row['description']} | {row['median_step_s']:.2f} | {row['tokens_per_s']:.0f} | "
+            f"{row['peak_memory_increase_mib']:.0f} |"
+        )
+    lines += ["", "| ratio | value | target | |", "|---|---|---|---|"]
+    for label, ratio in payload["ratios"].items():
+        lines.append(f"| {label} | {ratio['value']:.3f} | {ratio['target']} | {'met' if ratio['met'] else 'missed'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
