@@ -34,10 +34,12 @@ def step_grads(trainer, checkpointing=True):
     return loss.detach(), {name: lora_grads(model, name) for name in member_names(trainer.args.num_members)}
 
 
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_member_chunks_match_one_pass(make_model, tokenizer, prompt_completion_dataset, tmp_path, chunk):
-    plain = build(make_model, tokenizer, prompt_completion_dataset, tmp_path)
-    chunked = build(make_model, tokenizer, prompt_completion_dataset, tmp_path, member_chunk_size=chunk)
+@pytest.mark.parametrize("chunk, floor", [(1, 0.0), (3, 0.0), (1, 0.25)])
+def test_member_chunks_match_one_pass(make_model, tokenizer, prompt_completion_dataset, tmp_path, chunk, floor):
+    plain = build(make_model, tokenizer, prompt_completion_dataset, tmp_path, responsibility_floor=floor)
+    chunked = build(
+        make_model, tokenizer, prompt_completion_dataset, tmp_path, member_chunk_size=chunk, responsibility_floor=floor
+    )
     loss_ref, grads_ref = step_grads(plain)
     loss, grads = step_grads(chunked)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
@@ -86,6 +88,26 @@ def test_trunk_not_used_when_bottom_layer_adapted(make_model, tokenizer, prompt_
     assert trainer.shared_trunk_layer is None
 
 
-def test_invalid_chunk_size(tmp_path):
+def test_invalid_chunk_size_and_floor(tmp_path):
     with pytest.raises(ValueError, match="member_chunk_size"):
         RenyiSFTConfig(output_dir=str(tmp_path), member_chunk_size=0, **CPU_ARGS)
+    with pytest.raises(ValueError, match="responsibility_floor"):
+        RenyiSFTConfig(output_dir=str(tmp_path), responsibility_floor=1.0, **CPU_ARGS)
+
+
+def test_responsibility_floor_mixes_in_the_alpha_one_bound(make_model, tokenizer, prompt_completion_dataset, tmp_path):
+    from trl_renyi.objective import renyi_bound
+
+    losses = {}
+    for floor in (0.0, 0.4):
+        trainer = build(make_model, tokenizer, prompt_completion_dataset, tmp_path, responsibility_floor=floor, alpha=-1.0)
+        trainer.model.train()
+        batch = first_batch(trainer)
+        with torch.no_grad():
+            losses[floor] = trainer.compute_loss(trainer.model, batch)
+            loglik, aux = trainer._member_loglik(trainer.model, batch)
+        tokens = aux["num_tokens"].sum()
+    at_alpha = -renyi_bound(loglik, -1.0).value.sum() / tokens
+    at_one = -renyi_bound(loglik, 1.0).value.sum() / tokens
+    torch.testing.assert_close(losses[0.0], at_alpha, rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses[0.4], 0.6 * at_alpha + 0.4 * at_one, rtol=1e-5, atol=0)

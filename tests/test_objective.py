@@ -121,3 +121,21 @@ def test_routing_entropy_and_warmup():
     assert alpha_at_step(-1.0, 0.5, 4, 10) == 1.0
     assert alpha_at_step(-1.0, 0.5, 5, 10) == -1.0
     assert alpha_at_step(0.3, 0.0, 0, 10) == 0.3
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.1, 0.5])
+def test_floored_bound_mixes_alpha_one_and_floors_gradient(floor):
+    from trl_renyi.objective import floored_renyi_bound
+
+    loglik = torch.tensor([[-1.0, -30.0, -12.0], [-4.0, -0.5, -60.0]], requires_grad=True)
+    log_w = normalized_log_weights(3, [2.0, 1.0, 1.0])
+    bound = floored_renyi_bound(loglik, -1.0, log_w, floor)
+    bound.value.sum().backward()
+    pure = renyi_bound(loglik.detach(), -1.0, log_w)
+    at_one = renyi_bound(loglik.detach(), 1.0, log_w)
+    torch.testing.assert_close(bound.value.detach(), (1 - floor) * pure.value + floor * at_one.value)
+    torch.testing.assert_close(loglik.grad, bound.responsibilities)
+    assert (bound.responsibilities >= floor * log_w.exp() - 1e-7).all()
+    torch.testing.assert_close(bound.responsibilities.sum(-1), torch.ones(2))
+    with pytest.raises(ValueError, match="responsibility_floor"):
+        floored_renyi_bound(loglik, 0.0, None, 1.5)

@@ -51,6 +51,14 @@ class RenyiEnsembleArguments:
         },
     )
 
+    responsibility_floor: float = field(
+        default=0.0,
+        metadata={
+            "help": "λ in [0, 1): mix λ of the α = 1 bound into the objective, J = (1-λ)·J_α + λ·Σ_k π_k ℓ_k, so every "
+            "member receives at least λ·π_k of every example's gradient and keeps what all data agrees on while "
+            "specialising on what it contradicts. 0 disables it."
+        },
+    )
     member_chunk_size: int | None = field(
         default=None,
         metadata={
@@ -92,6 +100,8 @@ class RenyiEnsembleArguments:
             raise ValueError(f"loglik_reduction must be 'sum' or 'mean', got {self.loglik_reduction!r}.")
         if not (0.0 <= float(self.alpha_warmup_ratio) <= 1.0):
             raise ValueError(f"alpha_warmup_ratio must lie in [0, 1], got {self.alpha_warmup_ratio!r}.")
+        if not (0.0 <= float(self.responsibility_floor) < 1.0):
+            raise ValueError(f"responsibility_floor must lie in [0, 1), got {self.responsibility_floor!r}.")
         if self.member_chunk_size is not None and (
             isinstance(self.member_chunk_size, bool)
             or not isinstance(self.member_chunk_size, int)
@@ -114,6 +124,7 @@ class RenyiEnsembleArguments:
             "loglik_reduction": self.loglik_reduction,
             "alpha_warmup_ratio": self.alpha_warmup_ratio,
             "member_init_std": self.member_init_std,
+            "responsibility_floor": self.responsibility_floor,
         }
 
 

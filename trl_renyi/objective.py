@@ -122,6 +122,43 @@ def renyi_bound(loglik: torch.Tensor, alpha: float, log_weights: torch.Tensor | 
     return RenyiBound(value=value, responsibilities=responsibilities)
 
 
+def floored_renyi_bound(
+    loglik: torch.Tensor, alpha: float, log_weights: torch.Tensor | None = None, floor: float = 0.0
+) -> RenyiBound:
+    r"""The α-Rényi bound mixed with a share ``floor`` = λ of the α = 1 bound (the remedy against forgetting).
+
+    .. math::
+
+        J^\lambda_i = (1-\lambda)\, J_i(\alpha) + \lambda \sum_k \pi_k \ell_{ik}, \qquad
+        \frac{\partial J^\lambda_i}{\partial \ell_{ik}} = (1-\lambda)\, r_{ik} + \lambda\, \pi_k \;\ge\; \lambda\,\pi_k
+
+    At small α a member whose responsibility for an example fell to ~0 receives no gradient from it, so it can
+    forget what every member should know (the data's agreed part). The floor guarantees each member a share
+    λ·π_k of every example's gradient: shared knowledge is kept, while the (1−λ) part still routes the
+    contradictory examples to specialists. λ = 0 is :func:`renyi_bound`; λ = 1 is the α = 1 bound.
+
+    Returns :class:`RenyiBound` whose ``responsibilities`` are the gradient weights
+    :math:`(1-\lambda) r_{ik} + \lambda \pi_k` (how much example i trains member k).
+    """
+    floor = float(floor)
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"responsibility_floor must lie in [0, 1], got {floor}.")
+    bound = renyi_bound(loglik, alpha, log_weights)
+    if floor == 0.0:
+        return bound
+    dtype = bound.value.dtype
+    num_members = loglik.shape[-1]
+    lw = (
+        normalized_log_weights(num_members, device=loglik.device, dtype=dtype)
+        if log_weights is None
+        else log_weights.to(device=loglik.device, dtype=dtype)
+    )
+    weights = lw.exp()
+    value = (1.0 - floor) * bound.value + floor * (weights * loglik.to(dtype)).sum(-1)
+    responsibilities = (1.0 - floor) * bound.responsibilities + floor * weights
+    return RenyiBound(value=value, responsibilities=responsibilities)
+
+
 def routing_entropy(responsibilities: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of each row of the responsibilities, ``(B, K) -> (B,)``; ``0 · log 0`` counts as 0."""
     r = responsibilities.to(_accumulation_dtype(responsibilities.dtype))

@@ -42,7 +42,7 @@ from .members import (
     tile_for_members,
 )
 from .models import is_embedded, load_causal_lm, load_tokenizer
-from .objective import RenyiBound, alpha_at_step, normalized_log_weights, renyi_bound, routing_entropy
+from .objective import RenyiBound, alpha_at_step, floored_renyi_bound, normalized_log_weights, routing_entropy
 
 
 def coerce_config(args, config_class, model_name: str, suffix: str):
@@ -304,7 +304,9 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         """
         self._check_finite(loglik)
         alpha = self.current_alpha()
-        bound = renyi_bound(loglik, alpha, self._renyi_log_weights.to(loglik.device))
+        bound = floored_renyi_bound(
+            loglik, alpha, self._renyi_log_weights.to(loglik.device), getattr(self.args, "responsibility_floor", 0.0)
+        )
         self._log_routing(loglik.detach().float(), bound.responsibilities, alpha, mode, per_token)
         return bound
 
