@@ -290,12 +290,26 @@ class RenyiEnsemble:
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike, **extra) -> None:
-        """Write every member as a plain PEFT adapter folder (safetensors), the tokenizer and ``renyi_ensemble.json``."""
+        """Write every member as a plain PEFT adapter folder (safetensors), the tokenizer, ``renyi_ensemble.json`` and
+        the model card ``README.md``. ``extra`` entries (e.g. ``eval_results={...}``) are recorded in the metadata."""
+        from .hub import CARD_FIELDS, write_model_card
+
         directory = Path(directory)
         self.model.save_pretrained(str(directory), selected_adapters=self.member_names, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
-        write_metadata(directory, ensemble_metadata(self.model, self.settings(), extra or None))
+        extra = {**{key: self.metadata[key] for key in CARD_FIELDS if key in self.metadata}, **extra}
+        metadata = ensemble_metadata(self.model, self.settings(), extra or None)
+        write_metadata(directory, metadata)
+        write_model_card(directory, metadata)
+
+    def push_to_hub(self, repo_id: str, model_name: str | None = None, dataset_name: str | None = None, **kwargs):
+        """Upload the ensemble to the Hub repository ``repo_id``: every member folder, ``renyi_ensemble.json``, the
+        tokenizer and a generated model card. Keyword arguments: ``token``, ``private``, ``revision``,
+        ``commit_message``, ``create_pr`` (see :func:`trl_renyi.hub.upload_ensemble_folder`)."""
+        from .hub import push_ensemble_to_hub
+
+        return push_ensemble_to_hub(self, repo_id, model_name=model_name, dataset_name=dataset_name, **kwargs)
 
     @classmethod
     def from_pretrained(

@@ -1,0 +1,269 @@
+r"""Publishing ensembles: the model card and the upload to the Hugging Face Hub.
+
+An ensemble's Hub repository has the layout of its saved folder::
+
+    README.md               model card (YAML metadata + K, α, weights, routing shares, eval figures, usage)
+    renyi_ensemble.json     the ensemble's settings (read by RenyiEnsemble.from_pretrained)
+    member_0/ … member_{K-1}/   plain PEFT adapters (adapter_config.json + adapter_model.safetensors)
+    tokenizer files
+
+so ``RenyiEnsemble.from_pretrained("user/repo")`` and ``PeftModel.from_pretrained(base, "user/repo",
+subfolder="member_0")`` both work on it. The card is generated from ``renyi_ensemble.json`` alone, so the same card
+comes out of ``trainer.save_model``, ``RenyiEnsemble.save_pretrained`` and both ``push_to_hub`` methods.
+
+The routing share of member k is the mean responsibility
+:math:`\bar r_k = \frac{1}{N}\sum_i r_{ik}`, :math:`r_{ik} = \operatorname{softmax}_k(\log\pi_k + (1-\alpha)\ell_{ik})`,
+over the logged training steps after the α warm-up: how much of the data each member was trained on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+from . import __version__
+from .models import hub_id
+
+CARD_FILE = "README.md"
+LIBRARY_NAME = "trl_renyi"
+BASE_TAGS = ("trl", "trl-renyi", "peft", "lora", "lora-ensemble", "uncertainty")
+_SHARE_KEY = "renyi/{name}/share"
+# fields of renyi_ensemble.json that only the card reads; kept when a loaded ensemble is saved again
+CARD_FIELDS = ("trainer", "routing_share", "eval_results", "dataset_name")
+
+
+def routing_share_from_log_history(log_history: Sequence[Mapping], num_members: int, alpha: float | None = None):
+    """Mean logged routing share of every member, ``None`` when nothing was logged.
+
+    Only training log entries are used; when ``alpha`` is given, only those logged at that α (after the warm-up,
+    where α is held at 1 and routing is uniform by construction), unless there are none.
+    """
+    keys = [_SHARE_KEY.format(name=f"member_{k}") for k in range(num_members)]
+    entries = [e for e in log_history if all(key in e for key in keys)]
+    if alpha is not None:
+        settled = [e for e in entries if "renyi/alpha" in e and math.isclose(e["renyi/alpha"], alpha, abs_tol=1e-9)]
+        entries = settled or entries
+    if not entries:
+        return None
+    return [sum(float(e[key]) for e in entries) / len(entries) for key in keys]
+
+
+def eval_results_from_log_history(log_history: Sequence[Mapping]) -> dict[str, float] | None:
+    """The metrics of the last evaluation logged by the trainer (``eval_*`` keys), ``None`` when there was none."""
+    for entry in reversed(log_history):
+        figures = {
+            key: float(value)
+            for key, value in entry.items()
+            if key.startswith("eval_") and isinstance(value, (int, float)) and not key.endswith(("_runtime", "per_second"))
+        }
+        if figures:
+            return figures
+    return None
+
+
+def training_record(log_history: Sequence[Mapping], num_members: int, alpha: float) -> dict:
+    """What a trainer adds to ``renyi_ensemble.json`` for the card: routing shares and the last eval figures."""
+    record = {}
+    share = routing_share_from_log_history(log_history, num_members, alpha)
+    if share is not None:
+        record["routing_share"] = share
+    figures = eval_results_from_log_history(log_history)
+    if figures is not None:
+        record["eval_results"] = figures
+    return record
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _eval_table(results: Mapping) -> list[str]:
+    """Markdown table for ``{metric: value}`` or ``{group: {metric: value}}``."""
+    if all(isinstance(v, Mapping) for v in results.values()):
+        metrics = list(dict.fromkeys(m for row in results.values() for m in row))
+        lines = ["| | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for group, row in results.items():
+            lines.append(f"| {group} | " + " | ".join(_fmt(row.get(m, "")) for m in metrics) + " |")
+        return lines
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {_fmt(value)} |" for key, value in results.items()]
+    return lines
+
+
+def _card_base_model(name: str | None) -> str | None:
+    """The base model as a Hub id (embedded aliases map to their original repo); ``None`` for local folders."""
+    if not name:
+        return None
+    resolved = hub_id(name)
+    if os.path.isdir(resolved) or resolved.startswith((".", "/", "~")):
+        return None
+    return resolved
+
+
+def model_card(
+    metadata: Mapping,
+    model_name: str | None = None,
+    repo_id: str | None = None,
+    dataset_name: str | None = None,
+    tags: Sequence[str] | None = None,
+) -> ModelCard:
+    """Build the model card of an ensemble from its ``renyi_ensemble.json`` content.
+
+    Args:
+        metadata: the ensemble's metadata (``num_members``, ``alpha``, ``member_weights``, ``base_model_name_or_path``
+            and optionally ``routing_share``, ``eval_results``, ``alpha_warmup_ratio``, ``trainer``).
+        model_name: the card's title (defaults to the repo name or ``"trl_renyi ensemble"``).
+        repo_id: the Hub repository the usage snippet loads from (a placeholder when unknown).
+        dataset_name: the training data, recorded in the metadata when given.
+        tags: extra tags.
+    """
+    k = int(metadata["num_members"])
+    alpha = float(metadata["alpha"])
+    weights = list(metadata.get("member_weights") or [1.0 / k] * k)
+    names = list(metadata.get("member_names") or [f"member_{i}" for i in range(k)])
+    base_name = metadata.get("base_model_name_or_path") or ""
+    base_model = _card_base_model(base_name)
+    trainer = metadata.get("trainer")
+    all_tags = list(BASE_TAGS)
+    if trainer:
+        all_tags.append("dpo" if "DPO" in trainer else "sft" if "SFT" in trainer else trainer)
+    all_tags += [t for t in (tags or []) if t not in all_tags]
+    data = ModelCardData(
+        base_model=base_model,
+        base_model_relation="adapter" if base_model else None,
+        library_name=LIBRARY_NAME,
+        pipeline_tag="text-generation",
+        tags=all_tags,
+        datasets=[dataset_name] if dataset_name and not os.path.exists(dataset_name) else None,
+    )
+    title = model_name or (repo_id.split("/")[-1] if repo_id else "trl_renyi ensemble")
+    source = repo_id or "path/or/repo-id"
+    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{base_name or 'unknown'}`"
+    warmup = float(metadata.get("alpha_warmup_ratio", 0.0) or 0.0)
+    alpha_text = f"{alpha:g}" + (f" (held at 1 for the first {warmup:.0%} of the steps)" if warmup > 0 else "")
+    share = metadata.get("routing_share")
+
+    lines = [
+        f"# {title}",
+        "",
+        f"An ensemble of **K = {k} LoRA adapters** on one frozen base model, {base_link}, trained with "
+        "`trl_renyi`"
+        + (f" (`{trainer}`)" if trainer else "")
+        + " and the α-Rényi objective",
+        "",
+        "$$J_i(\\alpha) = \\frac{1}{1-\\alpha} \\log \\sum_k \\pi_k \\exp\\big((1-\\alpha)\\,\\ell_{ik}\\big)$$",
+        "",
+        "where ℓ_ik is the log-likelihood of training example i under member k. Members specialise where the data "
+        "contradicts itself, so their disagreement (mutual information) is an epistemic-uncertainty signal.",
+        "",
+        "## Ensemble",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| members K | {k} |",
+        f"| α | {alpha_text} |",
+        f"| mixture weights π | {', '.join(f'{w:.3g}' for w in weights)} |",
+        f"| log-likelihood reduction | {metadata.get('loglik_reduction', 'sum')} |",
+        f"| initial LoRA B std | {_fmt(float(metadata.get('member_init_std', 0.0) or 0.0))} |",
+    ]
+    if dataset_name:
+        lines.append(f"| training data | {dataset_name} |")
+    lines += ["", "## Members", "", "| member | weight π_k | routing share |", "|---|---|---|"]
+    for index, name in enumerate(names):
+        share_text = f"{share[index]:.3f}" if share is not None and index < len(share) else "n/a"
+        lines.append(f"| `{name}` | {weights[index]:.3f} | {share_text} |")
+    lines += [
+        "",
+        "The routing share is the mean responsibility r_ik = softmax_k(log π_k + (1−α) ℓ_ik) over the training "
+        "steps after the α warm-up: how much of the data each member was trained on.",
+    ]
+    results = metadata.get("eval_results")
+    if results:
+        lines += ["", "## Evaluation", ""] + _eval_table(results)
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from trl_renyi import RenyiEnsemble",
+        "",
+        f'ensemble = RenyiEnsemble.from_pretrained("{source}")',
+        'scores = ensemble.score(["Greet Alice."], [" Ahoy, Alice!"])',
+        "print(scores.member_loglik)            # log-likelihood under each member",
+        "print(scores.mutual_information_max)   # epistemic uncertainty of the answer",
+        "```",
+        "",
+        "Every member is a plain PEFT adapter:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "",
+        f'model = PeftModel.from_pretrained(base_model, "{source}", subfolder="{names[0]}")',
+        "```",
+        "",
+        "## Framework versions",
+        "",
+        f"- trl_renyi {metadata.get('library_version', __version__)}",
+    ]
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+    return ModelCard(content)
+
+
+def write_model_card(directory: str | os.PathLike, metadata: Mapping, **kwargs) -> Path:
+    """Write the ensemble's ``README.md`` into ``directory`` (arguments as :func:`model_card`)."""
+    path = Path(directory) / CARD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model_card(metadata, **kwargs).save(str(path))
+    return path
+
+
+def upload_ensemble_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload trl_renyi ensemble",
+    create_pr: bool = False,
+):
+    """Create ``repo_id`` if needed and upload a saved ensemble folder (members, ``renyi_ensemble.json``, card)."""
+    folder = Path(folder)
+    for required in ("renyi_ensemble.json", CARD_FILE):
+        if not (folder / required).is_file():
+            raise FileNotFoundError(f"{folder / required} is missing: save the ensemble before uploading it.")
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None and revision != "main" and not create_pr:
+        api.create_branch(repo.repo_id, branch=revision, exist_ok=True, repo_type="model")
+    return api.upload_folder(
+        repo_id=repo.repo_id,
+        folder_path=str(folder),
+        commit_message=commit_message,
+        revision=revision,
+        create_pr=create_pr,
+        repo_type="model",
+        ignore_patterns=["checkpoint-*", "*.tmp", ".*"],
+    )
+
+
+def push_ensemble_to_hub(ensemble, repo_id: str, model_name: str | None = None, dataset_name: str | None = None, **kwargs):
+    """Save ``ensemble`` (a :class:`~trl_renyi.RenyiEnsemble`) with a card for ``repo_id`` and upload it.
+
+    Keyword arguments go to :func:`upload_ensemble_folder` (``token``, ``private``, ``revision``, ``commit_message``,
+    ``create_pr``).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        ensemble.save_pretrained(tmp)
+        from .ensemble import read_metadata
+
+        write_model_card(tmp, read_metadata(tmp), model_name=model_name, repo_id=repo_id, dataset_name=dataset_name)
+        return upload_ensemble_folder(tmp, repo_id, **kwargs)
