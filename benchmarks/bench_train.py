@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from bench_utils import (  # noqa: E402
     REPO,
     PeakMemory,
     StepTimer,

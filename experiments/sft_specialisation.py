@@ -1,0 +1,270 @@
+"""Efficacy study 1 (+ the forgetting remedy): do α-Rényi SFT ensembles specialise on contradictory data and flag it?
+
+Trains, on the package's conflicting-data generator (greetings and farewells answered under two conventions;
+arithmetic and capitals consistent), a single LoRA, K independently trained LoRAs, and K-member ensembles for
+α ∈ {1, 0.5, 0, −1, −3} with constant α and with an α warm-up, plus the ``responsibility_floor`` remedy; then
+reports per setting the held-out NLL per family, routing purity, routing entropy, the AUROC of the uncertainty
+signals for contradictory vs consistent prompts, and how far the worst member fell behind on consistent families.
+
+Usage:
+
+    python experiments/sft_specialisation.py                  # SmolLM2-135M-Instruct (embedded), ~1 h on 2 CPU cores
+    python experiments/sft_specialisation.py --runs single,a1,a-1w,a-1wf --steps 60
+    python experiments/sft_specialisation.py --quick          # tiny offline model, seconds (smoke test)
+
+Writes ``<output-dir>/sft_specialisation.json``, two plots, and the section of ``docs/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runs import (  # noqa: E402
+    REPO,
+    Stopwatch,
+    combine_independent,
+    fmt,
+    load_base,
+    save_json,
+    train_ensemble,
+    update_results_page,
+)
+from evaluation import evaluate_ensemble  # noqa: E402
+
+RUNS = {
+    "single": {"label": "single LoRA (K = 1)", "num_members": 1, "alpha": 1.0},
+    "independent": {"label": "K independent LoRAs", "independent": True},
+    "a1": {"label": "α = 1", "alpha": 1.0},
+    "a0.5": {"label": "α = 0.5", "alpha": 0.5},
+    "a0.5w": {"label": "α = 0.5, warm-up", "alpha": 0.5, "warmup": 0.5},
+    "a0": {"label": "α = 0", "alpha": 0.0},
+    "a0w": {"label": "α = 0, warm-up", "alpha": 0.0, "warmup": 0.5},
+    "a-1": {"label": "α = −1", "alpha": -1.0},
+    "a-1w": {"label": "α = −1, warm-up", "alpha": -1.0, "warmup": 0.5},
+    "a-3": {"label": "α = −3", "alpha": -3.0},
+    "a-3w": {"label": "α = −3, warm-up", "alpha": -3.0, "warmup": 0.5},
+    "a0wf": {"label": "α = 0, warm-up, floor 0.1", "alpha": 0.0, "warmup": 0.5, "floor": 0.1},
+    "a-1wf": {"label": "α = −1, warm-up, floor 0.1", "alpha": -1.0, "warmup": 0.5, "floor": 0.1},
+}
+QUICK_RUNS = "single,a-1wf"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny offline model and data: a smoke test in seconds")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--runs", default=None, help="comma-separated subset of: " + ",".join(RUNS))
+    parser.add_argument("--num-members", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60; quick 16)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--member-init-std", type=float, default=1e-3)
+    parser.add_argument("--train-per-family", type=int, default=None, help="default 160 (quick 24)")
+    parser.add_argument("--test-per-family", type=int, default=None, help="default 7 (quick 6)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default=None, help="default experiments/results (quick: a temp dir)")
+    parser.add_argument("--docs", default=None, help="results page to update (default docs/results.md; quick: none)")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON, train the rest")
+    return parser.parse_args(argv)
+
+
+def build_data(args, tokenizer):
+    from trl_renyi.data import conflict_sft_dataset
+
+    data = conflict_sft_dataset(
+        num_train_per_family=args.train_per_family,
+        num_test_per_family=args.test_per_family,
+        seed=args.seed,
+        conversational=not args.quick,
+    )
+    return data["train"], [dict(row) for row in data["test"]]
+
+
+def run_all(args, out_path: Path) -> dict:
+    from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
+
+    base, tokenizer = load_base(args.quick, args.model)
+    train, test = build_data(args, tokenizer)
+    settings = {
+        "model": "tiny (offline test model)" if args.quick else args.model,
+        "num_members": args.num_members,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "lora_r": args.lora_r,
+        "member_init_std": args.member_init_std,
+        "seed": args.seed,
+        "max_length": 96,
+        "train_examples": len(train),
+        "test_examples": len(test),
+    }
+    names = [n.strip() for n in (args.runs or (QUICK_RUNS if args.quick else ",".join(RUNS))).split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown --runs {unknown}; choose from {list(RUNS)}")
+    results = {}
+    if args.resume and out_path.exists():
+        import json
+
+        previous = json.loads(out_path.read_text())
+        if previous.get("settings") == settings:
+            results = {k: v for k, v in previous["results"].items() if k in names}
+            print(f"resuming: {sorted(results)} already done", flush=True)
+    for index, name in enumerate(names, start=1):
+        if name in results:
+            continue
+        run = dict(RUNS[name])
+        clock = Stopwatch()
+        print(f"[{index}/{len(names)}] {run['label']} ...", flush=True)
+        if run.get("independent"):
+            singles = [
+                train_ensemble(
+                    RenyiSFTTrainer,
+                    RenyiSFTConfig,
+                    base,
+                    tokenizer,
+                    train,
+                    settings,
+                    {"num_members": 1, "alpha": 1.0, "seed": args.seed + k},
+                )
+                for k in range(args.num_members)
+            ]
+            ensemble = combine_independent(singles, base, tokenizer, args.lora_r)
+        else:
+            run.setdefault("num_members", args.num_members)
+            ensemble = train_ensemble(RenyiSFTTrainer, RenyiSFTConfig, base, tokenizer, train, settings, run)
+        metrics = evaluate_ensemble(ensemble, test)
+        metrics["label"] = run["label"]
+        metrics["run"] = {k: v for k, v in run.items() if k != "label"}
+        metrics["seconds"] = float(str(clock).split()[0])
+        results[name] = metrics
+        save_json(out_path, {"settings": settings, "results": results, "partial": True})
+        print(
+            f"    {clock}: NLL {metrics['nll_all']:.2f}, purity {fmt(metrics['purity_contradictory'])}, "
+            f"AUROC(choice MI) {fmt(metrics['auroc_choice_mi'])}, worst-member gap {fmt(metrics['worst_member_gap'])}",
+            flush=True,
+        )
+        del ensemble
+    return {"settings": settings, "results": results}
+
+
+def plot(payload: dict, out_dir: Path) -> list[Path]:
+    results = payload["results"]
+    labels = [r["label"] for r in results.values()]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    series = [
+        ("AUROC, contradictory vs consistent", [("choice MI", "auroc_choice_mi"), ("max token MI", "auroc_token_mi_max"), ("ℓ spread", "auroc_loglik_std")]),
+        ("routing purity (contradictory groups)", [("purity", "purity_contradictory")]),
+        ("worst-member gap on consistent families (nats)", [("gap", "worst_member_gap")]),
+    ]
+    for axis, (title, keys) in zip(axes, series):
+        width = 0.8 / len(keys)
+        for j, (name, key) in enumerate(keys):
+            values = [results[r].get(key) for r in results]
+            values = [float("nan") if v is None else v for v in values]
+            axis.bar([i + j * width for i in range(len(labels))], values, width=width, label=name)
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+        axis.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+        axis.set_title(title, fontsize=10)
+        if len(keys) > 1:
+            axis.legend(fontsize=8)
+    fig.tight_layout()
+    summary = out_dir / "sft_specialisation_summary.png"
+    fig.savefig(summary, dpi=110)
+    plt.close(fig)
+
+    ensembles = [name for name, r in results.items() if r["num_members"] > 1]
+    fig, axes = plt.subplots(1, max(1, len(ensembles)), figsize=(3.2 * max(1, len(ensembles)), 3.6), squeeze=False)
+    for axis, name in zip(axes[0], ensembles):
+        families = results[name]["families"]
+        rows = list(families)
+        matrix = [families[f]["posterior_share"] for f in rows]
+        axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        axis.set_yticks(range(len(rows)))
+        axis.set_yticklabels([f + (" *" if families[f]["contradictory"] else "") for f in rows], fontsize=8)
+        axis.set_xticks(range(len(matrix[0])))
+        axis.set_xlabel("member", fontsize=8)
+        axis.set_title(results[name]["label"], fontsize=8)
+    fig.suptitle("posterior share of each member per family (* contradictory)", fontsize=9)
+    fig.tight_layout()
+    routing = out_dir / "sft_specialisation_routing.png"
+    fig.savefig(routing, dpi=110)
+    plt.close(fig)
+    return [summary, routing]
+
+
+def render(payload: dict, plots: list[Path], command: str, docs: Path | None) -> str:
+    s = payload["settings"]
+    lines = [
+        f"Model {s['model']}, K = {s['num_members']}, {s['steps']} steps of batch {s['batch_size']}, lr "
+        f"{s['learning_rate']}, LoRA r {s['lora_r']} all-linear, member_init_std {s['member_init_std']}, seed "
+        f"{s['seed']}; {s['train_examples']} training / {s['test_examples']} held-out examples "
+        "(greetings, farewells: contradictory; arithmetic, capitals: consistent).",
+        f"Command: `{command}`",
+        "",
+        "| setting | NLL held-out | NLL contra. / consist. | purity (contra.) | conflicts split | routing entropy "
+        "| choice MI contra. / consist. | AUROC choice MI | AUROC max token MI | AUROC ℓ std | worst-member gap "
+        "(consist.) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in payload["results"].values():
+        fam = result["families"]
+        contra = [f for f in fam if fam[f]["contradictory"]]
+        cons = [f for f in fam if not fam[f]["contradictory"]]
+        nll_c = sum(fam[f]["nll"] for f in contra) / max(1, len(contra))
+        nll_k = sum(fam[f]["nll"] for f in cons) / max(1, len(cons))
+        lines.append(
+            f"| {result['label']} | {fmt(result['nll_all'])} | {fmt(nll_c)} / {fmt(nll_k)} | "
+            f"{fmt(result['purity_contradictory'])} | {len(result['conflicts_split'])}/{len(contra)} | "
+            f"{fmt(result['routing_entropy'])} | {fmt(result['mi_contradictory'], 3)} / {fmt(result['mi_consistent'], 3)} | "
+            f"{fmt(result['auroc_choice_mi'])} | {fmt(result['auroc_token_mi_max'])} | {fmt(result['auroc_loglik_std'])} | "
+            f"{fmt(result['worst_member_gap'])} |"
+        )
+    if docs is not None:
+        lines.append("")
+        for path in plots:
+            lines.append(f"![{path.stem}]({Path('..') / path.relative_to(REPO) if path.is_relative_to(REPO) else path})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.steps is None:
+        args.steps = 6 if args.quick else 60
+    if args.quick:
+        args.batch_size = min(args.batch_size, 4)
+    if args.train_per_family is None:
+        args.train_per_family = 8 if args.quick else 160
+    if args.test_per_family is None:
+        args.test_per_family = 4 if args.quick else 7
+    if args.output_dir is None:
+        import tempfile
+
+        args.output_dir = tempfile.mkdtemp(prefix="sft_study_") if args.quick else str(REPO / "experiments" / "results")
+    docs = None if (args.quick and args.docs is None) else Path(args.docs or REPO / "docs" / "results.md")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clock = Stopwatch()
+    payload = run_all(args, out_dir / "sft_specialisation.json")
+    command = "python experiments/sft_specialisation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    payload["command"] = command
+    save_json(out_dir / "sft_specialisation.json", payload)
+    plots = plot(payload, out_dir)
+    table = render(payload, plots, command, docs)
+    update_results_page("sft-specialisation", table, docs)
+    print(table)
+    print(f"wrote {out_dir / 'sft_specialisation.json'} and {', '.join(str(p) for p in plots)} in {clock}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
