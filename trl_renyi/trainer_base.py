@@ -18,6 +18,7 @@ from peft import PeftConfig, PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainingArguments, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .checkpoint import AtomicCheckpointMixin
 from .config import RenyiEnsembleArguments
@@ -131,6 +132,8 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         attach_ensemble(peft_model, args.num_members)
         self._completion_head = add_completion_lm_head(peft_model.get_base_model())
         self.shared_trunk_layer = enable_shared_trunk(peft_model) if args.shared_trunk else None
+        if is_deepspeed_zero3_enabled():
+            register_members_with_zero3(peft_model, self.member_names)
 
     @property
     def num_members(self) -> int:
@@ -390,6 +393,28 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         attach_ensemble(model, self.num_members)
         get_router(model).enabled = True
         return None
+
+
+def register_members_with_zero3(model: PeftModel, names: list[str], register=None) -> int:
+    """Declare every member's LoRA ``A`` and ``B`` as external parameters of the LoRA layer that reads them.
+
+    The member-batched forward reads all members' ``lora_A[name].weight`` / ``lora_B[name].weight`` inside the LoRA
+    layer's own forward instead of calling those sub-modules, so DeepSpeed ZeRO-3 (which gathers a module's own
+    parameters around its call) would hand it empty shards. Registered with
+    ``deepspeed.zero.register_external_parameter``, they are gathered and released with the layer. Returns the number
+    of parameters registered.
+    """
+    if register is None:
+        from deepspeed.zero import register_external_parameter as register
+    count = 0
+    for module in model.modules():
+        if not hasattr(module, "_renyi_original_forward"):
+            continue
+        for name in names:
+            for container in (module.lora_A, module.lora_B):
+                register(module, container[name].weight)
+                count += 1
+    return count
 
 
 def report_dropped_examples(raw, prepared, args, dataset_name: str) -> int:
