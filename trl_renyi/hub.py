@@ -34,7 +34,7 @@ LIBRARY_NAME = "trl_renyi"
 BASE_TAGS = ("trl", "trl-renyi", "peft", "lora", "lora-ensemble", "uncertainty")
 _SHARE_KEY = "renyi/{name}/share"
 # fields of renyi_ensemble.json that only the card reads; kept when a loaded ensemble is saved again
-CARD_FIELDS = ("trainer", "routing_share", "eval_results", "dataset_name")
+CARD_FIELDS = ("trainer", "routing_share", "eval_results", "dataset_name", "responsibility_floor")
 
 
 def routing_share_from_log_history(log_history: Sequence[Mapping], num_members: int, alpha: float | None = None):
@@ -172,6 +172,7 @@ def model_card(
         f"| members K | {k} |",
         f"| α | {alpha_text} |",
         f"| mixture weights π | {', '.join(f'{w:.3g}' for w in weights)} |",
+        f"| responsibility floor λ | {_fmt(float(metadata.get('responsibility_floor', 0.0) or 0.0))} |",
         f"| log-likelihood reduction | {metadata.get('loglik_reduction', 'sum')} |",
         f"| initial LoRA B std | {_fmt(float(metadata.get('member_init_std', 0.0) or 0.0))} |",
     ]

@@ -365,7 +365,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         """``renyi_ensemble.json`` content, with the logged routing shares and eval figures for the model card."""
         from .hub import training_record
 
-        extra = {"trainer": type(self).__name__}
+        extra = {"trainer": type(self).__name__, "responsibility_floor": getattr(self.args, "responsibility_floor", 0.0)}
         extra.update(training_record(self.state.log_history, self.num_members, self.args.alpha))
         return ensemble_metadata(model, self.args.renyi_metadata(), extra)
 

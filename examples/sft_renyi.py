@@ -1,0 +1,116 @@
+# /// script
+# dependencies = [
+#     "trl_renyi",
+# ]
+# ///
+
+"""
+Supervised fine-tuning of an α-Rényi ensemble of K LoRA adapters: TRL's `sft.py` with `RenyiSFTTrainer` in place of
+`SFTTrainer`. Every `trl sft` flag works, plus the ensemble fields (`--num_members`, `--alpha`,
+`--alpha_warmup_ratio`, `--responsibility_floor`, `--member_init_std`, ...). The base model stays frozen and every
+member is a LoRA adapter (`--use_peft` is implied); `--num_members 1` is exactly a LoRA `SFTTrainer` run.
+
+# Embedded model (offline, CPU): SmolLM2-135M-Instruct on the bundled conflicting data
+```bash
+python examples/sft_renyi.py \
+    --model_name_or_path smollm2-135m-instruct \
+    --dataset_name trl_renyi:conflict_sft_chat \
+    --num_members 4 \
+    --alpha -1 \
+    --alpha_warmup_ratio 0.5 \
+    --responsibility_floor 0.1 \
+    --member_init_std 0.01 \
+    --lora_r 8 \
+    --lora_alpha 16 \
+    --lora_target_modules all-linear \
+    --learning_rate 2e-3 \
+    --lr_scheduler_type constant \
+    --max_steps 80 \
+    --per_device_train_batch_size 8 \
+    --gradient_checkpointing false \
+    --bf16 false \
+    --report_to none \
+    --output_dir outputs/SmolLM2-135M-Renyi-SFT
+```
+
+# Hub model and dataset (LoRA members on a larger base, GPU)
+```bash
+python examples/sft_renyi.py \
+    --model_name_or_path Qwen/Qwen2-0.5B \
+    --dataset_name trl-lib/Capybara \
+    --learning_rate 2.0e-4 \
+    --num_train_epochs 1 \
+    --packing \
+    --per_device_train_batch_size 2 \
+    --gradient_accumulation_steps 8 \
+    --eos_token '<|im_end|>' \
+    --eval_strategy steps \
+    --eval_steps 100 \
+    --num_members 4 \
+    --alpha 0 \
+    --alpha_warmup_ratio 0.5 \
+    --responsibility_floor 0.1 \
+    --member_init_std 0.001 \
+    --lora_r 32 \
+    --lora_alpha 16 \
+    --lora_target_modules all-linear \
+    --output_dir Qwen2-0.5B-Renyi-SFT \
+    --push_to_hub
+```
+
+# From a YAML file (command-line flags override it)
+```bash
+python examples/sft_renyi.py --config examples/configs/sft_smollm2.yaml
+```
+
+`--dataset_name` also takes a local file (`data.jsonl`, `.json`, `.csv`, `.parquet`) or a `save_to_disk` folder.
+"""
+
+import argparse
+
+
+def main(script_args, training_args, model_args, dataset_args):
+    from trl_renyi import RenyiSFTTrainer
+    from trl_renyi.scripts.training import ensemble_peft_config, load_training_data, model_init_kwargs, select_splits
+
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+
+    # Load the dataset: a Hub id, a local file or folder, `trl_renyi:<name>`, or a `datasets:` mixture in the YAML
+    dataset = load_training_data(script_args, dataset_args, seed=training_args.seed)
+    train_dataset, eval_dataset = select_splits(dataset, script_args, training_args)
+
+    # Initialize the Rényi SFT trainer: K LoRA members replicated from the LoraConfig of the --lora_* flags
+    trainer = RenyiSFTTrainer(
+        model=model_args.model_name_or_path or "smollm2-135m-instruct",
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=ensemble_peft_config(model_args),
+    )
+
+    # Train the ensemble
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    # Save the members (member_k/), renyi_ensemble.json and the model card, and push to the Hub
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Ensemble saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None):
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from trl_renyi import RenyiSFTConfig
+
+    dataclass_types = (ScriptArguments, RenyiSFTConfig, ModelConfig, DatasetMixtureConfig)
+    if subparsers is not None:
+        return subparsers.add_parser("sft", help="Run the Rényi SFT training script", dataclass_types=dataclass_types)
+    return TrlParser(dataclass_types)
+
+
+if __name__ == "__main__":
+    parser = make_parser()
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()
+    main(script_args, training_args, model_args, dataset_args)

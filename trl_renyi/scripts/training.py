@@ -1,0 +1,167 @@
+"""What ``trl-renyi sft`` and ``trl-renyi dpo`` share: argument parsing like ``trl sft`` / ``trl dpo``, data loading
+(Hub names, local files and folders, the bundled conflicting-data generator), LoRA members by default, train, save,
+publish.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..models import DEFAULT_MODEL
+
+# local data files and the `datasets` builder that reads them
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+# `--dataset_name trl_renyi:<name>` selects the bundled generator (a colon never occurs in Hub dataset ids)
+BUILTIN_PREFIX = "trl_renyi:"
+BUILTIN_DATASETS = ("conflict_sft", "conflict_preference", "conflict_sft_chat", "conflict_preference_chat")
+
+
+def make_parser(config_class, prog: str):
+    """A :class:`~trl.TrlParser` over ``(ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig)``, the same
+    dataclasses as TRL's own scripts with the Rényi config in place of TRL's, so every ``trl sft`` / ``trl dpo`` flag
+    and ``--config file.yaml`` works, plus the ensemble fields (``--num_members``, ``--alpha``, ...)."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    return TrlParser((ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig), prog=prog)
+
+
+def builtin_dataset(name: str, seed: int = 0):
+    """The bundled conflicting data (:mod:`trl_renyi.data`) for ``trl_renyi:<name>``."""
+    from .. import data
+
+    key = name[len(BUILTIN_PREFIX) :]
+    if key not in BUILTIN_DATASETS:
+        raise ValueError(
+            f"dataset_name {name!r}: unknown bundled dataset; choose from "
+            f"{[BUILTIN_PREFIX + n for n in BUILTIN_DATASETS]}."
+        )
+    make = data.conflict_preference_dataset if key.startswith("conflict_preference") else data.conflict_sft_dataset
+    return make(seed=seed, conversational=key.endswith("_chat"))
+
+
+def load_local(path: Path, streaming: bool = False):
+    """A ``DatasetDict`` from a local data file (json/jsonl/csv/parquet/arrow) or folder (``save_to_disk`` output, or
+    data files that ``datasets.load_dataset`` can read)."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"dataset_name {str(path)!r}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}."
+            )
+        return load_dataset(builder, data_files=str(path), streaming=streaming)
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    return load_dataset(str(path), streaming=streaming)
+
+
+def load_training_data(script_args, dataset_args, seed: int = 0):
+    """The ``DatasetDict`` named by ``--dataset_name`` (Hub id, local file or folder, ``trl_renyi:<name>``) or by a
+    ``datasets:`` mixture in the YAML config (TRL's ``DatasetMixtureConfig``)."""
+    from datasets import load_dataset
+    from trl import get_dataset
+
+    if dataset_args.datasets:
+        return get_dataset(dataset_args)
+    name = script_args.dataset_name
+    if not name:
+        raise ValueError("dataset_name is required: a Hub dataset id, a local data file or folder, or trl_renyi:<name>.")
+    if name.startswith(BUILTIN_PREFIX):
+        return builtin_dataset(name, seed)
+    path = Path(name).expanduser()
+    if path.exists():
+        return load_local(path, script_args.dataset_streaming)
+    if path.suffix.lower() in FILE_BUILDERS:
+        raise FileNotFoundError(f"dataset_name {name!r}: no such data file.")
+    return load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+
+
+def select_splits(dataset, script_args, training_args):
+    """``(train, eval or None)`` from the loaded splits; errors name the missing split."""
+    splits = list(dataset.keys())
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(f"dataset_train_split {script_args.dataset_train_split!r} not in the dataset's splits {splits}.")
+    train = dataset[script_args.dataset_train_split]
+    if training_args.eval_strategy == "no":
+        return train, None
+    if script_args.dataset_test_split not in dataset:
+        raise ValueError(
+            f"eval_strategy={training_args.eval_strategy!r} needs the split dataset_test_split="
+            f"{script_args.dataset_test_split!r}, which is not in the dataset's splits {splits}."
+        )
+    return train, dataset[script_args.dataset_test_split]
+
+
+def ensemble_peft_config(model_args):
+    """The ``LoraConfig`` replicated into every member, from ModelConfig's ``--lora_*`` flags. The ensemble is made of
+    LoRA members, so ``--use_peft`` is implied."""
+    from trl import get_peft_config
+
+    model_args.use_peft = True
+    targets = model_args.lora_target_modules
+    if isinstance(targets, list) and len(targets) == 1 and targets[0] in ("all-linear", "all_linear"):
+        model_args.lora_target_modules = "all-linear"  # PEFT recognises the shorthand only as a string
+    return get_peft_config(model_args)
+
+
+def model_init_kwargs(model_args, training_args) -> dict:
+    """The loading arguments of the base model (as TRL's scripts build them)."""
+    from trl import get_quantization_config
+
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    kwargs.update(training_args.model_init_kwargs or {})
+    return kwargs
+
+
+def run(trainer_class, script_args, training_args, model_args, dataset_args):
+    """Build ``trainer_class`` from parsed arguments, train, save (members, ``renyi_ensemble.json``, model card) and
+    push to the Hub when ``--push_to_hub`` is set. Returns the trainer."""
+    if not model_args.model_name_or_path:
+        model_args.model_name_or_path = DEFAULT_MODEL
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    dataset = load_training_data(script_args, dataset_args, seed=training_args.seed)
+    train_dataset, eval_dataset = select_splits(dataset, script_args, training_args)
+    trainer = trainer_class(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=ensemble_peft_config(model_args),
+    )
+    if getattr(script_args, "ignore_bias_buffers", False):
+        import torch
+
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(
+        f"Ensemble of {training_args.num_members} members saved to {training_args.output_dir} "
+        "(member_k/ adapters, renyi_ensemble.json, README.md)."
+    )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return trainer
+
+
+def main(config_class, trainer_loader, prog: str, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (``--config file.yaml`` included) and run the trainer returned by ``trainer_loader()``."""
+    parser = make_parser(config_class, prog)
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
+    run(trainer_loader(), script_args, training_args, model_args, dataset_args)
+    return 0
