@@ -19,6 +19,15 @@ def _ids(tokenizer, value, **chat_kwargs) -> list[int]:
     return list(tokenizer(text=value)["input_ids"])
 
 
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt to continue: plain text as is, chat messages with the generation prompt appended."""
+    if is_conversational(prompt):
+        return _ids(tokenizer, prompt, add_generation_prompt=True)
+    if not isinstance(prompt, str):
+        raise ValueError(f"A prompt must be a string or a list of chat messages, got {type(prompt).__name__}.")
+    return _ids(tokenizer, prompt)
+
+
 def encode_prompt_completion(tokenizer, prompt, completion) -> tuple[list[int], int]:
     """Token ids of prompt + completion and the index where the completion starts.
 

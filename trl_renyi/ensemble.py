@@ -19,8 +19,11 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 
 from . import __version__
+from .choices import predict_choices as _predict_choices
+from .choices import predict_preferences as _predict_preferences
 from .encoding import collate_scoring_batch, encode_prompt_completion
-from .members import attach_ensemble, get_router, member_names, tile_for_members
+from .generation import generate as _generate
+from .members import attach_ensemble, get_router, member_names, shared_trunk, tile_for_members
 from .models import canonical_name, load_causal_lm, load_tokenizer, model_name_or_path
 from .objective import normalized_log_weights, renyi_bound
 from .uncertainty import decompose
@@ -375,15 +378,26 @@ class RenyiEnsemble:
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def member_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(K, B, T, V)`` logits of every member for a batch of B rows, in one member-batched forward."""
+    def member_forward(self, batch: dict[str, torch.Tensor], **model_kwargs):
+        """The model's output for ``batch`` (B rows) tiled K times, in one member-batched forward (no gradients).
+
+        ``logits`` come back as ``(K, B, T', V)``; ``model_kwargs`` (e.g. a KV ``cache``, ``use_cache``,
+        ``logits_to_keep``) go to the model as they are, so a KV cache holds the K·B tiled rows.
+        """
         router = get_router(self.model)
         if not router.enabled:
             raise RuntimeError("The member router is disabled; re-enable it before member-batched inference.")
         device = self.device
         tiled = tile_for_members({k: v.to(device) for k, v in batch.items() if k != "labels"}, self.num_members)
-        logits = self.model(**tiled, use_cache=False).logits
-        return logits.view(self.num_members, batch["input_ids"].shape[0], *logits.shape[1:])
+        with shared_trunk(self.model, active=False):  # the rows are tiled here, never again inside the model
+            outputs = self.model(**tiled, **model_kwargs)
+        outputs.logits = outputs.logits.view(self.num_members, batch["input_ids"].shape[0], *outputs.logits.shape[1:])
+        return outputs
+
+    def member_logits(self, batch: dict[str, torch.Tensor], **model_kwargs) -> torch.Tensor:
+        """``(K, B, T, V)`` logits of every member for a batch of B rows, in one member-batched forward."""
+        model_kwargs.setdefault("use_cache", False)
+        return self.member_forward(batch, **model_kwargs).logits
 
     def score(self, prompts, completions, batch_size: int = 8, show_progress: bool | None = None) -> ScoreResult:
         """Score completions under every member in member-batched forwards (no gradients).
@@ -417,9 +431,12 @@ class RenyiEnsemble:
         return ScoreResult(**out)
 
     def _score_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits = self.member_logits(batch)  # (K, B, T, V)
-        log_probs = torch.log_softmax(logits[:, :, :-1].float(), dim=-1)
-        labels = batch["labels"][:, 1:].to(log_probs.device)
+        # only the columns that predict a completion token go through the LM head (prompts are often most tokens)
+        scored = (batch["labels"][:, 1:] != -100).any(0).nonzero().flatten()
+        first, last = (int(scored[0]), int(scored[-1])) if len(scored) else (0, 0)
+        logits = self.member_logits(batch, logits_to_keep=torch.arange(first, last + 1))  # (K, B, T', V)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        labels = batch["labels"][:, 1 + first : 2 + last].to(log_probs.device)
         mask = labels != -100
         token_lp = log_probs.gather(-1, labels.clamp(min=0)[None, ..., None].expand(self.num_members, -1, -1, 1))
         token_lp = token_lp.squeeze(-1) * mask  # (K, B, T-1)
@@ -435,3 +452,22 @@ class RenyiEnsemble:
             "entropy": mean(parts.total),
             "aleatoric": mean(parts.aleatoric),
         }
+
+    def predict_choices(
+        self, prompts, choices, length_normalize: bool = False, batch_size: int = 8, show_progress: bool | None = None
+    ):
+        """Multiple-choice predictions, one :class:`~trl_renyi.choices.ChoicePrediction` per prompt (each prompt has
+        its own list of choices): mixture ``probs`` (C,), ``member_probs`` (K, C), entropy, aleatoric and mutual
+        information. See :func:`trl_renyi.choices.predict_choices`."""
+        return _predict_choices(self, prompts, choices, length_normalize, batch_size, show_progress)
+
+    def predict_preferences(self, prompts, chosen, rejected, reference=None, beta: float = 0.1, **kwargs):
+        """(chosen, rejected) predictions by likelihood, or by the DPO implicit reward against ``reference``.
+        See :func:`trl_renyi.choices.predict_preferences`."""
+        return _predict_preferences(self, prompts, chosen, rejected, reference=reference, beta=beta, **kwargs)
+
+    def generate(self, prompts, strategy: str = "mixture", **kwargs):
+        """Generate text with per-token entropy and mutual information; ``strategy`` is ``"mixture"`` (Bayesian model
+        average, posterior-weighted), ``"member"`` (with ``member=k``) or ``"routed"``. See
+        :func:`trl_renyi.generation.generate` for the options."""
+        return _generate(self, prompts, strategy=strategy, **kwargs)

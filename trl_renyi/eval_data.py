@@ -1,0 +1,232 @@
+"""Evaluation and audit data: multiple-choice questions (TruthfulQA's mc1/mc2 format), preference pairs, and
+training datasets in TRL's formats.
+
+Every evaluation item becomes a :class:`ChoiceItem`: a prompt, its choices and a 0/1 label per choice (preference
+pairs are two-choice items with the chosen response first and labelled 1).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl.data_utils import extract_prompt
+
+from .encoding import is_conversational
+
+FORMATS = ("mc1", "mc2", "preference")
+DIALOGUE_MARKER = "\n\nAssistant:"
+
+
+@dataclass
+class ChoiceItem:
+    """One evaluation item: ``prompt`` (a question, or a preference prompt: text or chat messages), ``choices`` and
+    ``labels`` (1 marks a correct / preferred choice), with an ``id`` and free-form ``info`` (e.g. a category)."""
+
+    prompt: object
+    choices: list
+    labels: list[int]
+    id: str
+    info: dict = field(default_factory=dict)
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Records of a ``.json`` (a list, or an object with a ``data`` list), ``.jsonl`` or gzipped file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file {path} not found.")
+    opener = gzip.open if path.suffix == ".gz" else open
+    stem = path.with_suffix("") if path.suffix == ".gz" else path
+    with opener(path, "rt", encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        if stem.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+            if isinstance(records, dict) and isinstance(records.get("data"), list):
+                records = records["data"]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON{' lines' if stem.suffix == '.jsonl' else ''} ({err}).") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path} must hold a list of JSON objects (one per item).")
+    if not records:
+        raise ValueError(f"{path} holds no items.")
+    return records
+
+
+def detect_format(records: list[dict], path: str | os.PathLike = "data") -> str:
+    """``"mc1"`` for TruthfulQA-style records (``mc1_targets``), ``"preference"`` for chosen/rejected pairs."""
+    first = records[0]
+    if "mc1_targets" in first or "mc2_targets" in first:
+        return "mc1" if "mc1_targets" in first else "mc2"
+    if "chosen" in first and "rejected" in first:
+        return "preference"
+    raise ValueError(
+        f"Cannot tell the format of {path}: its first record has fields {sorted(first)}; expected TruthfulQA's "
+        "'question' + 'mc1_targets'/'mc2_targets', or preference pairs 'chosen'/'rejected' (with or without 'prompt')."
+    )
+
+
+def split_dialogue(chosen, rejected) -> tuple[object, object, object]:
+    """``(prompt, chosen, rejected)`` from two full dialogues sharing an implicit prompt.
+
+    Text transcripts in the ``"\\n\\nHuman: … \\n\\nAssistant: …"`` style are cut after the last ``Assistant:`` turn
+    marker they share; anything else (chat messages, other text) goes through TRL's ``extract_prompt``.
+    """
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        common = os.path.commonprefix([chosen, rejected])
+        cut = common.rfind(DIALOGUE_MARKER)
+        if cut >= 0:
+            end = cut + len(DIALOGUE_MARKER)
+            return chosen[:end], chosen[end:], rejected[end:]
+    out = extract_prompt({"chosen": chosen, "rejected": rejected})
+    return out["prompt"], out["chosen"], out["rejected"]
+
+
+def _multiple_choice_items(records: list[dict], target: str, path) -> list[ChoiceItem]:
+    key = f"{target}_targets"
+    items = []
+    for i, record in enumerate(records):
+        where = f"{path}, item {i}"
+        question = record.get("question", record.get("prompt"))
+        if not isinstance(question, (str, list)) or not question:
+            raise ValueError(f"{where}: missing or empty field 'question'.")
+        targets = record.get(key)
+        if not isinstance(targets, dict) or "choices" not in targets or "labels" not in targets:
+            raise ValueError(f"{where}: field {key!r} must be an object with 'choices' and 'labels'.")
+        choices, labels = list(targets["choices"]), [int(v) for v in targets["labels"]]
+        if len(choices) < 2 or len(choices) != len(labels):
+            raise ValueError(f"{where}: {key} needs >= 2 choices and one label per choice ({len(choices)} vs {len(labels)}).")
+        if not all(v in (0, 1) for v in labels) or sum(labels) < 1:
+            raise ValueError(f"{where}: {key}.labels must be 0/1 with at least one 1, got {labels}.")
+        if target == "mc1" and sum(labels) != 1:
+            raise ValueError(f"{where}: mc1_targets.labels must mark exactly one correct choice, got {labels}.")
+        info = {k: record[k] for k in ("category", "type") if k in record}
+        items.append(ChoiceItem(question, choices, labels, str(record.get("id", i)), info))
+    return items
+
+
+def _preference_items(records: list[dict], path) -> list[ChoiceItem]:
+    items = []
+    for i, record in enumerate(records):
+        for key in ("chosen", "rejected"):
+            if key not in record or not record[key]:
+                raise ValueError(f"{path}, item {i}: missing or empty field {key!r}.")
+        if "prompt" in record:
+            prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
+        else:
+            prompt, chosen, rejected = split_dialogue(record["chosen"], record["rejected"])
+        if is_conversational(chosen) != is_conversational(rejected):
+            raise ValueError(f"{path}, item {i}: 'chosen' and 'rejected' must both be text or both chat messages.")
+        items.append(ChoiceItem(prompt, [chosen, rejected], [1, 0], str(record.get("id", i))))
+    return items
+
+
+def load_choice_items(
+    path: str | os.PathLike, data_format: str = "auto", first_item: int = 0, max_items: int | None = None
+) -> tuple[list[ChoiceItem], str]:
+    """Read an evaluation file into :class:`ChoiceItem` s; returns ``(items, format)``.
+
+    Args:
+        data_format: ``"auto"``, ``"mc1"``, ``"mc2"`` or ``"preference"``.
+        first_item, max_items: evaluate ``items[first_item : first_item + max_items]`` (e.g. held-out questions).
+    """
+    if data_format not in ("auto", *FORMATS):
+        raise ValueError(f"data_format must be 'auto' or one of {FORMATS}, got {data_format!r}.")
+    if first_item < 0 or (max_items is not None and max_items < 1):
+        raise ValueError(f"first_item must be >= 0 and max_items >= 1, got {first_item} and {max_items}.")
+    records = read_records(path)
+    fmt = detect_format(records, path) if data_format == "auto" else data_format
+    end = None if max_items is None else first_item + max_items
+    records = records[first_item:end]
+    if not records:
+        raise ValueError(f"{path}: no items left after first_item={first_item}.")
+    items = _preference_items(records, path) if fmt == "preference" else _multiple_choice_items(records, fmt, path)
+    return items, fmt
+
+
+def question_prompt(question, tokenizer, chat: bool | None = None, system_prompt: str | None = None):
+    """The model input for a question: chat messages (optional system message + the user's question) when the
+    tokenizer has a chat template (or ``chat=True``), else ``"Q: {question}\\nA:"``."""
+    if is_conversational(question):
+        return question
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        return messages + [{"role": "user", "content": question}]
+    return f"Q: {question}\nA:"
+
+
+def model_inputs(items: list[ChoiceItem], fmt: str, tokenizer, chat: bool | None = None, system_prompt=None):
+    """``(prompts, choices)`` to score: questions rendered by :func:`question_prompt` (plain-text choices get a
+    leading space), preference prompts and responses as they are."""
+    if fmt == "preference":
+        return [item.prompt for item in items], [item.choices for item in items]
+    prompts = [question_prompt(item.prompt, tokenizer, chat, system_prompt) for item in items]
+    choices = [
+        [c if is_conversational(p) else " " + str(c).lstrip() for c in item.choices]
+        for p, item in zip(prompts, items, strict=True)
+    ]
+    return prompts, choices
+
+
+# ---------------------------------------------------------------------------------------------- training data
+def load_training_dataset(name_or_path: str, split: str = "train", config: str | None = None):
+    """A ``datasets.Dataset`` from a local file (json/jsonl/csv/parquet, optionally gzipped), a folder written by
+    ``save_to_disk``, or a Hub dataset id."""
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    path = Path(name_or_path)
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        dataset = load_from_disk(str(path))
+        if isinstance(dataset, DatasetDict):
+            dataset = dataset[split]
+        return dataset
+    if path.is_file():
+        suffixes = [s for s in path.suffixes if s != ".gz"]
+        kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(suffixes[-1] if suffixes else "")
+        if kind is None:
+            raise ValueError(f"{path}: unsupported file type; use .json, .jsonl, .csv or .parquet (optionally .gz).")
+        dataset = load_dataset(kind, data_files=str(path), split="train")
+    else:
+        dataset = load_dataset(name_or_path, config, split=split)
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"{name_or_path} did not load as a single dataset split.")
+    return dataset
+
+
+def training_examples(dataset, source: str = "dataset") -> tuple[str, dict[str, list]]:
+    """The examples of a TRL training dataset as ``(kind, columns)``.
+
+    ``kind`` is ``"sft"`` with ``prompt``/``completion`` lists (from prompt/completion, conversational ``messages``
+    — the last assistant turn is the completion — or ``text`` language modelling), or ``"preference"`` with
+    ``prompt``/``chosen``/``rejected`` lists (implicit prompts are extracted).
+    """
+    columns = set(dataset.column_names)
+    if {"chosen", "rejected"} <= columns:
+        if "prompt" in columns:
+            rows = list(zip(dataset["prompt"], dataset["chosen"], dataset["rejected"]))
+        else:
+            rows = [split_dialogue(c, r) for c, r in zip(dataset["chosen"], dataset["rejected"])]
+        prompt, chosen, rejected = (list(column) for column in zip(*rows))
+        return "preference", {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if {"prompt", "completion"} <= columns:
+        return "sft", {"prompt": list(dataset["prompt"]), "completion": list(dataset["completion"])}
+    if "messages" in columns:
+        prompts, completions = [], []
+        for i, messages in enumerate(dataset["messages"]):
+            if not is_conversational(messages) or messages[-1].get("role") != "assistant":
+                raise ValueError(f"{source}, example {i}: 'messages' must be chat messages ending with an assistant turn.")
+            prompts.append(messages[:-1])
+            completions.append(messages[-1:])
+        return "sft", {"prompt": prompts, "completion": completions}
+    if "text" in columns:
+        return "sft", {"prompt": [""] * len(dataset), "completion": list(dataset["text"])}
+    raise ValueError(
+        f"{source} has columns {sorted(columns)}; expected prompt/completion, messages, text, or chosen/rejected "
+        "(with or without prompt)."
+    )

@@ -1,0 +1,232 @@
+"""``trl-renyi audit``: score a training dataset with a trained ensemble and list the examples its members disagree on.
+
+Where the data contradicts itself, members specialise on the conflicting sides; those examples get a high epistemic
+score. The listed examples (most disagreement first) are what a data curator should look at: contradictory
+answers, mislabelled pairs, ambiguous prompts.
+
+Scores per example (``--sort_by``):
+
+* supervised data (prompt/completion, messages, text): ``mutual_information_max`` (largest per-token mutual
+  information over the completion, the default), ``mutual_information`` (its mean), ``loglik_std`` (spread of the
+  members' log-likelihoods ℓ_k), ``routing_entropy`` (entropy of the responsibilities at the ensemble's α; low values
+  mean one member has claimed the example), ``nll`` (mixture negative log-likelihood);
+* preference pairs (chosen/rejected): each member's probability that the chosen response wins, under the DPO
+  implicit reward against the base model; ``mutual_information`` over (chosen, rejected) (the default), ``loglik_std``
+  of ℓ_k = log σ(m_k), ``routing_entropy``, ``nll`` = −log p(chosen).
+
+Outputs in ``--output_dir``: ``audit.jsonl`` (every example, sorted), ``audit_scores.png`` (the score's distribution)
+and ``audit_routing.png`` (responsibilities, members × examples); the top examples are printed as a table.
+
+Example::
+
+    trl-renyi audit --ensemble outputs/renyi-sft --data train.jsonl --top 20 --output_dir outputs/audit
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..baselines import SingleModel
+from ..ensemble import RenyiEnsemble
+from ..eval_data import training_examples
+from ..objective import routing_entropy
+
+SFT_SCORES = ("mutual_information_max", "mutual_information", "loglik_std", "routing_entropy", "nll")
+PREFERENCE_SCORES = ("mutual_information", "loglik_std", "routing_entropy", "nll")
+
+
+@dataclass
+class AuditArguments:
+    """Arguments of ``trl-renyi audit``."""
+
+    ensemble: str = field(metadata={"help": "Ensemble folder (written by save_model / save_pretrained) or Hub repo id."})
+    data: str = field(
+        metadata={
+            "help": "Training data: a local file (json, jsonl, csv, parquet; .jsonl.gz too), a save_to_disk folder or "
+            "a Hub dataset id, in a TRL format (prompt/completion, messages, text, or chosen/rejected [+ prompt])."
+        }
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    split: str = field(default="train", metadata={"help": "Dataset split to audit."})
+    output_dir: str = field(default="renyi-audit", metadata={"help": "Folder for audit.jsonl and the plots."})
+    sort_by: str = field(
+        default="auto",
+        metadata={
+            "help": "Score to rank by (highest first): auto (mutual_information_max for supervised data, "
+            "mutual_information for preference pairs), mutual_information_max, mutual_information, loglik_std, "
+            "routing_entropy, nll.",
+            "choices": ["auto", *SFT_SCORES],
+        },
+    )
+    top: int = field(default=20, metadata={"help": "Number of examples printed in the table."})
+    max_examples: int | None = field(default=None, metadata={"help": "Audit only the first N examples."})
+    base_model: str | None = field(default=None, metadata={"help": "Base model to load the ensemble on."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the ensemble."})
+    dtype: str = field(default="float32", metadata={"help": "Dtype to load the model in."})
+    beta: float | None = field(
+        default=None, metadata={"help": "β of the DPO implicit reward for preference data (default: recorded, else 0.1)."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Sequences per member-batched forward."})
+    plots: bool = field(default=True, metadata={"help": "Write the PNG plots."})
+
+    def __post_init__(self):
+        if self.top < 1:
+            raise ValueError(f"top must be >= 1, got {self.top}.")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1, got {self.max_examples}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+
+
+def load_dataset_for_audit(args: AuditArguments):
+    """The split to audit, from a local file or folder or a Hub dataset id."""
+    from datasets import load_dataset
+
+    from .training import load_local
+
+    path = Path(args.data).expanduser()
+    if path.is_file() and path.suffix == ".gz":
+        return load_dataset("json", data_files=str(path), split="train")
+    if path.exists():
+        dataset = load_local(path)
+        if args.split not in dataset:
+            raise ValueError(f"{path}: no split {args.split!r} (it has {list(dataset.keys())}).")
+        return dataset[args.split]
+    return load_dataset(args.data, args.dataset_config, split=args.split)
+
+
+def score_sft(ensemble: RenyiEnsemble, columns: dict, batch_size: int) -> list[dict]:
+    scores = ensemble.score(columns["prompt"], columns["completion"], batch_size=batch_size, show_progress=True)
+    r_entropy = routing_entropy(scores.responsibilities)
+    rows = []
+    for i in range(len(scores.loglik)):
+        rows.append(
+            {
+                "index": i,
+                "mutual_information_max": float(scores.mutual_information_max[i]),
+                "mutual_information": float(scores.mutual_information[i]),
+                "loglik_std": float(scores.loglik_std[i]),
+                "routing_entropy": float(r_entropy[i]),
+                "nll": float(-scores.loglik[i]),
+                "num_tokens": int(scores.num_tokens[i]),
+                "member_loglik": scores.member_loglik[i].tolist(),
+                "responsibilities": scores.responsibilities[i].tolist(),
+                "top_member": int(scores.responsibilities[i].argmax()),
+                "prompt": columns["prompt"][i],
+                "completion": columns["completion"][i],
+            }
+        )
+    return rows
+
+
+def score_preferences(ensemble: RenyiEnsemble, columns: dict, beta: float, batch_size: int) -> list[dict]:
+    predictions = ensemble.predict_preferences(
+        columns["prompt"], columns["chosen"], columns["rejected"], reference=SingleModel.base_of(ensemble),
+        beta=beta, batch_size=batch_size, show_progress=True,
+    )
+    rows = []
+    for i, p in enumerate(predictions):
+        loglik = p.member_loglik[0]  # ℓ_k = log σ(m_k), the DPO training log-likelihood of the pair
+        responsibilities = p.responsibilities[0]
+        rows.append(
+            {
+                "index": i,
+                "mutual_information": p.mutual_information,
+                "loglik_std": float(loglik.double().std(unbiased=False)),
+                "routing_entropy": float(routing_entropy(responsibilities[None].double())[0]),
+                "nll": float(-math.log(max(float(p.probs[0]), 1e-30))),
+                "prob_chosen": float(p.probs[0]),
+                "member_prob_chosen": p.member_probs[:, 0].tolist(),
+                "member_loglik": loglik.tolist(),
+                "responsibilities": responsibilities.tolist(),
+                "top_member": int(responsibilities.argmax()),
+                "prompt": columns["prompt"][i],
+                "chosen": columns["chosen"][i],
+                "rejected": columns["rejected"][i],
+            }
+        )
+    return rows
+
+
+def _preview(value, width: int) -> str:
+    if isinstance(value, list):
+        value = " | ".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
+    text = " ".join(str(value).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(rows: list[dict], kind: str, sort_by: str, top: int) -> str:
+    """The ``top`` rows as a text table."""
+    numeric = ["mutual_information_max", "mutual_information"] if kind == "sft" else ["mutual_information", "prob_chosen"]
+    numeric += ["loglik_std", "routing_entropy", "nll"]
+    short = {"mutual_information_max": "MI_max", "mutual_information": "MI", "loglik_std": "ll_std",
+             "routing_entropy": "H(r)", "nll": "NLL", "prob_chosen": "p(chosen)"}
+    texts = ("prompt", "completion") if kind == "sft" else ("prompt", "chosen", "rejected")
+    head = ["rank", "index", *[short[k] + ("*" if k == sort_by else "") for k in numeric], "top", *texts]
+    table = [head]
+    for rank, row in enumerate(rows[:top], start=1):
+        table.append(
+            [str(rank), str(row["index"]), *[f"{row[k]:.3f}" for k in numeric], f"m{row['top_member']}",
+             *[_preview(row[t], 40) for t in texts]]
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table)
+
+
+def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
+    """Score and rank the dataset; returns ``(kind, sort_by, rows sorted by the score)`` and writes the outputs."""
+    ensemble = RenyiEnsemble.from_pretrained(args.ensemble, base_model=args.base_model, revision=args.revision, dtype=args.dtype)
+    dataset = load_dataset_for_audit(args)
+    if args.max_examples is not None:
+        dataset = dataset.select(range(min(args.max_examples, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(f"{args.data} holds no examples to audit.")
+    kind, columns = training_examples(dataset, args.data)
+    valid = SFT_SCORES if kind == "sft" else PREFERENCE_SCORES
+    sort_by = (valid[0] if args.sort_by == "auto" else args.sort_by)
+    if sort_by not in valid:
+        raise ValueError(f"sort_by={args.sort_by!r} does not apply to {kind} data; use one of {valid}.")
+    if kind == "sft":
+        rows = score_sft(ensemble, columns, args.batch_size)
+    else:
+        beta = args.beta if args.beta is not None else float(ensemble.metadata.get("beta", 0.1))
+        rows = score_preferences(ensemble, columns, beta, args.batch_size)
+    rows.sort(key=lambda row: -row[sort_by])
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "audit.jsonl", "w") as handle:
+        for rank, row in enumerate(rows, start=1):
+            handle.write(json.dumps({"rank": rank, **row}) + "\n")
+    if args.plots:
+        from .. import eval_plots
+
+        cutoff = rows[min(args.top, len(rows)) - 1][sort_by]
+        eval_plots.score_histogram(
+            [row[sort_by] for row in rows], cutoff, out / "audit_scores.png", xlabel=sort_by,
+            title=f"{sort_by} over {len(rows)} training examples",
+        )
+        by_index = sorted(rows, key=lambda row: row["index"])
+        eval_plots.routing_heatmap(
+            torch.tensor([row["responsibilities"] for row in by_index]), ensemble.member_names,
+            out / "audit_routing.png", title=f"responsibilities (α = {ensemble.alpha:g})", xlabel="training example",
+        )
+    return kind, sort_by, rows
+
+
+def make_parser():
+    from trl import TrlParser
+
+    return TrlParser((AuditArguments,), prog="trl-renyi audit")
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = make_parser().parse_args_and_config(argv)
+    kind, sort_by, rows = audit(args)
+    print(format_table(rows, kind, sort_by, args.top))
+    print(f"\n{len(rows)} examples scored ({kind}); ranked by {sort_by}. Written to {Path(args.output_dir) / 'audit.jsonl'}.")
+    return 0

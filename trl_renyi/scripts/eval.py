@@ -1,0 +1,360 @@
+"""``trl-renyi eval``: evaluate an ensemble next to its baselines on multiple-choice or preference data.
+
+Data: TruthfulQA-style JSON (``question`` + ``mc1_targets`` / ``mc2_targets`` with ``choices`` and ``labels``), or
+preference pairs (JSON lines with ``prompt``/``chosen``/``rejected``, or full ``chosen``/``rejected`` dialogues whose
+shared beginning is the prompt; ``.gz`` is read too). Every model gives each item a distribution over its choices;
+the report holds accuracy, NLL, ECE, Brier score, the error-detection AUROC of each uncertainty score and the accuracy
+at fixed coverage, for the ensemble, each of its members and every baseline.
+
+Baselines (``--baselines``, several allowed, each optionally ``label=spec``):
+
+* ``base``: the ensemble's base model with every adapter off;
+* ``member:K``: member K of the ensemble alone (from the ensemble's own pass, no extra forward);
+* ``adapter:PATH``: a plain PEFT LoRA adapter folder on its base model (e.g. a single LoRA trained with TRL);
+* ``ensemble:PATH``: another saved ensemble;
+* ``model:NAME``: any causal LM (folder, Hub id or embedded alias);
+* ``none``: no baseline.
+
+Outputs in ``--output_dir``: ``report.json``, ``predictions.jsonl`` (per item and model) and the plots
+``reliability.png``, ``uncertainty_hist.png``, ``routing_heatmap.png`` and ``selective_accuracy.png``.
+
+Example::
+
+    trl-renyi eval --ensemble outputs/renyi-sft --data ../shared/data/truthfulqa-en-validation.json \\
+        --baselines base single=adapter:outputs/single-lora --max_items 200 --output_dir outputs/eval
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..baselines import SingleModel
+from ..choices import ChoicePrediction
+from ..ensemble import RenyiEnsemble
+from ..eval_data import FORMATS, load_choice_items, model_inputs
+from ..metrics import DEFAULT_COVERAGES, choice_outcomes, summarize
+from ..objective import routing_entropy
+
+BASELINE_KINDS = ("base", "member", "adapter", "ensemble", "model", "none")
+
+
+@dataclass
+class EvalArguments:
+    """Arguments of ``trl-renyi eval``."""
+
+    ensemble: str = field(metadata={"help": "Ensemble folder (written by save_model / save_pretrained) or Hub repo id."})
+    data: str = field(
+        metadata={
+            "help": "Evaluation file: TruthfulQA-style JSON (question + mc1_targets/mc2_targets) or preference pairs "
+            "(JSON lines with prompt/chosen/rejected or chosen/rejected dialogues; .gz allowed)."
+        }
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "Format of --data: auto-detected, or mc1, mc2, preference.", "choices": ["auto", *FORMATS]},
+    )
+    output_dir: str = field(default="renyi-eval", metadata={"help": "Folder for report.json, predictions and plots."})
+    baselines: list[str] = field(
+        default_factory=lambda: ["base"],
+        metadata={
+            "help": "Models to evaluate next to the ensemble, each [label=]spec with spec one of: base, member:K, "
+            "adapter:PATH, ensemble:PATH, model:NAME, none."
+        },
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "Base model to load the ensemble on (default: the one it records)."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the ensemble (branch, tag or commit)."})
+    dtype: str = field(default="float32", metadata={"help": "Dtype to load models in (float32, bfloat16, float16)."})
+    first_item: int = field(default=0, metadata={"help": "Index of the first item to evaluate (skip training items)."})
+    max_items: int | None = field(default=None, metadata={"help": "Evaluate at most this many items."})
+    chat: str = field(
+        default="auto",
+        metadata={
+            "help": "Render multiple-choice questions as chat messages (yes), as 'Q: … A:' text (no), or by whether "
+            "the tokenizer has a chat template (auto).",
+            "choices": ["auto", "yes", "no"],
+        },
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System message put before each chat-rendered question."}
+    )
+    length_normalize: bool = field(
+        default=False, metadata={"help": "Score choices by their mean per-token log-likelihood instead of the sum."}
+    )
+    preference_scoring: str = field(
+        default="likelihood",
+        metadata={
+            "help": "Preference pairs: compare the responses by likelihood, or by the DPO implicit reward "
+            "β·[(log π − log π_ref)(chosen) − (log π − log π_ref)(rejected)] with the base model as π_ref.",
+            "choices": ["likelihood", "reward"],
+        },
+    )
+    beta: float | None = field(
+        default=None, metadata={"help": "β of the reward scoring (default: the ensemble's recorded beta, else 0.1)."}
+    )
+    n_bins: int = field(default=10, metadata={"help": "Number of equal-width confidence bins of the ECE."})
+    coverages: list[float] = field(
+        default_factory=lambda: list(DEFAULT_COVERAGES),
+        metadata={"help": "Coverages (fractions answered, most certain first) for the selective accuracy."},
+    )
+    batch_size: int = field(default=8, metadata={"help": "Sequences per member-batched forward."})
+    plots: bool = field(default=True, metadata={"help": "Write the PNG plots."})
+
+    def __post_init__(self):
+        if self.n_bins < 1:
+            raise ValueError(f"n_bins must be >= 1, got {self.n_bins}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if not self.coverages or not all(0 < c <= 1 for c in self.coverages):
+            raise ValueError(f"coverages must be numbers in (0, 1], got {self.coverages}.")
+        if self.beta is not None and not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}.")
+        for spec in self.baselines:
+            parse_baseline(spec)
+
+
+def parse_baseline(spec: str) -> tuple[str, str, str]:
+    """``(label, kind, argument)`` of a ``--baselines`` entry ``[label=]kind[:argument]``."""
+    label, _, body = spec.rpartition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
+    kind, _, argument = body.partition(":")
+    if kind not in BASELINE_KINDS:
+        raise ValueError(f"--baselines entry {spec!r}: unknown kind {kind!r}; use one of {BASELINE_KINDS}.")
+    if kind in ("adapter", "ensemble", "model", "member") and not argument:
+        raise ValueError(f"--baselines entry {spec!r}: {kind} needs an argument ({kind}:…).")
+    if kind == "member" and not argument.isdigit():
+        raise ValueError(f"--baselines entry {spec!r}: member needs an index (member:0).")
+    default = {"base": "base", "member": f"member_{argument}", "none": "none"}.get(kind, f"{kind}:{Path(argument).name}")
+    return label or default, kind, argument
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _member_predictions(predictions: list[ChoicePrediction], k: int) -> list[ChoicePrediction]:
+    """Member k's own predictions, read from the ensemble's pass (one model: no epistemic part)."""
+    out = []
+    for p in predictions:
+        probs = p.member_probs[k]
+        entropy = float(-(torch.special.xlogy(probs.double(), probs.double())).sum())
+        out.append(
+            ChoicePrediction(
+                probs=probs,
+                member_probs=probs[None],
+                entropy=entropy,
+                aleatoric=entropy,
+                mutual_information=0.0,
+                member_loglik=p.member_loglik[:, k : k + 1],
+                responsibilities=torch.ones(len(probs), 1),
+            )
+        )
+    return out
+
+
+def predict(scorer, prompts, choices, fmt: str, args: EvalArguments, reference=None) -> list[ChoicePrediction]:
+    """Predictions of one model (ensemble or single) on every item."""
+    if fmt == "preference" and args.preference_scoring == "reward":
+        beta = args.beta if args.beta is not None else float(scorer.metadata.get("beta", 0.1))
+        return scorer.predict_preferences(
+            prompts, [c[0] for c in choices], [c[1] for c in choices], reference=reference, beta=beta,
+            batch_size=args.batch_size, show_progress=True,
+        )
+    return scorer.predict_choices(
+        prompts, choices, length_normalize=args.length_normalize, batch_size=args.batch_size, show_progress=True
+    )
+
+
+def model_report(predictions: list[ChoicePrediction], labels, args: EvalArguments, member_names=None) -> dict:
+    """Metrics of one model; for an ensemble also each member's metrics and the routing statistics."""
+    probs = [p.probs for p in predictions]
+    uncertainties = {"entropy": [p.entropy for p in predictions]}
+    ensemble = member_names is not None and len(member_names) > 1
+    if ensemble:
+        uncertainties["mutual_information"] = [p.mutual_information for p in predictions]
+    report = summarize(probs, labels, uncertainties, n_bins=args.n_bins, coverages=args.coverages)
+    report["mean_entropy"] = float(sum(p.entropy for p in predictions) / len(predictions))
+    report["mean_aleatoric"] = float(sum(p.aleatoric for p in predictions) / len(predictions))
+    report["mean_mutual_information"] = float(sum(p.mutual_information for p in predictions) / len(predictions))
+    if ensemble:
+        report["members"] = {
+            name: summarize([p.member_probs[k] for p in predictions], labels, n_bins=args.n_bins, coverages=args.coverages)
+            for k, name in enumerate(member_names)
+        }
+        routing = reference_responsibilities(predictions, labels)
+        report["routing"] = {
+            "mean_responsibility": dict(zip(member_names, routing.mean(0).tolist(), strict=True)),
+            "mean_routing_entropy": float(routing_entropy(routing).mean()),
+            "top_member_share": dict(
+                zip(member_names, torch.bincount(routing.argmax(1), minlength=len(member_names)).div(len(routing)).tolist(), strict=True)
+            ),
+        }
+    return report
+
+
+def reference_responsibilities(predictions: list[ChoicePrediction], labels) -> torch.Tensor:
+    """``(N, K)`` responsibilities of each item's correct (first true) choice: how training would route the item."""
+    return torch.stack([p.responsibilities[list(y).index(1)] for p, y in zip(predictions, labels, strict=True)])
+
+
+def write_predictions(path: Path, items, results: dict[str, list[ChoicePrediction]]) -> None:
+    with open(path, "w") as handle:
+        for i, item in enumerate(items):
+            row = {"id": item.id, "labels": item.labels, **({"info": item.info} if item.info else {})}
+            for name, predictions in results.items():
+                p = predictions[i]
+                entry = {
+                    "probs": p.probs.tolist(),
+                    "prediction": p.prediction,
+                    "correct": bool(item.labels[p.prediction] == 1),
+                    "entropy": p.entropy,
+                    "mutual_information": p.mutual_information,
+                }
+                if p.member_probs.shape[0] > 1:
+                    entry["member_probs"] = p.member_probs.tolist()
+                    entry["aleatoric"] = p.aleatoric
+                row[name] = entry
+            handle.write(json.dumps(_json_safe(row)) + "\n")
+
+
+def write_plots(out: Path, results, labels, report, ensemble) -> list[str]:
+    from .. import eval_plots
+
+    outcomes = {name: choice_outcomes([p.probs for p in preds], labels) for name, preds in results.items()}
+    pairs = {name: (o["confidence"], o["correct"]) for name, o in outcomes.items()}
+    eces = {name: report["models"][name]["ece"] for name in results}
+    files = [eval_plots.reliability_diagram(pairs, report["settings"]["n_bins"], out / "reliability.png", eces)]
+    ens = results["ensemble"]
+    correct = outcomes["ensemble"]["correct"]
+    panels = [("ensemble: total entropy", [p.entropy for p in ens], correct)]
+    if ensemble.num_members > 1:
+        panels.append(("ensemble: mutual information", [p.mutual_information for p in ens], correct))
+    for name, preds in results.items():
+        if name != "ensemble":
+            panels.append((f"{name}: entropy", [p.entropy for p in preds], outcomes[name]["correct"]))
+    files.append(eval_plots.uncertainty_histograms(panels, out / "uncertainty_hist.png"))
+    files.append(
+        eval_plots.routing_heatmap(
+            reference_responsibilities(ens, labels), ensemble.member_names, out / "routing_heatmap.png",
+            title=f"responsibility of each member for the correct answer (α = {ensemble.alpha:g})",
+        )
+    )
+    curves = {f"{name} (max prob)": (1 - o["confidence"], o["correct"]) for name, o in outcomes.items()}
+    if ensemble.num_members > 1:
+        curves["ensemble (mutual information)"] = ([p.mutual_information for p in ens], correct)
+    files.append(eval_plots.selective_accuracy_curves(curves, out / "selective_accuracy.png"))
+    return files
+
+
+def load_baseline(kind: str, argument: str, label: str, ensemble: RenyiEnsemble, args: EvalArguments):
+    """The scorer of a ``--baselines`` entry (``member`` entries need none: they come from the ensemble's pass)."""
+    if kind == "base":
+        return SingleModel.base_of(ensemble)
+    if kind == "adapter":
+        base = args.base_model
+        config = Path(argument, "adapter_config.json")
+        if base is None and config.is_file() and not json.loads(config.read_text()).get("base_model_name_or_path"):
+            base = ensemble.metadata.get("base_model_name_or_path") or None
+        return SingleModel.from_pretrained(argument, base_model=base, tokenizer=ensemble.tokenizer, name=label, dtype=args.dtype)
+    if kind == "ensemble":
+        return RenyiEnsemble.from_pretrained(argument, dtype=args.dtype)
+    if kind == "model":
+        return SingleModel.from_pretrained(argument, name=label, dtype=args.dtype)
+    raise ValueError(f"Cannot load a baseline of kind {kind!r}.")
+
+
+def format_table(report: dict) -> str:
+    """The headline metrics of every model as a text table."""
+    coverages = report["settings"]["coverages"]
+    head = ["model", "acc", "NLL", "ECE", "Brier", "AUROC(H)", "AUROC(MI)"] + [f"acc@{c:g}" for c in coverages]
+    rows = [head]
+    for name, m in report["models"].items():
+        auroc = m["auroc"]
+        fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
+        rows.append(
+            [name, fmt(m["accuracy"]), fmt(m["nll"]), fmt(m["ece"]), fmt(m["brier"]), fmt(auroc.get("entropy")),
+             fmt(auroc.get("mutual_information"))]
+            + [fmt(m["selective_accuracy"]["entropy"][f"{c:g}"]) for c in coverages]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def evaluate(args: EvalArguments) -> dict:
+    """Run the evaluation described by ``args``; returns the report (also written to ``output_dir``)."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ensemble = RenyiEnsemble.from_pretrained(args.ensemble, base_model=args.base_model, revision=args.revision, dtype=args.dtype)
+    items, fmt = load_choice_items(args.data, args.data_format, args.first_item, args.max_items)
+    chat = {"auto": None, "yes": True, "no": False}[args.chat]
+    prompts, choices = model_inputs(items, fmt, ensemble.tokenizer, chat, args.system_prompt)
+    labels = [item.labels for item in items]
+    reward = fmt == "preference" and args.preference_scoring == "reward"
+    base = SingleModel.base_of(ensemble)
+    reference = base if reward else None
+    # label -> (predictions, member names)
+    results = {"ensemble": (predict(ensemble, prompts, choices, fmt, args, reference), ensemble.member_names)}
+    notes = []
+    for spec in args.baselines:
+        label, kind, argument = parse_baseline(spec)
+        if kind == "none":
+            continue
+        if label in results:
+            raise ValueError(f"--baselines: the label {label!r} is used twice; name entries with label=spec.")
+        if kind == "member":
+            k = int(argument)
+            if k >= ensemble.num_members:
+                raise ValueError(f"--baselines {spec!r}: the ensemble has {ensemble.num_members} members.")
+            results[label] = (_member_predictions(results["ensemble"][0], k), [label])
+            continue
+        if reward and kind == "base":
+            notes.append("base: skipped under reward scoring (the base model is the reference, its margin is 0).")
+            continue
+        scorer = load_baseline(kind, argument, label, ensemble, args)
+        results[label] = (predict(scorer, prompts, choices, fmt, args, reference), scorer.member_names)
+    report = {
+        "ensemble": {
+            "path": args.ensemble,
+            "num_members": ensemble.num_members,
+            "alpha": ensemble.alpha,
+            "member_weights": ensemble.member_weights,
+            "base_model": ensemble.metadata.get("base_model_name_or_path"),
+        },
+        "data": {"path": args.data, "format": fmt, "num_items": len(items), "first_item": args.first_item},
+        "settings": asdict(args),
+        "models": {},
+        "notes": notes,
+    }
+    for name, (predictions, names) in results.items():
+        report["models"][name] = model_report(predictions, labels, args, names)
+    results = {name: predictions for name, (predictions, _) in results.items()}
+    write_predictions(out / "predictions.jsonl", items, results)
+    if args.plots:
+        report["plots"] = write_plots(out, results, labels, report, ensemble)
+    (out / "report.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+    return report
+
+
+def make_parser():
+    from trl import TrlParser
+
+    return TrlParser((EvalArguments,), prog="trl-renyi eval")
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = make_parser().parse_args_and_config(argv)
+    report = evaluate(args)
+    print(format_table(report))
+    print(f"\nReport, predictions and plots written to {args.output_dir}.")
+    return 0
