@@ -31,14 +31,25 @@ KINDS = [
         marks=pytest.mark.skipif(not dpo_available(), reason="RenyiDPOTrainer is not part of this build yet"),
     ),
 ]
-# two processes of 2 rows each against one process of 4 rows: the same global batch
-DISTRIBUTED = dict(max_steps=2, per_device_train_batch_size=2)
+# two processes of 2 rows each against one process of 4 rows: the same global batch (gradient checkpointing on, as
+# by default, since it interacts with DDP's gradient hooks)
+DISTRIBUTED = dict(max_steps=2, per_device_train_batch_size=2, gradient_checkpointing=True)
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """One `accelerate launch` of two processes training every available trainer in turn."""
+    out = tmp_path_factory.mktemp("ddp")
+    kinds = "sft,dpo" if dpo_available() else "sft"
+    result = launch_two_processes(kinds, out)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return out
 
 
 def launch_two_processes(kind: str, output_dir: Path) -> subprocess.CompletedProcess:
@@ -54,12 +65,8 @@ def launch_two_processes(kind: str, output_dir: Path) -> subprocess.CompletedPro
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, tokenizer, kind):
-    out = tmp_path / "ddp"
-    out.mkdir()
-    result = launch_two_processes(kind, out)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(two_process_run, tmp_path, tokenizer, kind):
+    out = two_process_run / kind
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     # two processes really ran: distinct ranks and pids, world size 2, gloo
     assert [r["rank"] for r in reports] == [0, 1]
@@ -67,7 +74,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert len({r["pid"] for r in reports} | {os.getpid()}) == 3
     assert reports[0]["losses"] == reports[1]["losses"] and len(reports[0]["losses"]) == 2
 
-    single = build_trainer(kind, tmp_path / "single", tokenizer=tokenizer, max_steps=2, per_device_train_batch_size=4)
+    single = build_trainer(kind, tmp_path / "single", tokenizer=tokenizer, **{**DISTRIBUTED, "per_device_train_batch_size": 4})
     single.train()
     single_losses = [e["loss"] for e in single.state.log_history if "loss" in e]
     step1_ddp, step1_single = reports[0]["losses"][0], single_losses[0]

@@ -57,8 +57,23 @@ class _Snapshot(TrainerCallback):
 # ---------------------------------------------------------------------------------------------- resume
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tokenizer):
+    """Final member weights of the scripted run (6 steps) that nothing interrupts, per trainer kind."""
+    cache = {}
+
+    def weights(kind):
+        if kind not in cache:
+            trainer = build_trainer(kind, tmp_path_factory.mktemp(f"reference-{kind}"), tokenizer=tokenizer)
+            trainer.train()
+            cache[kind] = member_weights(trainer)
+        return cache[kind]
+
+    return weights
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tokenizer, kind):
+def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tokenizer, uninterrupted, kind):
     """A run killed with SIGTERM during step 3 of 6 (4 steps per epoch, checkpoint every 2 steps) resumes from
     checkpoint-2 and ends with the member weights of a run that was never interrupted."""
     killed = tmp_path / "killed"
@@ -83,17 +98,15 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, token
     assert checkpoint_is_complete(killed / "checkpoint-2", num_members=3)
     assert json.loads((killed / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
 
-    reference = build_trainer(kind, tmp_path / "reference", tokenizer=tokenizer)
-    reference.train()
     resumed = build_trainer(kind, killed, tokenizer=tokenizer)
     steps = _Snapshot()
     resumed.add_callback(steps)
     resumed.train(resume_from_checkpoint=True)
     assert sorted(steps.weights) == [3, 4, 5, 6]  # it went on from step 2, the killed step 3 was redone
-    assert_same_weights(member_weights(resumed), member_weights(reference))
+    assert_same_weights(member_weights(resumed), uninterrupted(kind))
 
 
-def test_interrupted_checkpoint_save_is_never_published(tmp_path, tokenizer, monkeypatch):
+def test_interrupted_checkpoint_save_is_never_published(tmp_path, tokenizer, uninterrupted, monkeypatch):
     """A save that dies after the first member of checkpoint-4 leaves no ``checkpoint-4``: the newest checkpoint
     is still the complete checkpoint-2, and resuming from it reproduces the uninterrupted run."""
     import peft.peft_model
@@ -108,7 +121,7 @@ def test_interrupted_checkpoint_save_is_never_published(tmp_path, tokenizer, mon
         return real_save(tensors, filename, *args, **kwargs)
 
     out = tmp_path / "run"
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    settings = dict(save_strategy="steps", save_steps=2)
     crashed = build_trainer("sft", out, tokenizer=tokenizer, **settings)
     monkeypatch.setattr(peft.peft_model, "safe_save_file", failing_save)
     with pytest.raises(OSError, match="simulated"):
@@ -120,15 +133,14 @@ def test_interrupted_checkpoint_save_is_never_published(tmp_path, tokenizer, mon
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")
     assert checkpoint_is_complete(out / "checkpoint-2", num_members=3)
 
-    reference = build_trainer("sft", tmp_path / "reference", tokenizer=tokenizer, max_steps=4)
-    reference.train()
     resumed = build_trainer("sft", out, tokenizer=tokenizer, **settings)
     resumed.train(resume_from_checkpoint=True)
-    assert_same_weights(member_weights(resumed), member_weights(reference))
-    # the stale partial save is cleaned up and checkpoint-4 is now published complete
+    assert_same_weights(member_weights(resumed), uninterrupted("sft"))
+    # the stale partial save is cleaned up; checkpoints 4 and 6 are published complete, holding the live weights
     assert not any(p.name.startswith(STAGING_PREFIX) for p in out.iterdir())
     assert checkpoint_is_complete(out / "checkpoint-4", num_members=3)
-    saved = load_file(str(out / "checkpoint-4" / "member_2" / "adapter_model.safetensors"))
+    assert checkpoint_is_complete(out / "checkpoint-6", num_members=3)
+    saved = load_file(str(out / "checkpoint-6" / "member_2" / "adapter_model.safetensors"))
     live = {k.replace(".member_2", ""): v for k, v in member_weights(resumed).items() if ".member_2." in k}
     assert live.keys() == saved.keys()
     for key, value in saved.items():

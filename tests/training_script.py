@@ -4,11 +4,12 @@ Launched as a script it runs one of two jobs:
 
 * ``pause``: train, and at the end of optimizer step ``--pause-after-step`` write ``paused`` in the output folder
   and wait (the test kills the process there with SIGTERM, mid-epoch, after a checkpoint was saved);
-* ``distributed``: train under ``accelerate launch`` and have every process write ``rank{r}.json`` (its rank, the
-  world size, the backend, its logged losses) and ``rank{r}.safetensors`` (its member weights).
+* ``distributed``: train under ``accelerate launch`` (each ``--kind`` in turn) and have every process write
+  ``KIND/rank{r}.json`` (its rank, the world size, the backend, its logged losses) and ``KIND/rank{r}.safetensors``
+  (its member weights).
 
     python tests/training_script.py pause --kind sft --output-dir OUT --pause-after-step 3
-    accelerate launch --multi_gpu --num_processes 2 tests/training_script.py distributed --kind sft --output-dir OUT
+    accelerate launch --multi_gpu --num_processes 2 tests/training_script.py distributed --kind sft,dpo --output-dir OUT
 """
 
 from __future__ import annotations
@@ -63,12 +64,13 @@ COMMON = dict(
     per_device_train_batch_size=2,
     max_steps=6,
     save_strategy="no",
+    gradient_checkpointing=False,
 )
 
 
 def dpo_available() -> bool:
     try:
-        from trl_renyi import RenyiDPOTrainer  # noqa: F401
+        from trl_renyi.dpo import RenyiDPOTrainer  # noqa: F401
     except ImportError:
         return False
     return True
@@ -92,7 +94,7 @@ def build_trainer(kind: str, output_dir, tokenizer=None, model=None, **overrides
     if kind == "sft":
         config_cls, trainer_cls = RenyiSFTConfig, RenyiSFTTrainer
     elif kind == "dpo":
-        from trl_renyi import RenyiDPOTrainer
+        from trl_renyi.dpo import RenyiDPOTrainer
 
         config_cls, trainer_cls = RenyiDPOConfig, RenyiDPOTrainer
     else:
@@ -134,25 +136,26 @@ def run_pause(opts) -> None:
 
 def run_distributed(opts) -> None:
     overrides = json.loads(opts.overrides) if opts.overrides else {}
-    trainer = build_trainer(opts.kind, opts.output_dir, **overrides)
-    trainer.train()
-    rank = trainer.args.process_index
-    report = {
-        "rank": rank,
-        "world_size": trainer.args.world_size,
-        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
-        "pid": os.getpid(),
-        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-    }
-    out = Path(opts.output_dir)
-    save_file(member_weights(trainer), str(out / f"rank{rank}.safetensors"))
-    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    for kind in opts.kind.split(","):  # several trainers, one after the other, in the same processes
+        out = Path(opts.output_dir) / kind
+        trainer = build_trainer(kind, out, **overrides)
+        trainer.train()
+        rank = trainer.args.process_index
+        report = {
+            "rank": rank,
+            "world_size": trainer.args.world_size,
+            "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+            "pid": os.getpid(),
+            "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        }
+        save_file(member_weights(trainer), str(out / f"rank{rank}.safetensors"))
+        (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("job", choices=["pause", "distributed"])
-    parser.add_argument("--kind", choices=["sft", "dpo"], default="sft")
+    parser.add_argument("--kind", default="sft", help="sft or dpo; for `distributed`, a comma-separated list")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--pause-after-step", type=int, default=3)
     parser.add_argument("--save-steps", type=int, default=2)
