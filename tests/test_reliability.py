@@ -17,7 +17,13 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from tests.helpers import CPU_ARGS, first_batch, lora_config, lora_grads
 from tests.training_script import build_trainer, dataset, dpo_available, member_weights
-from trl_renyi import RenyiDPOConfig, RenyiEnsemble, RenyiSFTConfig, RenyiSFTTrainer, build_ensemble
+from trl_renyi import (
+    RenyiDPOConfig,
+    RenyiEnsemble,
+    RenyiSFTConfig,
+    RenyiSFTTrainer,
+    build_ensemble,
+)
 from trl_renyi.checkpoint import STAGING_PREFIX
 from trl_renyi.members import member_names
 from trl_renyi.testing import tiny_llama
@@ -35,7 +41,7 @@ KINDS = [
 def assert_same_weights(actual, expected, atol=1e-5):
     assert actual.keys() == expected.keys() and len(actual) > 0
     for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def checkpoint_is_complete(folder: Path, num_members: int) -> bool:
@@ -80,20 +86,20 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, token
     killed.mkdir()
     command = [sys.executable, str(SCRIPT), "pause", "--kind", kind, "--output-dir", str(killed)]
     command += ["--pause-after-step", "3", "--save-steps", "2"]
-    log = open(tmp_path / "killed.log", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while not (killed / "paused").exists():
-            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the scripted run never reached step 3"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == -signal.SIGTERM
-    finally:
-        if process.poll() is None:
-            process.kill()
-        log.close()
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while not (killed / "paused").exists():
+                assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the scripted run never reached step 3"
+                time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == -signal.SIGTERM
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     assert sorted(p.name for p in killed.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
     assert checkpoint_is_complete(killed / "checkpoint-2", num_members=3)
     assert json.loads((killed / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
@@ -121,7 +127,7 @@ def test_interrupted_checkpoint_save_is_never_published(tmp_path, tokenizer, uni
         return real_save(tensors, filename, *args, **kwargs)
 
     out = tmp_path / "run"
-    settings = dict(save_strategy="steps", save_steps=2)
+    settings = {"save_strategy": "steps", "save_steps": 2}
     crashed = build_trainer("sft", out, tokenizer=tokenizer, **settings)
     monkeypatch.setattr(peft.peft_model, "safe_save_file", failing_save)
     with pytest.raises(OSError, match="simulated"):
@@ -176,24 +182,23 @@ def test_resume_refuses_pickle_weights_and_other_num_members(tmp_path, tokenizer
 LONG_PROMPT = "What is the capital of France? " * 6
 
 
-def _truncation_dataset(num_long):
+def _truncation_dataset(kind, num_long):
+    """The scripted dataset with the first ``num_long`` prompts replaced by one longer than ``max_length=24``."""
     from datasets import Dataset
 
-    base = dataset("sft")
-    prompts = [LONG_PROMPT if i < num_long else p for i, p in enumerate(base["prompt"])]
-    return Dataset.from_dict({"prompt": prompts, "completion": base["completion"]})
+    columns = dataset(kind).to_dict()
+    columns["prompt"] = [LONG_PROMPT if i < num_long else p for i, p in enumerate(columns["prompt"])]
+    return Dataset.from_dict(columns)
 
 
-def test_examples_emptied_by_truncation_are_counted_and_excluded(tmp_path, tokenizer, make_model):
+@pytest.mark.parametrize("kind", KINDS)
+def test_examples_emptied_by_truncation_are_counted_and_excluded(tmp_path, tokenizer, kind):
     assert len(tokenizer(LONG_PROMPT)["input_ids"]) > 24
-    args = RenyiSFTConfig(
-        output_dir=str(tmp_path), num_members=2, max_length=24, max_steps=1, per_device_train_batch_size=8, **CPU_ARGS
-    )
     with pytest.warns(UserWarning, match=r"2 of 8 examples of the train dataset have no completion token left .* "
                       r"max_length=24"):
-        trainer = RenyiSFTTrainer(
-            model=make_model(), args=args, train_dataset=_truncation_dataset(2), processing_class=tokenizer,
-            peft_config=lora_config(),
+        trainer = build_trainer(
+            kind, tmp_path, tokenizer=tokenizer, train_dataset=_truncation_dataset(kind, 2), num_members=2,
+            max_length=24, max_steps=1, per_device_train_batch_size=8,
         )
     assert len(trainer.train_dataset) == 6
     trainer.train()
@@ -201,13 +206,10 @@ def test_examples_emptied_by_truncation_are_counted_and_excluded(tmp_path, token
     assert len(losses) == 1 and math.isfinite(losses[0])
 
 
-def test_all_examples_emptied_by_truncation_is_an_error(tmp_path, tokenizer, make_model):
-    args = RenyiSFTConfig(output_dir=str(tmp_path), num_members=2, max_length=24, **CPU_ARGS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_examples_emptied_by_truncation_is_an_error(tmp_path, tokenizer, kind):
     with pytest.raises(ValueError, match=r"All 8 examples of the train dataset .* max_length=24"):
-        RenyiSFTTrainer(
-            model=make_model(), args=args, train_dataset=_truncation_dataset(8), processing_class=tokenizer,
-            peft_config=lora_config(),
-        )
+        build_trainer(kind, tmp_path, tokenizer=tokenizer, train_dataset=_truncation_dataset(kind, 8), max_length=24)
 
 
 def test_rows_without_completion_tokens_never_give_nan(tmp_path, tokenizer, make_model):
@@ -238,16 +240,13 @@ def test_rows_without_completion_tokens_never_give_nan(tmp_path, tokenizer, make
     assert all(torch.isfinite(g).all() and not g.any() for g in grads)
 
 
-def test_non_finite_loglik_stops_before_the_update(tmp_path, tokenizer, make_model):
-    """NaN in member_1's hidden states at step 2: training stops naming step 2 and member_1, weights untouched."""
-    args = RenyiSFTConfig(
-        output_dir=str(tmp_path), num_members=3, member_init_std=0.05, per_device_train_batch_size=2, max_steps=3,
-        gradient_checkpointing=False, **CPU_ARGS,
-    )
-    trainer = RenyiSFTTrainer(
-        model=make_model(), args=args, train_dataset=dataset("sft"), processing_class=tokenizer,
-        peft_config=lora_config(),
-    )
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_loglik_stops_before_the_update(tmp_path, tokenizer, kind):
+    """NaN in member_1's hidden states at step 2: training stops naming step 2 and member_1, weights untouched.
+
+    With 2 rows per batch the member-batched pass has 3·2 (SFT) or 3·4 (DPO: chosen and rejected) rows, while the
+    DPO reference pass (4 rows, not a multiple of 3) is left alone."""
+    trainer = build_trainer(kind, tmp_path, tokenizer=tokenizer, per_device_train_batch_size=2, max_steps=3)
     snapshot = _Snapshot()
     trainer.add_callback(snapshot)
 
@@ -260,6 +259,7 @@ def test_non_finite_loglik_stops_before_the_update(tmp_path, tokenizer, make_mod
         return output
 
     trainer.model.get_base_model().model.norm.register_forward_hook(poison_member_1)
+    assert trainer.num_members == 3
     with pytest.raises(FloatingPointError, match=r"step 2 for member member_1 \("):
         trainer.train()
     assert trainer.state.global_step == 1 and list(snapshot.weights) == [1]
@@ -394,8 +394,10 @@ def test_damaged_saved_ensemble_is_refused_naming_the_file(saved_ensemble, tmp_p
 @pytest.mark.parametrize(
     "base_kwargs, match",
     [
-        ({"name": "org/other-base"}, r"base model 'org/other-base' differs from .*renyi_ensemble\.json \('org/tiny-base'\): "
-                                     r"base_model_name_or_path"),
+        (
+            {"name": "org/other-base"},
+            r"base model 'org/other-base' differs from .*renyi_ensemble\.json \('org/tiny-base'\): base_model_name_or_path",
+        ),
         ({"hidden_size": 32}, r"differs from the one recorded in .*renyi_ensemble\.json .*base_model_config_hash"),
         ({"num_layers": 3}, r"base_model_config_hash"),
     ],

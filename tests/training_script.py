@@ -26,14 +26,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from safetensors.torch import save_file
+from transformers import TrainerCallback
 
-from trl_renyi import RenyiDPOConfig, RenyiSFTConfig, RenyiSFTTrainer  # noqa: E402
-from trl_renyi.testing import tiny_llama, tiny_tokenizer  # noqa: E402
+from trl_renyi import RenyiDPOConfig, RenyiSFTConfig, RenyiSFTTrainer
+from trl_renyi.testing import tiny_llama, tiny_tokenizer
 
 PROMPTS = [
     "What colour is the sky?",
@@ -49,23 +49,23 @@ CHOSEN = [" It is blue.", " Five.", " Ahoy matey!", " one two three", " Paris.",
 REJECTED = [" It is green.", " Six.", " Go away.", " three two one", " Rome.", " seven", " blue", " Good night."]
 
 # Settings of every scripted run; tests override some of them.
-COMMON = dict(
-    report_to="none",
-    bf16=False,
-    use_cpu=True,
-    logging_steps=1,
-    disable_tqdm=True,
-    dataloader_num_workers=0,
-    seed=0,
-    learning_rate=1e-2,
-    num_members=3,
-    alpha=0.0,
-    member_init_std=0.05,
-    per_device_train_batch_size=2,
-    max_steps=6,
-    save_strategy="no",
-    gradient_checkpointing=False,
-)
+COMMON = {
+    "report_to": "none",
+    "bf16": False,
+    "use_cpu": True,
+    "logging_steps": 1,
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+    "seed": 0,
+    "learning_rate": 1e-2,
+    "num_members": 3,
+    "alpha": 0.0,
+    "member_init_std": 0.05,
+    "per_device_train_batch_size": 2,
+    "max_steps": 6,
+    "save_strategy": "no",
+    "gradient_checkpointing": False,
+}
 
 
 def dpo_available() -> bool:
@@ -86,8 +86,9 @@ def lora_config() -> LoraConfig:
     return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
-def build_trainer(kind: str, output_dir, tokenizer=None, model=None, **overrides):
-    """A RenyiSFTTrainer / RenyiDPOTrainer on the tiny Llama (init std 0.5, seed 0) with :data:`COMMON` settings."""
+def build_trainer(kind: str, output_dir, tokenizer=None, model=None, train_dataset=None, **overrides):
+    """A RenyiSFTTrainer / RenyiDPOTrainer on the tiny Llama (init std 0.5, seed 0) with :data:`COMMON` settings,
+    trained on :func:`dataset` unless ``train_dataset`` is given."""
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
     model = model if model is not None else tiny_llama(tokenizer, seed=0, init_std=0.5)
     settings = {**COMMON, **overrides}
@@ -101,7 +102,11 @@ def build_trainer(kind: str, output_dir, tokenizer=None, model=None, **overrides
         raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}.")
     args = config_cls(output_dir=str(output_dir), **settings)
     return trainer_cls(
-        model=model, args=args, train_dataset=dataset(kind), processing_class=tokenizer, peft_config=lora_config()
+        model=model,
+        args=args,
+        train_dataset=train_dataset if train_dataset is not None else dataset(kind),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
     )
 
 

@@ -134,8 +134,6 @@ class AtomicCheckpointMixin:
             return False
         best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"
         current = state.best_model_checkpoint
-        if current is not None and Path(current).parent == staging_root:
-            state.best_model_checkpoint = str(best)
-        elif best.is_dir():
+        if (current is not None and Path(current).parent == staging_root) or best.is_dir():
             state.best_model_checkpoint = str(best)
         return state.best_model_checkpoint != current
