@@ -9,6 +9,7 @@ import torch
 from tests.helpers import lora_config
 from trl_renyi import RenyiEnsemble
 from trl_renyi.baselines import SingleModel
+from trl_renyi.choices import choice_log_likelihoods
 from trl_renyi.members import build_ensemble, member_names, router_disabled
 from trl_renyi.uncertainty import decompose
 
@@ -117,11 +118,28 @@ def test_scores_match_independent_member_forwards(make_model, tokenizer, convers
     torch.testing.assert_close(scores.entropy, scores.aleatoric + scores.mutual_information, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("conversational", [False, True])
+def test_shared_prompt_choice_scores_equal_whole_sequence_scores(make_model, tokenizer, conversational):
+    ensemble = make_ensemble(make_model, tokenizer)
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS] if conversational else PROMPTS
+    flat_prompts = [p for p, options in zip(prompts, CHOICES) for _ in options]
+    flat_choices = [c for options in CHOICES for c in options]
+    if conversational:
+        flat_choices = [[{"role": "assistant", "content": c}] for c in flat_choices]
+    whole = ensemble.score(flat_prompts, flat_choices, batch_size=4)
+    # one group of questions with prompts of different lengths (left-padded), and one question per group
+    for batch_size in (16, 1):
+        loglik, num_tokens, sizes = choice_log_likelihoods(ensemble, prompts, CHOICES, batch_size=batch_size)
+        assert sizes == [2, 3, 4]
+        torch.testing.assert_close(loglik, whole.member_loglik, rtol=1e-5, atol=1e-4)
+        assert num_tokens.tolist() == whole.num_tokens.tolist()
+
+
 @pytest.mark.parametrize("length_normalize", [False, True])
 def test_predict_choices_against_member_likelihoods(make_model, tokenizer, length_normalize):
     weights = [0.2, 0.3, 0.5]
     ensemble = make_ensemble(make_model, tokenizer, weights=weights)
-    predictions = ensemble.predict_choices(PROMPTS, CHOICES, length_normalize=length_normalize, batch_size=3)
+    predictions = ensemble.predict_choices(PROMPTS, CHOICES, length_normalize=length_normalize, batch_size=8)
     assert [len(p.probs) for p in predictions] == [2, 3, 4]
     w = torch.tensor(weights, dtype=torch.float64)
     for prompt, options, prediction in zip(PROMPTS, CHOICES, predictions):

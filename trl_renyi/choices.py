@@ -18,6 +18,10 @@ reward against a reference model:
     p_k(\text{chosen}) = \sigma(m_k), \quad
     m_k = \beta\big[(\ell_k(y_w) - \ell_{\text{ref}}(y_w)) - (\ell_k(y_l) - \ell_{\text{ref}}(y_l))\big].
 
+The choices of a question share their prompt: it runs through the model once (K tiled rows), its KV cache is
+copied to every choice, and only the choices' own tokens are computed — for short answers after a chat prompt
+that is most of the work saved.
+
 Responsibilities per choice use the member log-likelihood that training maximises for that example — the sequence
 log-likelihood :math:`\ell_k(c)` (SFT), or :math:`\log p_k(c)` under the reward model (DPO) — at the ensemble's α:
 :math:`r_k(c) = \operatorname{softmax}_k(\log \pi_k + (1-\alpha)\,\ell_k(c))`.
@@ -30,8 +34,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from .encoding import is_conversational
+from .encoding import encode_prompt_completion, is_conversational
+from .generation import CACHE_KEY
 from .objective import renyi_bound
 from .uncertainty import decompose, mixture_log_prob
 
@@ -120,6 +126,115 @@ def _flatten(prompts: Sequence, choices: Sequence[Sequence]) -> tuple[list, list
     return flat_prompts, flat_completions, sizes
 
 
+def _shared_prefix(encoded: list[tuple[list[int], int]]) -> int:
+    """Length of the token prefix shared by all choices of a question, never past a completion's start."""
+    limit = min(start for _, start in encoded)
+    first = encoded[0][0]
+    length = 0
+    while length < limit and all(len(ids) > length and ids[length] == first[length] for ids, _ in encoded):
+        length += 1
+    return length
+
+
+def _question_groups(sizes: list[int], batch_size: int) -> list[range]:
+    """Consecutive questions whose choices together stay within ``batch_size`` rows (at least one question)."""
+    groups, start, rows = [], 0, 0
+    for q, size in enumerate(sizes):
+        if q > start and rows + size > batch_size:
+            groups.append(range(start, q))
+            start, rows = q, 0
+        rows += size
+    groups.append(range(start, len(sizes)))
+    return groups
+
+
+@torch.no_grad()
+def _score_group(scorer, questions: list[list[tuple[list[int], int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(member_loglik (M, K), num_tokens (M,))`` of the M choices of a few questions, their prompts computed once."""
+    device = scorer.device
+    prefixes = [_shared_prefix(encoded) for encoded in questions]
+    rows = [(q, ids, start) for q, encoded in enumerate(questions) for ids, start in encoded]
+    # 1. every question's shared prefix, left-padded, through all members: KV cache of K·Q rows
+    width = max(prefixes)
+    prefix_ids = torch.full((len(questions), width), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros((len(questions), width), dtype=torch.long)
+    for q, (encoded, length) in enumerate(zip(questions, prefixes, strict=True)):
+        prefix_ids[q, width - length :] = torch.tensor(encoded[0][0][:length])
+        prefix_mask[q, width - length :] = 1
+    position_ids = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+    out = scorer.member_forward(
+        {"input_ids": prefix_ids, "attention_mask": prefix_mask, "position_ids": position_ids}, use_cache=True, logits_to_keep=1
+    )
+    last_log_probs = torch.log_softmax(out.logits[:, :, -1].float(), dim=-1)  # (K, Q, V): predicts each suffix's 1st token
+    cache = getattr(out, CACHE_KEY)
+    del out
+    # 2. the cache copied to every choice (member-major, as the model tiles the choice rows)
+    owner = torch.tensor([q for q, _, _ in rows], device=device)
+    num_questions = len(questions)
+    cache.reorder_cache(torch.cat([k * num_questions + owner for k in range(scorer.num_members)]))
+    # 3. the choices' own tokens, right-padded, after their prefix
+    suffixes = [(ids[prefixes[q] :], start - prefixes[q]) for q, ids, start in rows]
+    span = max(len(ids) for ids, _ in suffixes)
+    suffix_ids = torch.full((len(rows), span), pad_id, dtype=torch.long)
+    suffix_mask = torch.zeros((len(rows), span), dtype=torch.long)
+    scored = torch.zeros((len(rows), span), dtype=torch.bool)
+    for j, (ids, start) in enumerate(suffixes):
+        suffix_ids[j, : len(ids)] = torch.tensor(ids)
+        suffix_mask[j, : len(ids)] = 1
+        scored[j, start : len(ids)] = True
+    lengths = torch.tensor(prefixes)[owner.cpu()]
+    batch = {
+        "input_ids": suffix_ids,
+        "attention_mask": torch.cat([prefix_mask[owner.cpu()], suffix_mask], dim=-1),
+        "position_ids": lengths[:, None] + torch.arange(span)[None],
+    }
+    # logits at suffix positions 0 … span-2 predict suffix tokens 1 … span-1
+    logits = scorer.member_forward(batch, use_cache=True, logits_to_keep=torch.arange(span - 1), **{CACHE_KEY: cache}).logits
+    log_probs = torch.cat([last_log_probs[:, owner, None], torch.log_softmax(logits.float(), dim=-1)], dim=2)
+    targets = suffix_ids.to(log_probs.device)
+    token = log_probs.gather(-1, targets[None, ..., None].expand(log_probs.shape[0], -1, -1, 1)).squeeze(-1)
+    scored = scored.to(token.device)
+    return (token * scored).sum(-1).T.cpu(), scored.sum(-1).cpu()
+
+
+def choice_log_likelihoods(
+    scorer, prompts: Sequence, choices: Sequence[Sequence], batch_size: int = 8, show_progress: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Sequence log-likelihoods of every choice under every member, prompts shared within a question.
+
+    Returns ``(member_loglik (M, K), num_tokens (M,), sizes)`` for the M choices in order (``sizes``: choices per
+    question). Tokenisation is exactly that of :meth:`RenyiEnsemble.score` (TRL's prompt/completion rendering).
+    """
+    if scorer.tokenizer is None:
+        raise ValueError("This model has no tokenizer; pass one to RenyiEnsemble or from_pretrained.")
+    flat_prompts, flat_completions, sizes = _flatten(prompts, choices)
+    tokenizer = scorer.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [encode_prompt_completion(tokenizer, p, c) for p, c in zip(flat_prompts, flat_completions, strict=True)]
+    questions, start = [], 0
+    for size in sizes:
+        questions.append(encoded[start : start + size])
+        start += size
+    if any(_shared_prefix(q) == 0 for q in questions):  # nothing to share (e.g. empty prompts): score the pairs whole
+        scores = scorer.score(flat_prompts, flat_completions, batch_size=batch_size, show_progress=show_progress)
+        return scores.member_loglik, scores.num_tokens, sizes
+    groups = _question_groups(sizes, batch_size)
+    if show_progress is None:
+        show_progress = len(groups) > 4
+    was_training = scorer.model.training
+    scorer.model.eval()
+    loglik, num_tokens = [], []
+    try:
+        for group in tqdm(groups, desc="scoring choices", disable=not show_progress):
+            ll, n = _score_group(scorer, [questions[q] for q in group], pad_id)
+            loglik.append(ll)
+            num_tokens.append(n)
+    finally:
+        if was_training:
+            scorer.model.train()
+    return torch.cat(loglik), torch.cat(num_tokens), sizes
+
+
 def predict_choices(
     ensemble,
     prompts: Sequence,
@@ -130,13 +245,13 @@ def predict_choices(
 ) -> list[ChoicePrediction]:
     """Multiple-choice predictions: one :class:`ChoicePrediction` per prompt, each over its own list of choices.
 
-    All (prompt, choice) pairs are scored in member-batched forwards by ``ensemble.score``. With
-    ``length_normalize`` a choice's score is its mean per-token log-likelihood instead of the sum.
+    The choices are scored in member-batched forwards, each prompt computed once (:func:`choice_log_likelihoods`;
+    ``batch_size`` counts choices). With ``length_normalize`` a choice's score is its mean per-token log-likelihood
+    instead of the sum.
     """
-    flat_prompts, flat_completions, sizes = _flatten(prompts, choices)
-    scores = ensemble.score(flat_prompts, flat_completions, batch_size=batch_size, show_progress=show_progress)
-    loglik = scores.member_loglik.double()  # (M, K)
-    choice_scores = loglik / scores.num_tokens.clamp(min=1).double().unsqueeze(-1) if length_normalize else loglik
+    member_loglik, num_tokens, sizes = choice_log_likelihoods(ensemble, prompts, choices, batch_size, show_progress)
+    loglik = member_loglik.double()  # (M, K)
+    choice_scores = loglik / num_tokens.clamp(min=1).double().unsqueeze(-1) if length_normalize else loglik
     log_weights = ensemble.log_weights
     out, start = [], 0
     for size in sizes:
@@ -168,12 +283,14 @@ def predict_preferences(
     if reference is None:
         pairs = [[c, r] for c, r in zip(chosen, rejected, strict=True)]
         return predict_choices(ensemble, prompts, pairs, batch_size=batch_size, show_progress=show_progress)
-    flat_prompts, flat_completions, _ = _flatten(prompts, [[c, r] for c, r in zip(chosen, rejected, strict=True)])
     if reference.num_members != 1:
-        raise ValueError(f"The reference must be one model (e.g. SingleModel.base_of(ensemble)), got {reference.num_members} members.")
-    policy = ensemble.score(flat_prompts, flat_completions, batch_size=batch_size, show_progress=show_progress)
-    ref = reference.score(flat_prompts, flat_completions, batch_size=batch_size, show_progress=show_progress)
-    diff = (policy.member_loglik.double() - ref.member_loglik.double()).view(len(prompts), 2, -1)  # (N, 2, K)
+        raise ValueError(
+            f"The reference must be one model (e.g. SingleModel.base_of(ensemble)), got {reference.num_members} members."
+        )
+    pairs = [[c, r] for c, r in zip(chosen, rejected, strict=True)]
+    policy, _, _ = choice_log_likelihoods(ensemble, prompts, pairs, batch_size, show_progress)
+    ref, _, _ = choice_log_likelihoods(reference, prompts, pairs, batch_size, show_progress)
+    diff = (policy.double() - ref.double()).view(len(prompts), 2, -1)  # (N, 2, K)
     margins = float(beta) * (diff[:, 0] - diff[:, 1])  # (N, K)
     out = []
     for m in margins:
