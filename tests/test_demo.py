@@ -70,6 +70,10 @@ def test_demo_pipeline_end_to_end(make_model, tokenizer, tmp_path):
         (f, s) for f in families for s in ["member_0", "member_1", "mixture"]
     }
     assert all(a["token_mi_max"] >= 0 for a in result.answers)
+    row = result.answers[0]
+    prompt = chat_prompt(row["prompt"], DemoConfig().system_prompt)
+    spread = ensemble.score([prompt], [chat_answer(row["answer"] or " ")]).member_loglik.std(unbiased=False)
+    assert row["loglik_std"] == pytest.approx(float(spread), abs=1e-3)
 
     # (c) what was written, and where
     for name in ("member_0", "member_1"):

@@ -52,6 +52,8 @@ def test_model_card_metadata_and_content():
     # the embedded alias is published under the original model's Hub id
     assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert data["library_name"] == "trl_renyi" and data["pipeline_tag"] == "text-generation"
+    assert "datasets" not in data  # the bundled generator is no Hub dataset
+    assert front_matter(str(model_card(meta, dataset_name="trl-lib/Capybara")))["datasets"] == ["trl-lib/Capybara"]
     assert {"trl", "trl-renyi", "peft", "lora", "sft"} <= set(data["tags"])
     assert "| members K | 3 |" in text
     assert "| α | -1 (held at 1 for the first 50% of the steps) |" in text

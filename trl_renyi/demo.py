@@ -125,25 +125,29 @@ class DemoResult:
 def evaluate_families(ensemble, items: dict[str, list[Item]], system_prompt: str | None):
     """Choice-level and token-level uncertainty of every held-out item, and the routing of its reference answers.
 
-    The two reference answers of each item go through :meth:`RenyiEnsemble.predict_choices` (choice MI, mixture
-    probabilities, per-member log-likelihoods and responsibilities); the answers the training data gives (both
-    conventions, or the correct answer) through :meth:`RenyiEnsemble.score` for the max per-token MI.
+    The two reference answers of each item are scored once by :meth:`RenyiEnsemble.score`; the choice-level figures
+    (MI, mixture probabilities, responsibilities) come from :func:`trl_renyi.choices.prediction_from_member_log_probs`,
+    the max per-token MI and the ℓ spread from the answers the training data gives (both conventions, or the correct
+    answer).
 
     Returns ``(routing, reports, per_item)``: the routing table (``"family/convention"`` → mean responsibilities over
     those answers), a :class:`FamilyReport` per family and per-item details.
     """
+    from .choices import prediction_from_member_log_probs
+
     index = [(family, item) for family, family_items in items.items() for item in family_items]
     prompts = [chat_prompt(item.prompt, system_prompt) for _, item in index]
-    predictions = ensemble.predict_choices(prompts, [[chat_answer(c) for c in item.choices] for _, item in index])
-    references = [(row, ref) for row, (_, item) in enumerate(index) for ref in range(len(item.answers))]
     scores = ensemble.score(
-        [prompts[row] for row, _ in references],
-        [chat_answer(index[row][1].answers[ref]) for row, ref in references],
+        [p for p in prompts for _ in range(2)],
+        [chat_answer(choice) for _, item in index for choice in item.choices],
         batch_size=16,
     )
-    token_mi_max: dict[int, list[float]] = {}
-    for j, (row, _) in enumerate(references):
-        token_mi_max.setdefault(row, []).append(float(scores.mutual_information_max[j]))
+    loglik = scores.member_loglik.view(len(index), 2, -1)  # (N, 2 choices, K)
+    predictions = [
+        prediction_from_member_log_probs(torch.log_softmax(block.T.double(), -1), ensemble.log_weights, block, ensemble.alpha)
+        for block in loglik
+    ]
+    token_mi_max = scores.mutual_information_max.view(len(index), 2)
 
     routing: dict[str, list[torch.Tensor]] = {}
     per_item, grouped = [], {}
@@ -160,7 +164,7 @@ def evaluate_families(ensemble, items: dict[str, list[Item]], system_prompt: str
             "choice_mi": float(prediction.mutual_information),
             "mixture_probs": prediction.probs.tolist(),
             "member_choice": prediction.member_probs.argmax(-1).tolist(),  # preferred choice of each member
-            "token_mi_max": sum(token_mi_max[row]) / len(token_mi_max[row]),
+            "token_mi_max": float(sum(token_mi_max[row, r] for r in refs) / len(refs)),
             "loglik_std": float(sum(spread[r] for r in refs) / len(refs)),
         }
         per_item.append(details)
@@ -401,19 +405,26 @@ def run_demo(
     answers: list[dict] = []
     if shown:
         generated = generate_answers(ensemble, conversations, config.max_new_tokens)
-        for source, outputs in generated.items():
-            for row, output in zip(shown, outputs, strict=True):
-                mi = output.mutual_information
-                answers.append(
-                    {
-                        "family": row["family"],
-                        "prompt": row["prompt"],
-                        "source": source,
-                        "answer": output.text.strip(),
-                        "token_mi_max": float(mi.max()) if mi.numel() else 0.0,
-                        "member_posterior": [round(float(w), 4) for w in output.member_posterior],
-                    }
-                )
+        pairs = [(source, i, output) for source, outputs in generated.items() for i, output in enumerate(outputs)]
+        # each answer's spread of log-likelihood across members: high when some members would never give it
+        answer_scores = ensemble.score(
+            [conversations[i] for _, i, _ in pairs],
+            [chat_answer(output.text.strip() or " ") for _, _, output in pairs],
+            batch_size=16,
+        )
+        for j, (source, i, output) in enumerate(pairs):
+            mi = output.mutual_information
+            answers.append(
+                {
+                    "family": shown[i]["family"],
+                    "prompt": shown[i]["prompt"],
+                    "source": source,
+                    "answer": output.text.strip(),
+                    "loglik_std": float(answer_scores.loglik_std[j]),
+                    "token_mi_max": float(mi.max()) if mi.numel() else 0.0,
+                    "member_posterior": [round(float(w), 4) for w in output.member_posterior],
+                }
+            )
 
     ensemble_dir = out_dir / "ensemble"
     trainer.save_model(str(ensemble_dir))
@@ -469,8 +480,8 @@ def format_report(result: DemoResult, member_names: list[str], config: DemoConfi
     lines += [format_family_table(result.families), "", format_gap(result.gap), ""]
     if result.answers:
         lines.append(
-            "Held-out answers of each member and of the posterior-weighted mixture (greedy); "
-            "MI = max per-token mutual information along the answer"
+            "Held-out answers of each member and of the posterior-weighted mixture (greedy). Per prompt: the max "
+            "per-token mutual information while answering; per answer: ℓ spread = std over members of log p_k(answer)."
         )
         lines.extend(_answers_block(result.answers))
         lines.append("")
@@ -491,12 +502,13 @@ def _answers_block(answers: list[dict]) -> list[str]:
         if key not in seen:
             seen.append(key)
     for family, prompt in seen:
+        rows = [row for row in answers if (row["family"], row["prompt"]) == (family, prompt)]
         kind = "contradictory" if FAMILIES[family].contradictory else "consistent"
-        lines.append(f"  [{family}, {kind}] {prompt}")
-        for row in answers:
-            if (row["family"], row["prompt"]) == (family, prompt):
-                line = f"      {row['source']:<10} {row['answer'][:40]!r:<44} MI {row['token_mi_max']:.3f}"
-                if row["source"] == "mixture":
-                    line += "   member posterior " + " ".join(f"{w:.2f}" for w in row["member_posterior"])
-                lines.append(line)
+        first_token_mi = max(row["token_mi_max"] for row in rows)
+        lines.append(f"  [{family}, {kind}] {prompt!r}   max token MI {first_token_mi:.3f}")
+        for row in rows:
+            line = f"      {row['source']:<10} {row['answer'][:40]!r:<44} ℓ spread {row['loglik_std']:6.2f}"
+            if row["source"] == "mixture":
+                line += "   member posterior " + " ".join(f"{w:.2f}" for w in row["member_posterior"])
+            lines.append(line)
     return lines

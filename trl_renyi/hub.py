@@ -109,6 +109,11 @@ def _card_base_model(name: str | None) -> str | None:
     return resolved
 
 
+def _is_hub_dataset(name: str | None) -> bool:
+    """Whether ``name`` looks like a Hub dataset id (not a local path nor a bundled ``trl_renyi:<name>`` dataset)."""
+    return bool(name) and ":" not in name and not os.path.exists(name) and not name.startswith((".", "/", "~"))
+
+
 def model_card(
     metadata: Mapping,
     model_name: str | None = None,
@@ -126,6 +131,7 @@ def model_card(
         dataset_name: the training data, recorded in the metadata when given.
         tags: extra tags.
     """
+    dataset_name = dataset_name or metadata.get("dataset_name")
     k = int(metadata["num_members"])
     alpha = float(metadata["alpha"])
     weights = list(metadata.get("member_weights") or [1.0 / k] * k)
@@ -143,7 +149,7 @@ def model_card(
         library_name=LIBRARY_NAME,
         pipeline_tag="text-generation",
         tags=all_tags,
-        datasets=[dataset_name] if dataset_name and not os.path.exists(dataset_name) else None,
+        datasets=[dataset_name] if _is_hub_dataset(dataset_name) else None,
     )
     title = model_name or (repo_id.split("/")[-1] if repo_id else "trl_renyi ensemble")
     source = repo_id or "path/or/repo-id"

@@ -1,0 +1,131 @@
+"""Write docs/api.md, the API reference, from the package's docstrings.
+
+    python docs/gen_api.py            # rewrite docs/api.md
+    python docs/gen_api.py --check    # exit 1 when docs/api.md is out of date
+
+Every public class and function listed in ``SECTIONS`` is documented with its signature and docstring (public methods
+of classes included); nothing is written by hand, so the reference cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+from pathlib import Path
+
+OUTPUT = Path(__file__).resolve().parent / "api.md"
+
+# (section title, module, names or None for every public name the module defines)
+SECTIONS = [
+    ("Trainers", "trl_renyi.sft", ["RenyiSFTTrainer"]),
+    ("Trainers", "trl_renyi.dpo", ["RenyiDPOTrainer"]),
+    ("Configuration", "trl_renyi.config", ["RenyiEnsembleArguments", "RenyiSFTConfig", "RenyiDPOConfig"]),
+    ("Ensemble", "trl_renyi.ensemble", ["RenyiEnsemble", "ScoreResult"]),
+    ("Objective", "trl_renyi.objective", ["renyi_bound", "RenyiBound", "alpha_at_step"]),
+    ("Uncertainty", "trl_renyi.uncertainty", ["decompose", "Decomposition", "mixture_log_prob"]),
+    ("Choices", "trl_renyi.choices", ["predict_choices", "predict_preferences", "ChoicePrediction"]),
+    ("Generation", "trl_renyi.generation", ["generate", "GeneratedText"]),
+    ("Members", "trl_renyi.members", ["build_ensemble", "attach_ensemble", "member_names", "tile_for_members"]),
+    ("Models", "trl_renyi.models", ["load_causal_lm", "load_tokenizer", "hub_id"]),
+    ("Data", "trl_renyi.data", None),
+    ("Hub", "trl_renyi.hub", None),
+    ("Demo", "trl_renyi.demo", ["run_demo", "DemoConfig", "DemoResult", "evaluate_families"]),
+]
+# methods inherited from TRL / transformers are documented there; only these are listed for the trainers
+TRAINER_METHODS = {"ensemble", "member_forward", "renyi_objective", "current_alpha", "create_model_card"}
+
+
+def _doc(obj) -> str:
+    return inspect.cleandoc(obj.__doc__) if obj.__doc__ else "*(no docstring)*"
+
+
+def _signature(name: str, obj) -> str:
+    try:
+        return f"{name}{inspect.signature(obj)}"
+    except (TypeError, ValueError):
+        return name
+
+
+def _public_names(module) -> list[str]:
+    return [
+        name
+        for name, obj in vars(module).items()
+        if not name.startswith("_")
+        and (inspect.isclass(obj) or inspect.isfunction(obj))
+        and getattr(obj, "__module__", None) == module.__name__
+    ]
+
+
+def _methods(cls) -> list[tuple[str, object]]:
+    out = []
+    is_trainer = cls.__name__.endswith("Trainer")
+    for name, member in vars(cls).items():
+        if name.startswith("_"):
+            continue
+        if is_trainer and name not in TRAINER_METHODS:
+            continue
+        if isinstance(member, (staticmethod, classmethod)):
+            member = member.__func__
+        if isinstance(member, property):
+            out.append((name, member.fget))
+        elif inspect.isfunction(member):
+            out.append((name, member))
+    if is_trainer:  # the shared mixin's methods
+        for base in cls.__mro__[1:]:
+            if base.__module__.startswith("trl_renyi"):
+                out += [(n, m) for n, m in _methods(base) if n not in {x for x, _ in out}]
+    return out
+
+
+def render() -> str:
+    lines = [
+        "# API reference",
+        "",
+        "Generated from the docstrings by `python docs/gen_api.py`; do not edit by hand.",
+        "",
+    ]
+    current = None
+    for title, module_name, names in SECTIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:  # an optional module that is absent
+            print(f"skipping {module_name}: {err}", file=sys.stderr)
+            continue
+        if title != current:
+            lines += [f"## {title}", ""]
+            current = title
+        if names is None:
+            lines += [f"`{module_name}`: " + _doc(module).split("\n\n")[0].replace("\n", " "), ""]
+            names = _public_names(module)
+        for name in names:
+            obj = getattr(module, name)
+            kind = "class" if inspect.isclass(obj) else "function"
+            lines += [f"### `{module_name}.{name}`", "", "```python", f"{kind} {_signature(name, obj)}", "```", ""]
+            lines += [_doc(obj), ""]
+            if inspect.isclass(obj):
+                for method_name, method in _methods(obj):
+                    lines += [f"#### `{name}.{method_name}`", "", "```python", _signature(method_name, method), "```", ""]
+                    lines += [_doc(method), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 when docs/api.md is out of date")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = OUTPUT.read_text() if OUTPUT.exists() else ""
+        if current != text:
+            print(f"{OUTPUT} is out of date: run python docs/gen_api.py", file=sys.stderr)
+            return 1
+        return 0
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT} ({len(text.splitlines())} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
