@@ -102,11 +102,12 @@ def capture_upload(monkeypatch):
         calls["create_branch"] = (repo_id, kwargs)
 
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        target = Path(calls["_dir"]) / "uploaded"
+        calls.setdefault("uploads", []).append(repo_id)
+        target = Path(calls["_dir"]) / ("uploaded" if len(calls["uploads"]) == 1 else f"uploaded{len(calls['uploads'])}")
         ignore = shutil.ignore_patterns(*(kwargs.get("ignore_patterns") or []))
         shutil.copytree(folder_path, target, ignore=ignore)
         calls["upload_folder"] = (repo_id, kwargs)
-        return SimpleNamespace(commit_url="https://example.invalid/commit")
+        return SimpleNamespace(commit_url="https://example.invalid/commit", done=lambda: True, cancel=lambda: None)
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_branch", create_branch)
@@ -216,3 +217,30 @@ def test_trainer_save_and_push_to_hub_write_the_ensemble_card(
     assert f"| `member_0` | 0.500 | {expected[0]:.3f} |" in card
     assert 'from_pretrained("someone/renyi-sft")' in card and "| training data | toy-data |" in card
     assert "sft" in front_matter(card)["tags"]
+
+
+def test_pushes_during_training_carry_every_member(
+    make_model, tokenizer, prompt_completion_dataset, capture_upload, tmp_path
+):
+    """With push_to_hub=True transformers uploads output_dir at every save; the members must be in it."""
+    capture_upload["_dir"] = tmp_path
+    args = RenyiSFTConfig(
+        output_dir=str(tmp_path / "run"),
+        num_members=2,
+        member_init_std=0.05,
+        max_steps=1,
+        per_device_train_batch_size=4,
+        push_to_hub=True,
+        hub_model_id="someone/renyi-live",
+        **{**CPU_ARGS, "save_strategy": "steps"},
+        save_steps=1,
+    )
+    trainer = RenyiSFTTrainer(
+        model=make_model(), args=args, train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+    trainer.train()
+    assert capture_upload["uploads"] == ["someone/renyi-live"]  # the push of checkpoint-1
+    files = uploaded_files(tmp_path / "uploaded")
+    assert member_files(2) | {"renyi_ensemble.json", "README.md"} <= files
+    assert not any(f.startswith("checkpoint-") for f in files)

@@ -233,6 +233,18 @@ def write_model_card(directory: str | os.PathLike, metadata: Mapping, **kwargs) 
     return path
 
 
+def copy_ensemble_files(source: str | os.PathLike, target: str | os.PathLike, names: Sequence[str]) -> None:
+    """Copy a saved ensemble's member folders and ``renyi_ensemble.json`` from ``source`` to ``target``."""
+    import shutil
+
+    source, target = Path(source), Path(target)
+    for name in names:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, target / name, dirs_exist_ok=True)
+    if (source / "renyi_ensemble.json").is_file():
+        shutil.copy2(source / "renyi_ensemble.json", target / "renyi_ensemble.json")
+
+
 def upload_ensemble_folder(
     folder: str | os.PathLike,
     repo_id: str,

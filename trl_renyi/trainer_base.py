@@ -385,6 +385,16 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         self._write_ensemble_card(self.args.output_dir, model_name, dataset_name, tags)
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Before transformers uploads ``output_dir`` during training (``push_to_hub`` with a save-time
+        ``hub_strategy``), copy the checkpoint's member folders and ``renyi_ensemble.json`` there: transformers copies
+        only single-model and single-adapter files."""
+        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+            from .hub import copy_ensemble_files
+
+            copy_ensemble_files(checkpoint_folder, self.args.output_dir, self.member_names)
+        super()._push_from_checkpoint(checkpoint_folder)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
