@@ -10,7 +10,7 @@ from tests.helpers import lora_config
 from trl_renyi import RenyiEnsemble
 from trl_renyi.baselines import SingleModel
 from trl_renyi.cli import main as cli_main
-from trl_renyi.eval_data import load_choice_items, model_inputs, split_dialogue
+from trl_renyi.eval_data import load_choice_items, model_inputs, split_dialogue, training_examples
 from trl_renyi.members import build_ensemble
 from trl_renyi.metrics import summarize
 from trl_renyi.scripts.eval import parse_baseline
@@ -62,6 +62,7 @@ def saved(tmp_path_factory, tokenizer):
     (root / "mc.json").write_text(json.dumps(mc))
     (root / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in PAIRS) + "\n")
     (root / "train.jsonl").write_text("\n".join(json.dumps(p) for p in TRAIN) + "\n")
+    (root / "prefs.jsonl").write_text("\n".join(json.dumps(p) for p in PAIRS if "prompt" in p) + "\n")
     return root
 
 
@@ -149,6 +150,47 @@ def test_audit_ranks_training_examples_by_disagreement(saved, tmp_path):
     assert [r["index"] for r in rows] == torch.argsort(expected, descending=True).tolist()
     assert rows[0]["prompt"] == TRAIN[rows[0]["index"]]["prompt"]
     assert (out / "audit_scores.png").is_file() and (out / "audit_routing.png").is_file()
+
+
+def test_audit_of_preference_pairs_uses_the_implicit_reward(saved, tmp_path):
+    out = tmp_path / "audit_pref"
+    code = cli_main(["audit", "--ensemble", str(saved / "ensemble"), "--data", str(saved / "prefs.jsonl"),
+                     "--output_dir", str(out), "--beta", "0.2", "--plots", "false"])
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    mis = [r["mutual_information"] for r in rows]
+    assert mis == sorted(mis, reverse=True) and len(rows) == 3
+    ensemble = RenyiEnsemble.from_pretrained(saved / "ensemble")
+    base = SingleModel.base_of(ensemble)
+    pair = PAIRS[rows[0]["index"]]
+    prompts, completions = [pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]]
+    policy, ref = ensemble.score(prompts, completions).member_loglik, base.score(prompts, completions).member_loglik
+    margin = 0.2 * ((policy[0] - ref[0]) - (policy[1] - ref[1]))
+    torch.testing.assert_close(torch.tensor(rows[0]["member_prob_chosen"]), torch.sigmoid(margin), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(rows[0]["member_loglik"]), torch.nn.functional.logsigmoid(margin), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_training_data_formats():
+    from datasets import Dataset
+
+    messages = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ahoy"}]]
+    kind, columns = training_examples(Dataset.from_dict({"messages": messages}))
+    assert kind == "sft" and columns["prompt"] == [messages[0][:1]] and columns["completion"] == [messages[0][1:]]
+    kind, columns = training_examples(Dataset.from_dict({"text": ["Hello there."]}))
+    assert kind == "sft" and columns == {"prompt": [""], "completion": ["Hello there."]}
+    kind, columns = training_examples(Dataset.from_dict({"chosen": [PAIRS[2]["chosen"]], "rejected": [PAIRS[2]["rejected"]]}))
+    assert kind == "preference" and columns["prompt"] == ["\n\nHuman: Say hello.\n\nAssistant:"]
+    with pytest.raises(ValueError, match="expected prompt/completion"):
+        training_examples(Dataset.from_dict({"question": ["?"]}), "data.jsonl")
+
+
+def test_mc2_items(tmp_path):
+    path = tmp_path / "mc2.json"
+    path.write_text(json.dumps([{"question": "Q?", "mc2_targets": {"choices": ["a", "b", "c"], "labels": [1, 1, 0]}}] * 3))
+    items, fmt = load_choice_items(path, first_item=1)
+    assert fmt == "mc2" and len(items) == 2 and items[0].labels == [1, 1, 0] and items[0].id == "1"
 
 
 def test_bad_inputs_name_the_problem(saved, tmp_path):

@@ -87,10 +87,10 @@ def split_dialogue(chosen, rejected) -> tuple[object, object, object]:
     return out["prompt"], out["chosen"], out["rejected"]
 
 
-def _multiple_choice_items(records: list[dict], target: str, path) -> list[ChoiceItem]:
+def _multiple_choice_items(records: list[dict], target: str, path, offset: int = 0) -> list[ChoiceItem]:
     key = f"{target}_targets"
     items = []
-    for i, record in enumerate(records):
+    for i, record in enumerate(records, start=offset):
         where = f"{path}, item {i}"
         question = record.get("question", record.get("prompt"))
         if not isinstance(question, (str, list)) or not question:
@@ -110,9 +110,9 @@ def _multiple_choice_items(records: list[dict], target: str, path) -> list[Choic
     return items
 
 
-def _preference_items(records: list[dict], path) -> list[ChoiceItem]:
+def _preference_items(records: list[dict], path, offset: int = 0) -> list[ChoiceItem]:
     items = []
-    for i, record in enumerate(records):
+    for i, record in enumerate(records, start=offset):
         for key in ("chosen", "rejected"):
             if key not in record or not record[key]:
                 raise ValueError(f"{path}, item {i}: missing or empty field {key!r}.")
@@ -145,7 +145,10 @@ def load_choice_items(
     records = records[first_item:end]
     if not records:
         raise ValueError(f"{path}: no items left after first_item={first_item}.")
-    items = _preference_items(records, path) if fmt == "preference" else _multiple_choice_items(records, fmt, path)
+    if fmt == "preference":
+        items = _preference_items(records, path, first_item)
+    else:
+        items = _multiple_choice_items(records, fmt, path, first_item)
     return items, fmt
 
 
