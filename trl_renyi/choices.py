@@ -188,9 +188,11 @@ def _score_group(scorer, questions: list[list[tuple[list[int], int]]], pad_id: i
         "attention_mask": torch.cat([prefix_mask[owner.cpu()], suffix_mask], dim=-1),
         "position_ids": lengths[:, None] + torch.arange(span)[None],
     }
-    # logits at suffix positions 0 … span-2 predict suffix tokens 1 … span-1
-    logits = scorer.member_forward(batch, use_cache=True, logits_to_keep=torch.arange(span - 1), **{CACHE_KEY: cache}).logits
-    log_probs = torch.cat([last_log_probs[:, owner, None], torch.log_softmax(logits.float(), dim=-1)], dim=2)
+    log_probs = last_log_probs[:, owner, None]  # (K, M, 1, V)
+    if span > 1:  # logits at suffix positions 0 … span-2 predict suffix tokens 1 … span-1
+        kwargs = {"use_cache": True, "logits_to_keep": torch.arange(span - 1), CACHE_KEY: cache}
+        logits = scorer.member_forward(batch, **kwargs).logits
+        log_probs = torch.cat([log_probs, torch.log_softmax(logits.float(), dim=-1)], dim=2)
     targets = suffix_ids.to(log_probs.device)
     token = log_probs.gather(-1, targets[None, ..., None].expand(log_probs.shape[0], -1, -1, 1)).squeeze(-1)
     scored = scored.to(token.device)
