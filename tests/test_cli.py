@@ -148,16 +148,22 @@ def test_dpo_command_on_bundled_preference_data(tiny_model_dir, tmp_path):
     assert "dpo" in yaml.safe_load((out / "README.md").read_text().split("---\n")[1])["tags"]
 
 
-def test_sft_example_script_runs(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "script, dataset", [("sft_renyi.py", "trl_renyi:conflict_sft"), ("dpo_renyi.py", "trl_renyi:conflict_preference")]
+)
+def test_example_scripts_run(tiny_model_dir, tmp_path, monkeypatch, script, dataset):
+    if script.startswith("dpo") and importlib.util.find_spec("trl_renyi.dpo") is None:
+        pytest.skip("trl_renyi.dpo (RenyiDPOTrainer) is absent")
     out = tmp_path / "example"
     argv = [
-        "sft_renyi.py", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", "trl_renyi:conflict_sft",
+        script, "--model_name_or_path", str(tiny_model_dir), "--dataset_name", dataset,
         "--num_members", "2", "--lora_r", "4", "--max_steps", "1", "--per_device_train_batch_size", "4",
-        "--output_dir", str(out), *CPU_FLAGS,
+        "--max_length", "64", "--output_dir", str(out), *CPU_FLAGS,
     ]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(REPO / "examples" / "sft_renyi.py"), run_name="__main__")
-    assert json.loads((out / "renyi_ensemble.json").read_text())["num_members"] == 2
+    runpy.run_path(str(REPO / "examples" / script), run_name="__main__")
+    meta = json.loads((out / "renyi_ensemble.json").read_text())
+    assert meta["num_members"] == 2 and meta["trainer"] == ("RenyiDPOTrainer" if script.startswith("dpo") else "RenyiSFTTrainer")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.name)
