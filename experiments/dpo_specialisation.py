@@ -19,7 +19,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,7 +30,17 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluation import auroc  # noqa: E402
-from runs import REPO, Stopwatch, fmt, load_base, save_json, train_ensemble, update_results_page  # noqa: E402
+from runs import (  # noqa: E402
+    REPO,
+    Stopwatch,
+    apply_size_defaults,
+    study_parser,
+    fmt,
+    load_base,
+    save_json,
+    train_ensemble,
+    update_results_page,
+)
 
 RUNS = {
     "single": {"label": "single LoRA (K = 1)", "num_members": 1, "alpha": 1.0},
@@ -44,23 +53,9 @@ QUICK_RUNS = "single,a-1w"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--runs", default=None, help="comma-separated subset of: " + ",".join(RUNS))
-    parser.add_argument("--num-members", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=None, help="default 60 (quick 6)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser = study_parser(__doc__, RUNS, learning_rate=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--member-init-std", type=float, default=1e-3)
-    parser.add_argument("--train-per-family", type=int, default=None, help="default 160 (quick 8)")
-    parser.add_argument("--test-per-family", type=int, default=None, help="default 7 (quick 4)")
     parser.add_argument("--routing-pairs", type=int, default=32, help="training pairs per group used for routing")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default=None)
-    parser.add_argument("--docs", default=None)
     return parser.parse_args(argv)
 
 
@@ -120,18 +115,7 @@ def main(argv=None) -> int:
     from trl_renyi.data import conflict_preference_dataset
     from trl_renyi.dpo import RenyiDPOTrainer
 
-    args.steps = args.steps or (6 if args.quick else 60)
-    if args.quick:
-        args.batch_size = min(args.batch_size, 4)
-    args.train_per_family = args.train_per_family or (8 if args.quick else 160)
-    args.test_per_family = args.test_per_family or (4 if args.quick else 7)
-    if args.output_dir is None:
-        import tempfile
-
-        args.output_dir = tempfile.mkdtemp(prefix="dpo_study_") if args.quick else str(REPO / "experiments" / "results")
-    docs = None if (args.quick and args.docs is None) else Path(args.docs or REPO / "docs" / "results.md")
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, docs = apply_size_defaults(args, "dpo_study_")
     clock = Stopwatch()
     base, tokenizer = load_base(args.quick, args.model)
     data = conflict_preference_dataset(

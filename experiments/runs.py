@@ -105,8 +105,44 @@ def combine_independent(ensembles: list[RenyiEnsemble], base, tokenizer, rank: i
     return RenyiEnsemble(model, tokenizer, alpha=1.0)
 
 
-def run_label(run: dict) -> str:
-    return run["label"]
+def study_parser(doc: str, runs: dict, learning_rate: float):
+    """The command-line arguments every study shares (sizes, model, output)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny offline model and data: a smoke test in seconds")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded alias, local path or Hub id")
+    parser.add_argument("--runs", default=None, help="comma-separated subset of: " + ",".join(runs))
+    parser.add_argument("--num-members", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60; quick 6)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=learning_rate)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--member-init-std", type=float, default=1e-3)
+    parser.add_argument("--train-per-family", type=int, default=None, help="default 160 (quick 8)")
+    parser.add_argument("--test-per-family", type=int, default=None, help="default 7 (quick 4)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default=None, help="default experiments/results (quick: a temp dir)")
+    parser.add_argument("--docs", default=None, help="results page to update (default docs/results.md; quick: none)")
+    return parser
+
+
+def apply_size_defaults(args, prefix: str) -> tuple[Path, Path | None]:
+    """Fill the size arguments left unset (``--quick``: a smoke test in seconds) and return
+    ``(output folder, results page or None)``; quick runs write to a temporary folder and no page by default."""
+    import tempfile
+
+    args.steps = args.steps or (6 if args.quick else 60)
+    if args.quick:
+        args.batch_size = min(args.batch_size, 4)
+    args.train_per_family = args.train_per_family or (8 if args.quick else 160)
+    args.test_per_family = args.test_per_family or (4 if args.quick else 7)
+    if args.output_dir is None:
+        args.output_dir = tempfile.mkdtemp(prefix=prefix) if args.quick else str(REPO / "experiments" / "results")
+    docs = None if (args.quick and args.docs is None) else Path(args.docs or REPO / "docs" / "results.md")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir, docs
 
 
 def save_json(path: Path, payload: dict) -> None:

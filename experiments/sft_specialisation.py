@@ -17,7 +17,6 @@ Writes ``<output-dir>/sft_specialisation.json``, two plots, and the section of `
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,10 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runs import (  # noqa: E402
     REPO,
     Stopwatch,
+    apply_size_defaults,
     combine_independent,
     fmt,
     load_base,
     save_json,
+    study_parser,
     train_ensemble,
     update_results_page,
 )
@@ -58,21 +59,7 @@ QUICK_RUNS = "single,a-1wf"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny offline model and data: a smoke test in seconds")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--runs", default=None, help="comma-separated subset of: " + ",".join(RUNS))
-    parser.add_argument("--num-members", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60; quick 16)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--member-init-std", type=float, default=1e-3)
-    parser.add_argument("--train-per-family", type=int, default=None, help="default 160 (quick 24)")
-    parser.add_argument("--test-per-family", type=int, default=None, help="default 7 (quick 6)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default=None, help="default experiments/results (quick: a temp dir)")
-    parser.add_argument("--docs", default=None, help="results page to update (default docs/results.md; quick: none)")
+    parser = study_parser(__doc__, RUNS, learning_rate=2e-3)
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON, train the rest")
     return parser.parse_args(argv)
 
@@ -238,21 +225,7 @@ def render(payload: dict, plots: list[Path], command: str, docs: Path | None) ->
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.steps is None:
-        args.steps = 6 if args.quick else 60
-    if args.quick:
-        args.batch_size = min(args.batch_size, 4)
-    if args.train_per_family is None:
-        args.train_per_family = 8 if args.quick else 160
-    if args.test_per_family is None:
-        args.test_per_family = 4 if args.quick else 7
-    if args.output_dir is None:
-        import tempfile
-
-        args.output_dir = tempfile.mkdtemp(prefix="sft_study_") if args.quick else str(REPO / "experiments" / "results")
-    docs = None if (args.quick and args.docs is None) else Path(args.docs or REPO / "docs" / "results.md")
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, docs = apply_size_defaults(args, "sft_study_")
     clock = Stopwatch()
     payload = run_all(args, out_dir / "sft_specialisation.json")
     command = "python experiments/sft_specialisation.py " + " ".join(sys.argv[1:] if argv is None else argv)
