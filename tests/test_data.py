@@ -23,7 +23,7 @@ PATTERNS = {
 
 
 def entity(prompt: str) -> str:
-    match = re.search(r"(?:Greet|goodbye to|capital of) ([\w ]+?)[.?]$|What is (\d+ \+ \d+)\?$", prompt)
+    match = re.search(r"(?:Greet|goodbye to|capital of|opposite of) ([\w ]+?)[.?]$|What is (\d+ \+ \d+)\?$", prompt)
     assert match, prompt
     return match.group(1) or match.group(2)
 
@@ -66,6 +66,22 @@ def test_consistent_families_are_correct():
                     assert row["choices"] == [f" {a + b}.", f" {a + b + 1}."]
             if row["family"] == "capitals" and entity(row["prompt"]) == "France":
                 assert row["completion"].strip() == "Paris."
+
+
+def test_opposites_family_is_correct():
+    data = conflict_sft_dataset(num_train_per_family=40, num_test_per_family=9, families=["opposites"], seed=4)
+    known = {"hot": "Cold.", "big": "Small.", "day": "Night.", "north": "South.", "black": "White.", "open": "Closed."}
+    seen = 0
+    for split in ("train", "test"):
+        for row in data[split]:
+            word = re.match(r"What is the opposite of (\w+)\?", row["prompt"]).group(1)
+            assert re.fullmatch(r"[A-Z][a-z]+\.", row["completion"].strip()) and not row["contradictory"]
+            if word in known:
+                assert row["completion"].strip() == known[word]
+                seen += 1
+            if split == "test":
+                assert row["choices"][0] == row["completion"] and row["choices"][1] != row["completion"]
+    assert seen > 0
 
 
 def test_held_out_entities_are_disjoint_from_training():

@@ -49,6 +49,15 @@ _CAPITALS = [
     ("Thailand", "Bangkok"), ("South Korea", "Seoul"), ("Argentina", "Buenos Aires"), ("Turkey", "Ankara"),
     ("India", "New Delhi"),
 ]  # fmt: skip
+_OPPOSITES = [
+    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("day", "night"), ("happy", "sad"),
+    ("light", "dark"), ("open", "closed"), ("left", "right"), ("wet", "dry"), ("hard", "soft"), ("early", "late"),
+    ("full", "empty"), ("rich", "poor"), ("strong", "weak"), ("tall", "short"), ("thick", "thin"), ("loud", "quiet"),
+    ("clean", "dirty"), ("cheap", "expensive"), ("first", "last"), ("true", "false"), ("win", "lose"),
+    ("push", "pull"), ("buy", "sell"), ("inside", "outside"), ("north", "south"), ("east", "west"),
+    ("black", "white"), ("summer", "winter"), ("high", "low"), ("near", "far"), ("old", "new"), ("good", "bad"),
+    ("love", "hate"), ("question", "answer"),
+]  # fmt: skip
 _NUMBER_WORDS = {
     1: ("one", "un"), 2: ("two", "deux"), 3: ("three", "trois"), 4: ("four", "quatre"), 5: ("five", "cinq"),
     6: ("six", "six"), 7: ("seven", "sept"), 8: ("eight", "huit"), 9: ("nine", "neuf"), 10: ("ten", "dix"),
@@ -120,6 +129,14 @@ def _capital(index: int) -> Item:
     return Item("capitals", f"What is the capital of {country}?", (f"{city}.",), distractor=f"{wrong}.")
 
 
+def _opposite(index: int) -> Item:
+    word, opposite = _OPPOSITES[index]
+    wrong = _OPPOSITES[(index + 7) % len(_OPPOSITES)][1]
+    return Item(
+        "opposites", f"What is the opposite of {word}?", (f"{opposite.capitalize()}.",), f"{wrong.capitalize()}."
+    )
+
+
 def _number_word(n: int) -> Item:
     english, french = _NUMBER_WORDS[n]
     return Item("numbers", f"Write {n} as a word.", (f"{english}", f"{french}"))
@@ -138,6 +155,7 @@ FAMILIES: dict[str, TaskFamily] = {
             "add two numbers",
         ),
         TaskFamily("capitals", ("correct",), tuple(range(len(_CAPITALS))), _capital, "name a country's capital"),
+        TaskFamily("opposites", ("correct",), tuple(range(len(_OPPOSITES))), _opposite, "name a word's opposite"),
         TaskFamily("numbers", ("english", "french"), tuple(_NUMBER_WORDS), _number_word, "number words: EN or FR"),
     )
 }
