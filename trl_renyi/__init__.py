@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .config import RenyiDPOConfig, RenyiEnsembleArguments, RenyiSFTConfig  # noqa: E402
+from .dpo import RenyiDPOTrainer  # noqa: E402
 from .ensemble import RenyiEnsemble, ScoreResult  # noqa: E402
 from .members import build_ensemble, member_names, tile_for_members  # noqa: E402
 from .objective import RenyiBound, renyi_bound  # noqa: E402
@@ -11,6 +12,7 @@ from .sft import RenyiSFTTrainer  # noqa: E402
 __all__ = [
     "RenyiBound",
     "RenyiDPOConfig",
+    "RenyiDPOTrainer",
     "RenyiEnsemble",
     "RenyiEnsembleArguments",
     "RenyiSFTConfig",

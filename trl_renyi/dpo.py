@@ -1,0 +1,420 @@
+r"""`RenyiDPOTrainer`: TRL's DPOTrainer training a K-member LoRA ensemble with the α-Rényi objective.
+
+For pair i (prompt x, chosen :math:`y_w`, rejected :math:`y_l`) and member k the DPO margin is
+
+.. math::
+
+    m_{ik} = \beta\Big[\big(\log\pi_k(y_w|x) - \log\pi_\text{ref}(y_w|x)\big)
+                     - \big(\log\pi_k(y_l|x) - \log\pi_\text{ref}(y_l|x)\big)\Big]
+
+and the member's log-likelihood of the preference label is minus TRL's own per-pair loss at that margin:
+
+* ``"sigmoid"``: :math:`\ell_{ik} = \log\sigma(m_{ik})` (Bradley–Terry); with ``label_smoothing`` ε > 0 the expected
+  log-likelihood under ε label noise, :math:`(1-\varepsilon)\log\sigma(m) + \varepsilon\log\sigma(-m)` (cDPO);
+* ``"robust"``: TRL's unbiased estimate :math:`\big((1-\varepsilon)\log\sigma(m) - \varepsilon\log\sigma(-m)\big)/(1-2\varepsilon)`.
+
+The loss is :math:`-\sum_i J_i(\alpha) / N_\text{pairs}`, so K = 1 equals DPOTrainer. π_ref is the frozen base model
+(every member switched off), computed once per batch for all K members, or read from the batch with
+``precompute_ref_log_probs=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch.utils.data import DataLoader
+from trl import DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+
+from .config import RenyiDPOConfig
+from .members import MEMBER_PREFIX, get_router
+from .objective import floored_renyi_bound
+from .trainer_base import RenyiEnsembleTrainerMixin, coerce_config
+
+logger = logging.getLogger(__name__)
+
+#: TRL loss types whose per-pair loss is minus a log-likelihood of the preference label.
+LIKELIHOOD_LOSS_TYPES = ("sigmoid", "robust")
+# batch keys that are not model inputs (TRL's own list)
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+# where the reference log-probs of a batch are kept once computed, so chunked member passes reuse them
+_REF_CACHE_KEY = "_renyi_ref_logps"
+
+
+def pair_log_likelihood(margins: torch.Tensor, loss_type: str, label_smoothing: float = 0.0) -> torch.Tensor:
+    """ℓ = minus TRL's per-pair DPO loss at the margins ``m = β·Δ`` (any shape).
+
+    ``"sigmoid"``: log σ(m), or the ε-label-smoothed expected log-likelihood (1−ε)·log σ(m) + ε·log σ(−m);
+    ``"robust"``: ((1−ε)·log σ(m) − ε·log σ(−m)) / (1−2ε), the unbiased estimate of the clean log-likelihood under
+    ε label flips (written exactly as TRL writes its loss, so K = 1 matches it to rounding).
+    """
+    eps = float(label_smoothing)
+    if loss_type == "sigmoid":
+        if eps == 0.0:
+            return F.logsigmoid(margins)
+        return (1 - eps) * F.logsigmoid(margins) + eps * F.logsigmoid(-margins)
+    if loss_type == "robust":
+        clean_loss_term = -(1 - eps) * F.logsigmoid(margins)
+        flipped_loss_term = -eps * F.logsigmoid(-margins)
+        return -(clean_loss_term - flipped_loss_term) / (1 - 2 * eps)
+    raise ValueError(f"loss_type {loss_type!r} is not a pairwise log-likelihood; use one of {LIKELIHOOD_LOSS_TYPES}.")
+
+
+def f_divergence_scores(logratios: torch.Tensor, f_divergence_type: str, coef: float) -> torch.Tensor:
+    """TRL's f-DPO scores f'(π/π_ref) of the log-ratios (``reverse_kl``: the log-ratios themselves)."""
+    if f_divergence_type == "reverse_kl":
+        return logratios
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence_type == "alpha_divergence":
+        if abs(coef - 1.0) < 1e-6:
+            return logratios
+        t = (coef - 1.0) * logratios
+        clamp_max = {torch.float16: 11.0, torch.bfloat16: 80.0, torch.float32: 80.0}.get(t.dtype, 80.0)
+        return (torch.exp(torch.clamp(t.float(), max=clamp_max)) - 1.0).to(t.dtype) / (coef - 1.0)
+    raise ValueError(f"Unknown f_divergence_type: {f_divergence_type}")
+
+
+def check_likelihood_loss(args) -> None:
+    """Refuse DPO settings under which a member's per-pair term is not a log-likelihood of the preference."""
+    loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+    if len(loss_types) != 1 or loss_types[0] not in LIKELIHOOD_LOSS_TYPES:
+        raise ValueError(
+            f"RenyiDPOTrainer needs loss_type to be exactly one of {list(LIKELIHOOD_LOSS_TYPES)}, got {loss_types}. "
+            "The α-Rényi bound J_i = 1/(1−α)·log Σ_k π_k·exp((1−α)·ℓ_ik) mixes the members through exp(ℓ_ik), the "
+            "probability member k gives pair i's preference label, and routes the pair with r_ik ∝ π_k·exp((1−α)·ℓ_ik). "
+            "So each member's per-pair term must be a log-likelihood ℓ_ik = log p(y_w ≻ y_l | x, θ_k): 'sigmoid' "
+            "(Bradley–Terry log σ(m)) and 'robust' (its label-noise-corrected estimate) are; hinge, IPO, EXO, NCA, "
+            "BCO, SPPO, AOT, APO, DiscoPOP, SFT and combinations of several losses are margins, regressions or "
+            "sums whose exp(−loss) is no probability of the preference, and a mixture of them means nothing."
+        )
+    if args.use_weighting:
+        raise ValueError(
+            "use_weighting (WPO) rescales each pair's loss by the policy's own sequence probabilities, which turns "
+            "the per-pair term into something other than a log-likelihood; RenyiDPOTrainer refuses it."
+        )
+    if not 0.0 <= float(args.label_smoothing) < 0.5:
+        raise ValueError(
+            f"label_smoothing is the probability ε of a flipped preference label and must lie in [0, 0.5) for the "
+            f"ensemble's likelihood, got {args.label_smoothing}."
+        )
+    if loss_types[0] == "sigmoid" and args.label_smoothing > 0:
+        logger.warning(
+            "loss_type='sigmoid' with label_smoothing=%s: each member's likelihood is the label-smoothed (cDPO) "
+            "expected log-likelihood (1−ε)·log σ(m) + ε·log σ(−m). TRL's own 'sigmoid' loss ignores "
+            "label_smoothing, so with num_members=1 this differs from DPOTrainer; use loss_type='robust' for TRL's "
+            "label-noise estimator.",
+            args.label_smoothing,
+        )
+
+
+class _DefaultAliasConfigs(dict):
+    """A ``peft_config`` mapping that answers ``["default"]`` with a copy of member_0's config when there is none."""
+
+    def __missing__(self, key):
+        if key == "default":
+            return copy.deepcopy(self[f"{MEMBER_PREFIX}0"])
+        raise KeyError(key)
+
+
+@contextmanager
+def _through_trl_reference_adapter(model, ref_model) -> Iterator[None]:
+    """Let ``DPOTrainer.__init__`` accept the ensemble PeftModel, then undo its reference adapter.
+
+    Handed a ready PeftModel and no ``ref_model``, DPOTrainer reads ``peft_config["default"]`` (a KeyError for an
+    ensemble, whose adapters are ``member_*``) and adds a ``"ref"`` adapter copied from it, which it would then score
+    as π_ref, also for precomputed reference log-probs: a copy of a member, wrong as soon as a member's initial
+    B ≠ 0. The ensemble's π_ref is the base model (see :meth:`RenyiDPOTrainer.compute_ref_log_probs`), so inside
+    the block the lookup is answered with member_0's config, and afterwards TRL's ``"ref"`` adapter is deleted.
+    """
+    if ref_model is not None or not isinstance(model, PeftModel):
+        yield
+        return
+    original = model.peft_config
+    if "ref" in original:
+        raise ValueError(
+            "The PeftModel already holds an adapter named 'ref', which DPOTrainer would overwrite with its own "
+            "reference copy; remove it (the ensemble's reference is the base model)."
+        )
+    aliased = _DefaultAliasConfigs(original)
+    model.peft_config = aliased
+    try:
+        yield
+    finally:
+        original.update({name: config for name, config in aliased.items() if name not in original})
+        model.peft_config = original
+        if "ref" in original:
+            model.delete_adapter("ref")
+
+
+class PairScores(NamedTuple):
+    """Per-pair, per-member scores of a preference dataset (see :meth:`RenyiDPOTrainer.score_pairs`).
+
+    Attributes:
+        margins: ``(N, K)`` the DPO margins m_ik = β·Δ (implicit reward of chosen minus rejected).
+        loglik: ``(N, K)`` ℓ_ik, the members' log-likelihoods of the preference labels.
+        responsibilities: ``(N, K)`` r_ik at the trainer's current α (and responsibility floor), as in training.
+    """
+
+    margins: torch.Tensor
+    loglik: torch.Tensor
+    responsibilities: torch.Tensor
+
+
+class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
+    r"""Drop-in replacement for [`~trl.DPOTrainer`] that trains ``num_members`` LoRA adapters on one frozen base.
+
+    Chosen and rejected sequences of all K members go through one member-batched forward and backward; the
+    reference log-probs come from one no-grad pass of the base model per batch (all members off), or from the
+    dataset with ``precompute_ref_log_probs=True``. With :math:`\ell_{ik}` minus TRL's per-pair loss at member k's
+    margin (``loss_type`` ``"sigmoid"`` or ``"robust"``), the loss is
+
+    .. math::
+
+        \mathcal{L} = -\frac{1}{N_\text{pairs}} \sum_i \frac{1}{1-\alpha}
+        \log \sum_k \pi_k \exp\big((1-\alpha)\,\ell_{ik}\big)
+
+    so K = 1 reproduces DPOTrainer for every α. Metrics keep TRL's names for the ensemble (rewards of the
+    π-weighted member mean) and add ``renyi/member_k/rewards/…`` per member plus the routing metrics.
+
+    Args:
+        model: a model name/path, a ``PreTrainedModel`` (with ``peft_config``), or a ``PeftModel`` already holding
+            adapters ``member_0 … member_{K-1}``. In every case the reference is the base model.
+        ref_model: an explicit reference model (rarely wanted: leave ``None`` for the base model).
+        args: a :class:`RenyiDPOConfig` (a plain ``DPOConfig`` is converted with default ensemble fields).
+        peft_config: the ``LoraConfig`` replicated into every member.
+        Other arguments are DPOTrainer's.
+    """
+
+    _tag_names = ["trl", "dpo", "trl-renyi", "lora-ensemble"]
+    _name = "Rényi DPO"
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: RenyiDPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        args = coerce_config(args, RenyiDPOConfig, model if isinstance(model, str) else "model", "RenyiDPO")
+        check_likelihood_loss(args)
+        if quantization_config is not None:
+            raise ValueError(
+                "quantization_config is not supported: the member-batched forward serves LoRA on plain "
+                "torch.nn.Linear layers only."
+            )
+        model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
+        with _through_trl_reference_adapter(model, ref_model):
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+            )
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "The MoE router auxiliary loss is not supported by RenyiDPOTrainer; set router_aux_loss_coef=0.0."
+            )
+        self._finish_ensemble_setup()
+
+    # ------------------------------------------------------------------ forward passes
+    @staticmethod
+    def _model_inputs(inputs: dict) -> dict:
+        kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS and not k.startswith("_renyi")}
+        kwargs["use_cache"] = False
+        kwargs["labels"] = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        return kwargs
+
+    def _sequence_logps(self, per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        """Sum of the completion tokens' log-probs (``(…, 2B, T−1)`` → ``(…, 2B)``), LD-DPO weighted like TRL."""
+        shift_mask = completion_mask[..., 1:]
+        per_token_logps = per_token_logps[..., -shift_mask.size(1) :]
+        if self.ld_alpha is None:
+            return per_token_logps.sum(dim=-1)
+        comp_pos = shift_mask.cumsum(dim=1)
+        chosen_lens, rejected_lens = shift_mask.sum(dim=1).long().chunk(2, dim=0)
+        shared_lens = torch.minimum(chosen_lens, rejected_lens).repeat(2).unsqueeze(1)
+        shared_mask = (comp_pos > 0) & (comp_pos <= shared_lens)
+        tail_mask = comp_pos > shared_lens
+        return (per_token_logps * shared_mask).sum(dim=-1) + self.ld_alpha * (per_token_logps * tail_mask).sum(dim=-1)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """π_ref log-probs ``(chosen (B,), rejected (B,))`` of one batch: the base model with every member switched
+        off (or ``ref_model`` when one was given), one no-grad pass serving all K members. TRL calls this hook for
+        ``precompute_ref_log_probs`` too, so the precomputed reference is the base model as well.
+        """
+        kwargs = self._model_inputs(inputs)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self.accelerator.autocast(),
+        ):
+            if self.ref_model is not None:
+                log_probs = self.ref_model(**kwargs, fused_lm_head=True).log_probs
+            else:
+                log_probs = self.base_forward(model, kwargs).log_probs
+        return self._sequence_logps(log_probs, inputs["completion_mask"]).chunk(2, dim=0)
+
+    def _reference_logps(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.precompute_ref_logps and "ref_chosen_logps" in inputs:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        if _REF_CACHE_KEY not in inputs:  # once per batch, also when members are processed in chunks
+            inputs[_REF_CACHE_KEY] = self.compute_ref_log_probs(self.model, inputs)
+        return inputs[_REF_CACHE_KEY]
+
+    # ------------------------------------------------------------------ objective (the mixin's template)
+    def _member_loglik(self, model, inputs: dict):
+        """``(ℓ (B, K_routed), aux)``: one member-batched forward of the 2B chosen/rejected rows, then each member's
+        margin against the shared reference and its per-pair log-likelihood."""
+        ref_chosen, ref_rejected = self._reference_logps(inputs)
+        outputs = self.member_forward(model, self._model_inputs(inputs))
+        num_members = get_router(self.accelerator.unwrap_model(model)).num_members
+        rows = inputs["input_ids"].shape[0]
+        per_token = outputs.log_probs.reshape(num_members, rows, -1)
+        chosen_logps, rejected_logps = self._sequence_logps(per_token, inputs["completion_mask"]).chunk(2, dim=1)
+        chosen_logratios = chosen_logps - ref_chosen.to(chosen_logps.device)
+        rejected_logratios = rejected_logps - ref_rejected.to(rejected_logps.device)
+        chosen_scores = f_divergence_scores(chosen_logratios, self.f_divergence_type, self.f_alpha_divergence_coef)
+        rejected_scores = f_divergence_scores(rejected_logratios, self.f_divergence_type, self.f_alpha_divergence_coef)
+        margins = self.beta * (chosen_scores - rejected_scores)  # (K, B)
+        loglik = pair_log_likelihood(margins, self.loss_types[0], self.label_smoothing).T
+        aux = {
+            "num_pairs": margins.shape[1],
+            "margins": margins.detach().T,
+            "chosen_logratios": chosen_logratios.detach().T,
+            "rejected_logratios": rejected_logratios.detach().T,
+            "chosen_logps": chosen_logps.detach().T,
+            "rejected_logps": rejected_logps.detach().T,
+            "outputs": outputs,
+        }
+        return loglik, aux
+
+    def _normalised_loss(self, negative_bound_sum, aux, num_items_in_batch=None):
+        """TRL's normaliser: the number of pairs of the batch (times the single loss weight)."""
+        return negative_bound_sum / max(aux["num_pairs"], 1) * self.loss_weights[0]
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if return_outputs:
+            raise ValueError(
+                "RenyiDPOTrainer does not return logits from compute_loss (evaluate without compute_metrics); use "
+                "score_pairs() or RenyiEnsemble.score for per-member scores."
+            )
+        return self._ensemble_loss(model, inputs)
+
+    # ------------------------------------------------------------------ metrics
+    def _log_forward_metrics(self, auxes: list[dict], inputs: dict, mode: str) -> None:
+        """TRL's DPO metrics for the ensemble (rewards of the π-weighted member mean), the same per member under
+        ``renyi/member_k/``, and TRL's token metrics (entropy, chosen-token accuracy) over all members' rows."""
+        metrics = self._metrics[mode]
+        device = inputs["input_ids"].device
+        pair_stats = torch.stack(
+            [
+                torch.cat([aux[key] for aux in auxes], dim=-1).float()
+                for key in ("chosen_logratios", "rejected_logratios", "chosen_logps", "rejected_logps")
+            ],
+            dim=-1,
+        )  # (B, K, 4)
+        pair_stats = self.accelerator.gather(pair_stats)
+        chosen_rewards, rejected_rewards = self.beta * pair_stats[..., 0], self.beta * pair_stats[..., 1]
+        weights = self._renyi_log_weights.to(pair_stats.device).exp()
+        ensemble_chosen, ensemble_rejected = chosen_rewards @ weights, rejected_rewards @ weights
+        metrics["rewards/chosen"].append(ensemble_chosen.mean().item())
+        metrics["rewards/rejected"].append(ensemble_rejected.mean().item())
+        metrics["rewards/accuracies"].append((ensemble_chosen > ensemble_rejected).float().mean().item())
+        metrics["rewards/margins"].append((ensemble_chosen - ensemble_rejected).mean().item())
+        metrics["logps/chosen"].append((pair_stats[..., 2] @ weights).mean().item())
+        metrics["logps/rejected"].append((pair_stats[..., 3] @ weights).mean().item())
+        member_means = torch.stack(
+            [chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards, (chosen_rewards > rejected_rewards).float()]
+        ).mean(dim=1)  # (4, K)
+        for k, name in enumerate(self.member_names):
+            chosen, rejected, margin, accuracy = member_means[:, k].tolist()
+            metrics[f"renyi/{name}/rewards/chosen"].append(chosen)
+            metrics[f"renyi/{name}/rewards/rejected"].append(rejected)
+            metrics[f"renyi/{name}/rewards/margins"].append(margin)
+            metrics[f"renyi/{name}/rewards/accuracies"].append(accuracy)
+
+        # token metrics over every member's rows: entropy of all completion tokens, top-1 accuracy of chosen ones
+        completion = inputs["completion_mask"][:, 1:].bool()
+        chosen_rows = torch.zeros_like(completion)
+        chosen_rows[: completion.shape[0] // 2] = True
+        totals = torch.zeros(4, device=device)
+        for aux in auxes:
+            outputs = aux["outputs"]
+            copies = outputs.entropy.shape[0] // completion.shape[0]
+            mask = completion.repeat(copies, 1)
+            chosen_mask = mask & chosen_rows.repeat(copies, 1)
+            entropy = outputs.entropy[:, -mask.shape[1] :].detach()
+            top1 = outputs.is_top1[:, -mask.shape[1] :]
+            totals += torch.stack(
+                [(entropy * mask).sum(), mask.sum(), (top1 & chosen_mask).sum(), chosen_mask.sum()]
+            ).float().to(device)
+        totals = self.accelerator.gather(totals[None]).sum(0)
+        entropy_sum, num_tokens, correct, num_chosen = totals.tolist()
+        metrics["entropy"].append(entropy_sum / num_tokens if num_tokens > 0 else 0.0)
+        metrics["mean_token_accuracy"].append(correct / num_chosen if num_chosen > 0 else 0.0)
+        if mode == "train":
+            seen = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += seen // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score_pairs(self, dataset=None, batch_size: int | None = None) -> PairScores:
+        """Margins, member log-likelihoods and responsibilities (at the current α) of every pair of ``dataset``.
+
+        ``dataset`` is a preference dataset in any format DPOTrainer accepts (prepared or not); default: the eval
+        dataset. The reference comes from the base model (or the precomputed columns when present). Nothing is
+        logged and the model's train/eval mode is restored.
+        """
+        dataset = self.eval_dataset if dataset is None else dataset
+        if dataset is None:
+            raise ValueError("score_pairs needs a dataset (or an eval_dataset on the trainer).")
+        if "prompt_ids" not in dataset.column_names:
+            dataset = self._prepare_dataset(dataset, self.processing_class, self.args, "score")
+        keep = {"prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"}
+        dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+        loader = DataLoader(
+            dataset, batch_size=batch_size or self.args.per_device_eval_batch_size, collate_fn=self.data_collator
+        )
+        was_training = self.model.training
+        self.model.eval()
+        margins, logliks = [], []
+        try:
+            for batch in loader:
+                loglik, aux = self._member_loglik(self.model, self._prepare_inputs(batch))
+                logliks.append(loglik.float().cpu())
+                margins.append(aux["margins"].float().cpu())
+        finally:
+            self.model.train(was_training)
+        loglik = torch.cat(logliks)
+        floor = getattr(self.args, "responsibility_floor", 0.0)
+        bound = floored_renyi_bound(loglik, self.current_alpha(), self._renyi_log_weights, floor)
+        return PairScores(margins=torch.cat(margins), loglik=loglik, responsibilities=bound.responsibilities)
+
+
+__all__ = ["LIKELIHOOD_LOSS_TYPES", "PairScores", "RenyiDPOTrainer", "pair_log_likelihood"]
