@@ -28,11 +28,14 @@ from pathlib import Path
 
 import torch
 
-from .data import DEFAULT_FAMILIES, DEFAULT_SYSTEM_PROMPT, FAMILIES, Item, chat_answer, chat_prompt, conflict_sft_dataset
+from .data import DEFAULT_SYSTEM_PROMPT, FAMILIES, Item, chat_answer, chat_prompt, conflict_sft_dataset
 from .data import held_out_items as make_held_out_items
 from .models import DEFAULT_MODEL
 
 DATASET_NAME = "trl_renyi:conflict_sft_chat"
+# two contradictory families and two consistent ones the base model already knows: a family it cannot learn from
+# the data (e.g. two-digit arithmetic for a 135M model) also shows member disagreement, from ignorance, not conflict
+DEMO_FAMILIES = ("greetings", "farewells", "opposites", "capitals")
 SIGNALS = {
     "choice_mi": "choice MI",
     "token_mi_max": "max token MI",
@@ -66,7 +69,7 @@ class DemoConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of every member (all linear layers)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
     families: list[str] = field(
-        default_factory=lambda: list(DEFAULT_FAMILIES),
+        default_factory=lambda: list(DEMO_FAMILIES),
         metadata={"help": f"Task families of the generated data, from {sorted(FAMILIES)}."},
     )
     num_test_per_family: int = field(default=8, metadata={"help": "Held-out prompts per family for the evaluation."})
