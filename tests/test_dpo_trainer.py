@@ -20,6 +20,7 @@ from tests.helpers import (
     lora_weights,
     set_random_lora_b,
 )
+from tests.test_member_chunks_and_trunk import step_grads
 from tests.test_sft_trainer import loss_and_grads
 from trl_renyi import RenyiDPOConfig, RenyiDPOTrainer
 from trl_renyi.members import get_router, member_names, router_disabled
@@ -142,6 +143,31 @@ def test_reference_forward_runs_once_per_step(make_model, tokenizer, preference_
     policy = [rows for base_only, rows in calls if not base_only]
     assert policy == [num_members * 2 * pairs] * 2  # chosen and rejected of all K members in one forward per step
     assert reference == ([] if precompute else [2 * pairs] * 2)  # once per step, untiled, whatever K
+
+
+@pytest.mark.parametrize("variant", ["shared_trunk", "member_chunks"])
+def test_shared_trunk_and_member_chunks_match_one_pass(make_model, tokenizer, preference_dataset, tmp_path, variant):
+    top_layer = lora_config(
+        layers_to_transform=[1],
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    settings = dict(num_members=3, member_init_std=0.3, alpha=-0.5, peft_config=top_layer)
+    plain = make_trainer(RenyiDPOTrainer, RenyiDPOConfig, make_model(), preference_dataset, tokenizer, tmp_path,
+                         shared_trunk=False, **settings)
+    overrides = {} if variant == "shared_trunk" else {"member_chunk_size": 1, "shared_trunk": False}
+    other = make_trainer(RenyiDPOTrainer, RenyiDPOConfig, make_model(), preference_dataset, tokenizer, tmp_path,
+                         **overrides, **settings)
+    assert (other.shared_trunk_layer == 1) == (variant == "shared_trunk")
+    loss_ref, grads_ref = step_grads(plain)
+    calls, handle = count_forwards(other)
+    loss, grads = step_grads(other)
+    handle.remove()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
+    for name in grads_ref:
+        assert_close_dicts(grads[name], grads_ref[name], rtol=1e-5, scaled=True)
+    # the reference pass is untiled (no trunk tiling) and runs once per step, also across member chunks
+    assert [rows for base_only, rows in calls if base_only] == [2 * other.args.per_device_train_batch_size]
+    assert get_router(other.model).trunk_active is False
 
 
 # --------------------------------------------------------------------------- member-batched = independent per member

@@ -411,6 +411,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
                 margins.append(aux["margins"].float().cpu())
         finally:
             self.model.train(was_training)
+            get_router(self.accelerator.unwrap_model(self.model)).trunk_active = False  # as after any step
         loglik = torch.cat(logliks)
         floor = getattr(self.args, "responsibility_floor", 0.0)
         bound = floored_renyi_bound(loglik, self.current_alpha(), self._renyi_log_weights, floor)
