@@ -320,7 +320,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
             [
                 torch.tensor([float(num)], device=loglik.device),
                 routing_entropy(responsibilities).sum().reshape(1),
-                loglik.std(dim=-1, unbiased=False).sum().reshape(1),
+                (loglik.std(dim=-1, unbiased=False).sum() if num else loglik.new_zeros(())).reshape(1),
                 tokens.reshape(1).to(loglik.device),
                 responsibilities.sum(0),
                 -loglik.sum(0),
