@@ -11,9 +11,10 @@ so ``RenyiEnsemble.from_pretrained("user/repo")`` and ``PeftModel.from_pretraine
 subfolder="member_0")`` both work on it. The card is generated from ``renyi_ensemble.json`` alone, so the same card
 comes out of ``trainer.save_model``, ``RenyiEnsemble.save_pretrained`` and both ``push_to_hub`` methods.
 
-The routing share of member k is the mean responsibility
-:math:`\bar r_k = \frac{1}{N}\sum_i r_{ik}`, :math:`r_{ik} = \operatorname{softmax}_k(\log\pi_k + (1-\alpha)\ell_{ik})`,
-over the logged training steps after the α warm-up: how much of the data each member was trained on.
+The routing share of member k is its mean gradient weight :math:`\bar r_k = \frac{1}{N}\sum_i \tilde r_{ik}` over the
+logged training steps after the α warm-up, with :math:`\tilde r_{ik} = (1-\lambda)\, r_{ik} + \lambda \pi_k` and
+:math:`r_{ik} = \operatorname{softmax}_k(\log\pi_k + (1-\alpha)\ell_{ik})` (λ: the responsibility floor, 0 by
+default): how much of the data each member was trained on.
 """
 
 from __future__ import annotations
@@ -190,8 +191,9 @@ def model_card(
         lines.append(f"| `{name}` | {weights[index]:.3f} | {share_text} |")
     lines += [
         "",
-        "The routing share is the mean responsibility r_ik = softmax_k(log π_k + (1−α) ℓ_ik) over the training "
-        "steps after the α warm-up: how much of the data each member was trained on.",
+        "The routing share is member k's mean gradient weight over the training steps after the α warm-up — its "
+        "responsibility r_ik = softmax_k(log π_k + (1−α) ℓ_ik), mixed with λ·π_k under a responsibility floor λ: "
+        "how much of the data each member was trained on.",
     ]
     results = metadata.get("eval_results")
     if results:
