@@ -370,3 +370,19 @@ def test_unservable_adapters_are_refused(make_model, tokenizer, prompt_completio
             processing_class=tokenizer,
             peft_config=lora_config(**config_kwargs),
         )
+
+
+def test_k1_matches_sft_trainer_when_the_model_is_given_by_name(make_model, tokenizer, prompt_completion_dataset, tmp_path):
+    """Loaded by TRL's own loader at TRL's RNG point, the first adapter's random init is TRL's."""
+    path = tmp_path / "tiny"
+    make_model().save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    stock = make_trainer(SFTTrainer, SFTConfig, str(path), prompt_completion_dataset, tokenizer, tmp_path)
+    ours = make_trainer(
+        RenyiSFTTrainer, RenyiSFTConfig, str(path), prompt_completion_dataset, tokenizer, tmp_path, num_members=1
+    )
+    assert_close_dicts(lora_weights(ours.model, "member_0"), lora_weights(stock.model, "default"), rtol=0, atol=0)
+    loss_ref, grads_ref, _ = loss_and_grads(stock, "default", False)
+    loss, grads, _ = loss_and_grads(ours, "member_0", False)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
+    assert_close_dicts(grads, grads_ref, rtol=1e-5, scaled=True)

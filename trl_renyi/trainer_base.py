@@ -19,6 +19,7 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
+from trl.trainer.utils import create_model_from_path
 
 from .checkpoint import AtomicCheckpointMixin
 from .config import RenyiEnsembleArguments
@@ -115,11 +116,12 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
             if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
                 init_kwargs["device_map"] = None
             init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-            dtype = init_kwargs.pop("dtype", "float32")
-            model = load_causal_lm(name, dtype=dtype, **init_kwargs)
-            if processing_class is None and is_embedded(name):
-                processing_class = load_tokenizer(name)
-            set_seed(args.seed)
+            if is_embedded(name):
+                model = load_causal_lm(name, dtype=init_kwargs.pop("dtype", "float32"), **init_kwargs)
+                if processing_class is None:
+                    processing_class = load_tokenizer(name)
+            else:  # TRL's own loader, in TRL's order, so that K = 1 by name is TRL to the bit
+                model = create_model_from_path(name, **init_kwargs)
         peft_model = build_ensemble(model, peft_config, args.num_members, args.seed, args.member_init_std)
         return peft_model, processing_class
 
