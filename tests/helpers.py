@@ -3,6 +3,8 @@
 import torch
 from peft import LoraConfig
 
+from trl_renyi.members import member_names
+
 CPU_ARGS = dict(
     report_to="none",
     bf16=False,
@@ -13,6 +15,18 @@ CPU_ARGS = dict(
     dataloader_num_workers=0,
     seed=0,
 )
+
+# The bare α-objective (no α warm-up, no responsibility floor), for tests that check the trainer against an
+# independent computation at one α; tests of the warm-up and the floor set them explicitly.
+PLAIN_OBJECTIVE = dict(alpha_warmup_ratio=0.0, responsibility_floor=0.0)
+
+
+def renyi_settings(config_cls, settings: dict) -> dict:
+    """``settings`` with :data:`PLAIN_OBJECTIVE` underneath when ``config_cls`` is a Renyi config (TRL's configs
+    have no such fields)."""
+    from trl_renyi.config import RenyiEnsembleArguments
+
+    return {**PLAIN_OBJECTIVE, **settings} if issubclass(config_cls, RenyiEnsembleArguments) else dict(settings)
 
 
 def lora_config(**kwargs):
@@ -58,3 +72,36 @@ def assert_close_dicts(a, b, rtol=1e-5, atol=1e-7, scaled=False):
     for key in a:
         tol = max(atol, rtol * float(b[key].abs().max())) if scaled else atol
         torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=tol, msg=lambda m: f"{key}: {m}")
+
+
+def backward_first_batch(trainer, gradient_checkpointing):
+    """``compute_loss`` + backward on the trainer's first batch, in train mode: ``(loss, batch)``."""
+    model = trainer.model
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
+        assert model.is_gradient_checkpointing
+    model.train()
+    batch = first_batch(trainer)
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    return loss, batch
+
+
+def loss_and_grads(trainer, adapter, gradient_checkpointing):
+    """One ``compute_loss`` + backward on the first batch (LoRA B randomised): ``(loss, adapter grads, batch)``."""
+    set_random_lora_b(trainer.model)
+    loss, batch = backward_first_batch(trainer, gradient_checkpointing)
+    return loss.detach(), lora_grads(trainer.model, adapter), batch
+
+
+def step_grads(trainer, checkpointing=True):
+    """One ``training_step`` on the first batch: ``(loss, {member: LoRA grads})``."""
+    model = trainer.model
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
+        assert model.is_gradient_checkpointing
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() before the first step
+    batch = first_batch(trainer)
+    loss = trainer.training_step(model, batch)
+    return loss.detach(), {name: lora_grads(model, name) for name in member_names(trainer.args.num_members)}

@@ -14,14 +14,16 @@ from trl import DPOConfig, DPOTrainer
 from tests.helpers import (
     CPU_ARGS,
     assert_close_dicts,
+    backward_first_batch,
     first_batch,
     lora_config,
     lora_grads,
     lora_weights,
+    loss_and_grads,
+    renyi_settings,
     set_random_lora_b,
+    step_grads,
 )
-from tests.test_member_chunks_and_trunk import step_grads
-from tests.test_sft_trainer import loss_and_grads
 from trl_renyi import RenyiDPOConfig, RenyiDPOTrainer
 from trl_renyi.members import get_router, member_names, router_disabled
 
@@ -59,7 +61,7 @@ def make_trainer(cls, config_cls, model, dataset, tokenizer, tmp_path, peft_conf
     kwargs = dict(CPU_ARGS)
     kwargs.update(per_device_train_batch_size=4, max_steps=1, learning_rate=1e-2, beta=0.5)
     kwargs.update(overrides)
-    args = config_cls(output_dir=str(tmp_path / cls.__name__), **kwargs)
+    args = config_cls(output_dir=str(tmp_path / cls.__name__), **renyi_settings(config_cls, kwargs))
     if isinstance(model, PeftModel):
         peft_config = None
     elif peft_config is None:
@@ -227,12 +229,7 @@ def test_member_batched_gradients_match_independent_loop(
         alpha=alpha, member_init_std=0.3, loss_type=loss_type, label_smoothing=eps, gradient_checkpointing=True,
     )
     model = trainer.model
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
-    assert model.is_gradient_checkpointing
-    model.train()
-    batch = first_batch(trainer)
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
+    loss, batch = backward_first_batch(trainer, gradient_checkpointing=True)
     batched = {name: lora_grads(model, name) for name in member_names(k)}
     model.zero_grad(set_to_none=True)
     ref_loss, loglik, resp, reference = independent_member_gradients(trainer, batch, alpha, loss_type, eps)

@@ -210,8 +210,9 @@ def test_trainer_save_and_push_to_hub_write_the_ensemble_card(
     assert member_files(2) | {"README.md", "renyi_ensemble.json"} <= uploaded_files(folder)
     card = (folder / "README.md").read_text()
     meta = json.loads((folder / "renyi_ensemble.json").read_text())
-    # routing shares in the card are those logged by the trainer after training
-    logged = [e for e in trainer.state.log_history if "renyi/member_0/share" in e]
+    # routing shares in the card are those logged by the trainer once the α warm-up (default: half the steps) ended
+    logged = [e for e in trainer.state.log_history if "renyi/member_0/share" in e and e["renyi/alpha"] == 0.0]
+    assert len(logged) == 1
     expected = [sum(e[f"renyi/member_{k}/share"] for e in logged) / len(logged) for k in range(2)]
     assert meta["routing_share"] == pytest.approx(expected)
     assert f"| `member_0` | 0.500 | {expected[0]:.3f} |" in card

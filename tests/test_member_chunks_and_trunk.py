@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tests.helpers import CPU_ARGS, assert_close_dicts, first_batch, lora_config, lora_grads
+from tests.helpers import CPU_ARGS, assert_close_dicts, first_batch, lora_config, step_grads
 from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
-from trl_renyi.members import get_router, member_names
+from trl_renyi.members import get_router
 
 
 def build(make_model, tokenizer, dataset, tmp_path, peft_config=None, **overrides):
@@ -20,18 +20,6 @@ def build(make_model, tokenizer, dataset, tmp_path, peft_config=None, **override
         processing_class=tokenizer,
         peft_config=peft_config or lora_config(),
     )
-
-
-def step_grads(trainer, checkpointing=True):
-    model = trainer.model
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
-        assert model.is_gradient_checkpointing
-    model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() before the first step
-    batch = first_batch(trainer)
-    loss = trainer.training_step(model, batch)
-    return loss.detach(), {name: lora_grads(model, name) for name in member_names(trainer.args.num_members)}
 
 
 @pytest.mark.parametrize("chunk, floor", [(1, 0.0), (3, 0.0), (1, 0.25)])

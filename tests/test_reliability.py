@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from tests.helpers import CPU_ARGS, first_batch, lora_config, lora_grads
+from tests.helpers import CPU_ARGS, PLAIN_OBJECTIVE, first_batch, lora_config, lora_grads
 from tests.training_script import build_trainer, dataset, dpo_available, member_weights
 from trl_renyi import (
     RenyiDPOConfig,
@@ -503,7 +503,7 @@ class _Recorder:
 
 
 def _trainer_for(model, tokenizer, tmp_path, num_members, alpha, **overrides):
-    settings = {**CPU_ARGS, "member_init_std": 0.05, "per_device_train_batch_size": 4, **overrides}
+    settings = {**CPU_ARGS, **PLAIN_OBJECTIVE, "member_init_std": 0.05, "per_device_train_batch_size": 4, **overrides}
     args = RenyiSFTConfig(output_dir=str(tmp_path), num_members=num_members, alpha=alpha, **settings)
     return RenyiSFTTrainer(
         model=model, args=args, train_dataset=dataset("sft"), processing_class=tokenizer, peft_config=lora_config()

@@ -10,11 +10,13 @@ from trl import SFTConfig, SFTTrainer
 from tests.helpers import (
     CPU_ARGS,
     assert_close_dicts,
+    backward_first_batch,
     first_batch,
     lora_config,
     lora_grads,
     lora_weights,
-    set_random_lora_b,
+    loss_and_grads,
+    renyi_settings,
 )
 from trl_renyi import RenyiEnsemble, RenyiSFTConfig, RenyiSFTTrainer, renyi_bound
 from trl_renyi.members import member_names, router_disabled
@@ -24,7 +26,7 @@ def make_trainer(cls, config_cls, model, dataset, tokenizer, tmp_path, peft_conf
     kwargs = dict(CPU_ARGS)
     kwargs.update(per_device_train_batch_size=4, max_steps=1, learning_rate=1e-2)
     kwargs.update(overrides)
-    args = config_cls(output_dir=str(tmp_path / cls.__name__), **kwargs)
+    args = config_cls(output_dir=str(tmp_path / cls.__name__), **renyi_settings(config_cls, kwargs))
     return cls(
         model=model,
         args=args,
@@ -32,19 +34,6 @@ def make_trainer(cls, config_cls, model, dataset, tokenizer, tmp_path, peft_conf
         processing_class=tokenizer,
         peft_config=peft_config if peft_config is not None else lora_config(),
     )
-
-
-def loss_and_grads(trainer, adapter, gradient_checkpointing):
-    model = trainer.model
-    set_random_lora_b(model)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
-        assert model.is_gradient_checkpointing
-    model.train()
-    batch = first_batch(trainer)
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
-    return loss.detach(), lora_grads(model, adapter), batch
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
@@ -135,12 +124,7 @@ def test_member_batched_gradients_match_independent_loop(make_model, tokenizer, 
         gradient_checkpointing=True,
     )
     model = trainer.model
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
-    assert model.is_gradient_checkpointing
-    model.train()
-    batch = first_batch(trainer)
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
+    loss, batch = backward_first_batch(trainer, gradient_checkpointing=True)
     batched = {name: lora_grads(model, name) for name in member_names(4)}
     model.zero_grad(set_to_none=True)
     ref_loss, loglik, reference = independent_member_gradients(trainer, batch, alpha)
@@ -271,6 +255,12 @@ def test_save_reload_and_score(make_model, tokenizer, prompt_completion_dataset,
     conv = reloaded.score([[{"role": "user", "content": "Say hello."}]], [[{"role": "assistant", "content": "Ahoy"}]])
     assert torch.isfinite(conv.member_loglik).all() and conv.num_tokens.item() >= 2
 
+    # loaded for inference: frozen like PeftModel.from_pretrained; is_trainable=True leaves every member trainable
+    assert not any(p.requires_grad for p in reloaded.model.parameters())
+    trainable = RenyiEnsemble.from_pretrained(str(out), base_model=make_model(), is_trainable=True)
+    names = {n.split(".lora_")[1].split(".")[1] for n, p in trainable.model.named_parameters() if p.requires_grad}
+    assert names == {"member_0", "member_1"}
+
 
 def test_resume_from_checkpoint_restores_all_members(make_model, tokenizer, prompt_completion_dataset, tmp_path):
     settings = dict(num_members=3, max_steps=4, member_init_std=0.05, alpha=0.0, per_device_train_batch_size=2)
@@ -386,3 +376,4 @@ def test_k1_matches_sft_trainer_when_the_model_is_given_by_name(make_model, toke
     loss, grads, _ = loss_and_grads(ours, "member_0", False)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
     assert_close_dicts(grads, grads_ref, rtol=1e-5, scaled=True)
+

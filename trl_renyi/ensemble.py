@@ -23,7 +23,7 @@ from .choices import predict_choices as _predict_choices
 from .choices import predict_preferences as _predict_preferences
 from .encoding import collate_scoring_batch, encode_prompt_completion
 from .generation import generate as _generate
-from .members import attach_ensemble, get_router, member_names, shared_trunk, tile_for_members
+from .members import attach_ensemble, get_router, member_names, set_members_trainable, shared_trunk, tile_for_members
 from .models import canonical_name, load_causal_lm, load_tokenizer, model_name_or_path
 from .objective import normalized_log_weights, renyi_bound
 from .uncertainty import decompose
@@ -325,6 +325,7 @@ class RenyiEnsemble:
         trust_remote_code: bool = False,
         check_base_model: bool = True,
         base_model_revision: str | None = None,
+        is_trainable: bool = False,
     ) -> RenyiEnsemble:
         """Rebuild a saved ensemble from a local folder (or a Hub repo id, downloaded at ``revision``).
 
@@ -338,6 +339,8 @@ class RenyiEnsemble:
                 unless asked).
             check_base_model: refuse a base model whose name or config hash differs from the recorded one.
             base_model_revision: Hub revision of a base model (and its tokenizer) loaded by name.
+            is_trainable: leave the members' LoRA weights trainable (to continue training them); by default they are
+                frozen and in inference mode, as with PEFT's ``PeftModel.from_pretrained``.
 
         Member weights are read from safetensors only; the folder is validated (``renyi_ensemble.json``, every member
         folder, the members' LoRA configs, the base model) before any weight is loaded.
@@ -374,7 +377,10 @@ class RenyiEnsemble:
         for name in names[1:]:
             model.load_adapter(str(folder / name), adapter_name=name)
         model.eval()
-        return cls(model, tokenizer, alpha=meta["alpha"], member_weights=meta["member_weights"], metadata=meta)
+        ensemble = cls(model, tokenizer, alpha=meta["alpha"], member_weights=meta["member_weights"], metadata=meta)
+        if not is_trainable:
+            set_members_trainable(model, names, trainable=False)
+        return ensemble
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -343,9 +343,9 @@ def build_ensemble(
     """Wrap ``model`` in a PeftModel with ``num_members`` LoRA adapters built from one ``lora_config``.
 
     Member 0 is created by ``get_peft_model`` from the caller's RNG state, exactly as TRL creates its single adapter
-    (so K = 1 with ``init_std = 0`` is bit-identical to TRL); member k ≥ 1 draws its LoRA ``A`` under seed
-    ``seed + k``; every member gets its own random ``B`` when ``init_std > 0``. All members are trainable and the
-    member-batched forward is installed.
+    (so K = 1 is bit-identical to TRL); member k ≥ 1 draws its LoRA ``A`` under seed ``seed + k``; with K ≥ 2 and
+    ``init_std > 0`` every member gets its own random ``B`` (a single member has no symmetry to break, so K = 1 keeps
+    PEFT's B = 0 whatever ``init_std``). All members are trainable and the member-batched forward is installed.
     """
     if not isinstance(lora_config, LoraConfig):
         raise ValueError(
@@ -359,7 +359,8 @@ def build_ensemble(
         with torch.random.fork_rng(devices=_device_indices()):
             torch.manual_seed(seed + k)
             peft_model.add_adapter(name, copy.deepcopy(lora_config))
-    perturb_lora_b(peft_model, names, init_std, seed)
+    if num_members > 1:
+        perturb_lora_b(peft_model, names, init_std, seed)
     set_members_trainable(peft_model, names)
     install_member_batching(peft_model, names)
     return peft_model
