@@ -17,11 +17,12 @@ class RenyiEnsembleArguments:
         metadata={"help": "Number K of LoRA members in the ensemble (>= 1). K = 1 reproduces plain TRL training."},
     )
     alpha: float = field(
-        default=0.5,
+        default=-1.0,
         metadata={
-            "help": "Rényi order α of the objective J = 1/(1-α)·log Σ_k π_k exp((1-α)ℓ_k). α → 1: independent "
-            "deep ensemble (every member fits everything); α = 0: predictive mixture (complementary specialists); "
-            "α < 0: sharper, winner-take-all routing; α > 1: soft minimum."
+            "help": "Rényi order α of the objective J = 1/(1-α)·log Σ_k π_k exp((1-α)ℓ_k), applied after the warm-up. "
+            "α → 1: independent deep ensemble (every member fits everything); α = 0: predictive mixture "
+            "(complementary specialists); α < 0: sharper, winner-take-all routing, where specialists strictly beat "
+            "hedging on two-way conflicts; α > 1: soft minimum. Default -1 (see docs/results.md)."
         },
     )
     member_weights: list[float] | None = field(
@@ -37,22 +38,23 @@ class RenyiEnsembleArguments:
         },
     )
     alpha_warmup_ratio: float = field(
-        default=0.0,
+        default=0.5,
         metadata={
             "help": "Fraction of the training steps during which α is held at 1 (every member fits all data) before "
-            "`alpha` applies. Lets every member learn what the data agrees on before members specialise."
+            "`alpha` applies. Lets every member learn what the data agrees on before members specialise. 0 disables it."
         },
     )
     member_init_std: float = field(
-        default=0.0,
+        default=1e-3,
         metadata={
             "help": "Standard deviation of each member's random initial LoRA B (own seed per member), so that members "
-            "start functionally different; 0 keeps PEFT's B = 0, where identical members sit on a saddle."
+            "start functionally different; 0 keeps PEFT's B = 0, where identical members sit on a saddle. Ignored "
+            "with one member (K = 1 keeps PEFT's init and equals TRL)."
         },
     )
 
     responsibility_floor: float = field(
-        default=0.0,
+        default=0.1,
         metadata={
             "help": "λ in [0, 1): mix λ of the α = 1 bound into the objective, J = (1-λ)·J_α + λ·Σ_k π_k ℓ_k, so every "
             "member receives at least λ·π_k of every example's gradient and keeps what all data agrees on while "
