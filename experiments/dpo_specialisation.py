@@ -1,7 +1,7 @@
 """Efficacy study 2: preference specialisation — do members take the sides of annotator groups that disagree?
 
 Two annotator groups label the same kind of prompts in opposite ways on the contradictory families (greetings,
-farewells) and agree on the consistent ones (arithmetic, capitals). For a single LoRA (K = 1, which must average
+farewells) and agree on the consistent ones (opposites, capitals; ``--families`` to change). For a single LoRA (K = 1, which must average
 the groups) and K-member α-Rényi DPO ensembles, it reports:
 
 * **routed accuracy** per group: each group is routed to the member with the largest mean posterior
@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     data = conflict_preference_dataset(
         num_train_per_family=args.train_per_family,
         num_test_per_family=args.test_per_family,
+        families=args.families,
         seed=args.seed,
         conversational=not args.quick,
     )
@@ -135,6 +136,7 @@ def main(argv=None) -> int:
         "lora_r": args.lora_r,
         "member_init_std": args.member_init_std,
         "seed": args.seed,
+        "families": list(args.families),
         "max_length": 96,
         "train_pairs": len(train_rows),
         "test_pairs": len(test_rows),
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
             f"{fmt(metrics['agreed_worst_member_accuracy'])}, AUROC(MI) {fmt(metrics['auroc_mi'])}",
             flush=True,
         )
-    command = "python experiments/dpo_specialisation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = ("python experiments/dpo_specialisation.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     payload = {"settings": settings, "results": results, "command": command}
     save_json(out_dir / "dpo_specialisation.json", payload)
 

@@ -22,6 +22,10 @@ from trl_renyi import RenyiEnsemble  # noqa: E402
 from trl_renyi.members import build_ensemble, member_names  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
+# The demo's families: greetings and farewells are contradictory; opposites and capitals are consistent and known to
+# the base model, so disagreement on them can only come from a member abandoning them (not from ignorance, as on
+# arithmetic, where a 135M model's members also disagree on unseen sums).
+STUDY_FAMILIES = ("greetings", "farewells", "opposites", "capitals")
 
 
 def load_base(quick: bool, model: str):
@@ -76,7 +80,7 @@ def train_ensemble(trainer_cls, config_cls, base, tokenizer, dataset, settings: 
         num_members=run["num_members"],
         alpha=run["alpha"],
         alpha_warmup_ratio=run.get("warmup", 0.0),
-        member_init_std=settings["member_init_std"],
+        member_init_std=run.get("init_std", settings["member_init_std"]),
         responsibility_floor=run.get("floor", 0.0),
         **settings.get("extra_config", {}),
     )
@@ -120,7 +124,13 @@ def study_parser(doc: str, runs: dict, learning_rate: float):
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--member-init-std", type=float, default=1e-3)
     parser.add_argument("--train-per-family", type=int, default=None, help="default 160 (quick 8)")
-    parser.add_argument("--test-per-family", type=int, default=None, help="default 7 (quick 4)")
+    parser.add_argument("--test-per-family", type=int, default=None, help="default 12 (quick 4)")
+    parser.add_argument(
+        "--families",
+        default=",".join(STUDY_FAMILIES),
+        help="comma-separated task families of the generated data (default: two contradictory families and two "
+        "consistent ones the base model already knows, as in the demo)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=None, help="default experiments/results (quick: a temp dir)")
     parser.add_argument("--docs", default=None, help="results page to update (default docs/results.md; quick: none)")
@@ -136,7 +146,8 @@ def apply_size_defaults(args, prefix: str) -> tuple[Path, Path | None]:
     if args.quick:
         args.batch_size = min(args.batch_size, 4)
     args.train_per_family = args.train_per_family or (8 if args.quick else 160)
-    args.test_per_family = args.test_per_family or (4 if args.quick else 7)
+    args.test_per_family = args.test_per_family or (4 if args.quick else 12)
+    args.families = [name.strip() for name in args.families.split(",") if name.strip()]
     if args.output_dir is None:
         args.output_dir = tempfile.mkdtemp(prefix=prefix) if args.quick else str(REPO / "experiments" / "results")
     docs = None if (args.quick and args.docs is None) else Path(args.docs or REPO / "docs" / "results.md")

@@ -1,7 +1,7 @@
 """Efficacy study 1 (+ the forgetting remedy): do α-Rényi SFT ensembles specialise on contradictory data and flag it?
 
 Trains, on the package's conflicting-data generator (greetings and farewells answered under two conventions;
-arithmetic and capitals consistent), a single LoRA, K independently trained LoRAs, and K-member ensembles for
+opposites and capitals consistent; ``--families`` to change), a single LoRA, K independently trained LoRAs, and K-member ensembles for
 α ∈ {1, 0.5, 0, −1, −3} with constant α and with an α warm-up, plus the ``responsibility_floor`` remedy; then
 reports per setting the held-out NLL per family, routing purity, routing entropy, the AUROC of the uncertainty
 signals for contradictory vs consistent prompts, and how far the worst member fell behind on consistent families.
@@ -17,6 +17,7 @@ Writes ``<output-dir>/sft_specialisation.json``, two plots, and the section of `
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from runs import (  # noqa: E402
     train_ensemble,
     update_results_page,
 )
-from evaluation import evaluate_ensemble  # noqa: E402
+from evaluation import convention_mass, evaluate_ensemble  # noqa: E402
 
 RUNS = {
     "single": {"label": "single LoRA (K = 1)", "num_members": 1, "alpha": 1.0},
@@ -54,6 +55,8 @@ RUNS = {
     "a-3w": {"label": "α = −3, warm-up", "alpha": -3.0, "warmup": 0.5},
     "a0wf": {"label": "α = 0, warm-up, floor 0.1", "alpha": 0.0, "warmup": 0.5, "floor": 0.1},
     "a-1wf": {"label": "α = −1, warm-up, floor 0.1", "alpha": -1.0, "warmup": 0.5, "floor": 0.1},
+    "a-1wf.3": {"label": "α = −1, warm-up, floor 0.3", "alpha": -1.0, "warmup": 0.5, "floor": 0.3},
+    "a-1wf-b0": {"label": "α = −1, warm-up, floor 0.1, B = 0", "alpha": -1.0, "warmup": 0.5, "floor": 0.1, "init_std": 0.0},
 }
 QUICK_RUNS = "single,a-1wf"
 
@@ -61,6 +64,9 @@ QUICK_RUNS = "single,a-1wf"
 def parse_args(argv=None):
     parser = study_parser(__doc__, RUNS, learning_rate=2e-3)
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON, train the rest")
+    parser.add_argument(
+        "--render-only", action="store_true", help="redraw the plots and the results section from the output JSON"
+    )
     return parser.parse_args(argv)
 
 
@@ -70,6 +76,7 @@ def build_data(args, tokenizer):
     data = conflict_sft_dataset(
         num_train_per_family=args.train_per_family,
         num_test_per_family=args.test_per_family,
+        families=args.families,
         seed=args.seed,
         conversational=not args.quick,
     )
@@ -90,6 +97,7 @@ def run_all(args, out_path: Path) -> dict:
         "lora_r": args.lora_r,
         "member_init_std": args.member_init_std,
         "seed": args.seed,
+        "families": list(args.families),
         "max_length": 96,
         "train_examples": len(train),
         "test_examples": len(test),
@@ -100,8 +108,6 @@ def run_all(args, out_path: Path) -> dict:
         raise SystemExit(f"unknown --runs {unknown}; choose from {list(RUNS)}")
     results = {}
     if args.resume and out_path.exists():
-        import json
-
         previous = json.loads(out_path.read_text())
         if previous.get("settings") == settings:
             results = {k: v for k, v in previous["results"].items() if k in names}
@@ -136,12 +142,13 @@ def run_all(args, out_path: Path) -> dict:
         results[name] = metrics
         save_json(out_path, {"settings": settings, "results": results, "partial": True})
         print(
-            f"    {clock}: NLL {metrics['nll_all']:.2f}, purity {fmt(metrics['purity_contradictory'])}, "
+            f"    {clock}: NLL {metrics['nll_all']:.2f}, purity {fmt(metrics['purity_contradictory'])} / "
+            f"{fmt(metrics['specialist_purity'])}, "
             f"AUROC(choice MI) {fmt(metrics['auroc_choice_mi'])}, worst-member gap {fmt(metrics['worst_member_gap'])}",
             flush=True,
         )
         del ensemble
-    return {"settings": settings, "results": results}
+    return {"settings": settings, "results": {name: results[name] for name in names}}
 
 
 def plot(payload: dict, out_dir: Path) -> list[Path]:
@@ -150,7 +157,14 @@ def plot(payload: dict, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     series = [
         ("AUROC, contradictory vs consistent", [("choice MI", "auroc_choice_mi"), ("max token MI", "auroc_token_mi_max"), ("ℓ spread", "auroc_loglik_std")]),
-        ("routing purity (contradictory groups)", [("purity", "purity_contradictory")]),
+        (
+            "routing on the contradictory families",
+            [
+                ("top member", "purity_contradictory"),
+                ("specialist", "specialist_purity"),
+                ("convention mass", "convention_mass"),
+            ],
+        ),
         ("worst-member gap on consistent families (nats)", [("gap", "worst_member_gap")]),
     ]
     for axis, (title, keys) in zip(axes, series):
@@ -170,23 +184,36 @@ def plot(payload: dict, out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     ensembles = [name for name, r in results.items() if r["num_members"] > 1]
-    fig, axes = plt.subplots(1, max(1, len(ensembles)), figsize=(3.2 * max(1, len(ensembles)), 3.6), squeeze=False)
-    for axis, name in zip(axes[0], ensembles):
+    columns = min(5, max(1, len(ensembles)))
+    grid_rows = max(1, -(-len(ensembles) // columns))
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(3.4 * columns, 3.2 * grid_rows), squeeze=False)
+    for axis in axes.flat[len(ensembles) :]:
+        axis.axis("off")
+    for axis, name in zip(axes.flat, ensembles):
         families = results[name]["families"]
-        rows = list(families)
-        matrix = [families[f]["posterior_share"] for f in rows]
+        groups = results[name].get("group_share") or {f: families[f]["posterior_share"] for f in families}
+        rows = list(groups)
+        matrix = [groups[g] for g in rows]
         axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i, shares in enumerate(matrix):
+            for j, share in enumerate(shares):
+                axis.text(j, i, f"{share:.2f}", ha="center", va="center", fontsize=6, color="w" if share < 0.6 else "k")
         axis.set_yticks(range(len(rows)))
-        axis.set_yticklabels([f + (" *" if families[f]["contradictory"] else "") for f in rows], fontsize=8)
+        axis.set_yticklabels([g + (" *" if families[g.split("/")[0]]["contradictory"] else "") for g in rows], fontsize=7)
         axis.set_xticks(range(len(matrix[0])))
         axis.set_xlabel("member", fontsize=8)
         axis.set_title(results[name]["label"], fontsize=8)
-    fig.suptitle("posterior share of each member per family (* contradictory)", fontsize=9)
+    fig.suptitle("posterior share of each member per family / convention (* contradictory)", fontsize=9)
     fig.tight_layout()
     routing = out_dir / "sft_specialisation_routing.png"
     fig.savefig(routing, dpi=110)
     plt.close(fig)
     return [summary, routing]
+
+
+def contradictory_families(payload: dict) -> list[str]:
+    first = next(iter(payload["results"].values()), {"families": {}})
+    return [family for family, values in first["families"].items() if values["contradictory"]]
 
 
 def render(payload: dict, plots: list[Path], command: str, docs: Path | None) -> str:
@@ -195,13 +222,15 @@ def render(payload: dict, plots: list[Path], command: str, docs: Path | None) ->
         f"Model {s['model']}, K = {s['num_members']}, {s['steps']} steps of batch {s['batch_size']}, lr "
         f"{s['learning_rate']}, LoRA r {s['lora_r']} all-linear, member_init_std {s['member_init_std']}, seed "
         f"{s['seed']}; {s['train_examples']} training / {s['test_examples']} held-out examples "
-        "(greetings, farewells: contradictory; arithmetic, capitals: consistent).",
+        f"(families {', '.join(s['families'])}; contradictory: {', '.join(contradictory_families(payload)) or 'none'}).",
         f"Command: `{command}`",
         "",
-        "| setting | NLL held-out | NLL contra. / consist. | purity (contra.) | conflicts split | routing entropy "
+        "| setting | NLL held-out | NLL contra. / consist. | purity: top member / specialist | convention mass "
+        "| conflicts split "
+        "| routing entropy "
         "| choice MI contra. / consist. | AUROC choice MI | AUROC max token MI | AUROC ℓ std | worst-member gap "
         "(consist.) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in payload["results"].values():
         fam = result["families"]
@@ -211,7 +240,9 @@ def render(payload: dict, plots: list[Path], command: str, docs: Path | None) ->
         nll_k = sum(fam[f]["nll"] for f in cons) / max(1, len(cons))
         lines.append(
             f"| {result['label']} | {fmt(result['nll_all'])} | {fmt(nll_c)} / {fmt(nll_k)} | "
-            f"{fmt(result['purity_contradictory'])} | {len(result['conflicts_split'])}/{len(contra)} | "
+            f"{fmt(result['purity_contradictory'])} / {fmt(result.get('specialist_purity'))} | "
+            f"{fmt(result.get('convention_mass'))} | "
+            f"{len(result['conflicts_split'])}/{len(contra)} | "
             f"{fmt(result['routing_entropy'])} | {fmt(result['mi_contradictory'], 3)} / {fmt(result['mi_consistent'], 3)} | "
             f"{fmt(result['auroc_choice_mi'])} | {fmt(result['auroc_token_mi_max'])} | {fmt(result['auroc_loglik_std'])} | "
             f"{fmt(result['worst_member_gap'])} |"
@@ -227,15 +258,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir, docs = apply_size_defaults(args, "sft_study_")
     clock = Stopwatch()
-    payload = run_all(args, out_dir / "sft_specialisation.json")
-    command = "python experiments/sft_specialisation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    payload["command"] = command
-    save_json(out_dir / "sft_specialisation.json", payload)
+    out_path = out_dir / "sft_specialisation.json"
+    if args.render_only:
+        payload = json.loads(out_path.read_text())
+        command = payload["command"]
+    else:
+        payload = run_all(args, out_path)
+        command = "python experiments/sft_specialisation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        payload["command"] = command
+    for result in payload["results"].values():  # figures derived from the per-example data
+        if "convention_mass" not in result and "examples" in result:
+            contradictory = [f for f, v in result["families"].items() if v["contradictory"]]
+            result["convention_mass"] = convention_mass(result["examples"], contradictory)
+    save_json(out_path, payload)
     plots = plot(payload, out_dir)
     table = render(payload, plots, command, docs)
     update_results_page("sft-specialisation", table, docs)
     print(table)
-    print(f"wrote {out_dir / 'sft_specialisation.json'} and {', '.join(str(p) for p in plots)} in {clock}")
+    print(f"wrote {out_path} and {', '.join(str(p) for p in plots)} in {clock}")
     return 0
 
 

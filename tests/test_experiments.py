@@ -1,7 +1,6 @@
 """The efficacy studies' --quick variants run end to end (tiny offline model) and write their results."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,14 @@ def studies(monkeypatch):
     monkeypatch.syspath_prepend(str(EXPERIMENTS))
     monkeypatch.syspath_prepend(str(EXPERIMENTS.parent / "benchmarks"))
     import dpo_specialisation
+    import real_data
     import sft_specialisation
 
-    return sft_specialisation, dpo_specialisation
+    return sft_specialisation, dpo_specialisation, real_data
 
 
 def test_sft_study_quick(studies, tmp_path):
-    sft, _ = studies
+    sft, _, _ = studies
     assert sft.main(["--quick", "--output-dir", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "sft_specialisation.json").read_text())
     results = payload["results"]
@@ -29,7 +29,7 @@ def test_sft_study_quick(studies, tmp_path):
     assert single["num_members"] == 1 and ensemble["num_members"] == 4
     # one member cannot disagree with itself: no epistemic signal, AUROC at chance
     assert single["mi_contradictory"] == 0 and single["auroc_choice_mi"] == 0.5
-    for family in ("greetings", "farewells", "arithmetic", "capitals"):
+    for family in ("greetings", "farewells", "opposites", "capitals"):
         assert family in ensemble["families"]
         assert abs(sum(ensemble["families"][family]["posterior_share"]) - 1) < 1e-5
     assert 0 <= ensemble["routing_entropy"] <= 1.3863
@@ -38,7 +38,7 @@ def test_sft_study_quick(studies, tmp_path):
 
 
 def test_dpo_study_quick(studies, tmp_path):
-    _, dpo = studies
+    _, dpo, _ = studies
     assert dpo.main(["--quick", "--output-dir", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "dpo_specialisation.json").read_text())
     single, ensemble = payload["results"]["single"], payload["results"]["a-1w"]
@@ -47,3 +47,31 @@ def test_dpo_study_quick(studies, tmp_path):
     for group in ("A", "B"):
         assert 0 <= ensemble["groups"][group]["routed_accuracy"] <= 1
     assert (tmp_path / "dpo_specialisation.png").stat().st_size > 0
+
+
+def test_real_data_study_quick(studies, tmp_path):
+    """Both parts run on stand-in data; the results page gets its section; K = 1 models report no MI."""
+    _, _, real = studies
+    page = tmp_path / "results.md"
+    page.write_text("# page\n\n<!-- real-data:start -->\nold\n<!-- real-data:end -->\n")
+    assert real.main(["--quick", "--output-dir", str(tmp_path), "--docs", str(page)]) == 0
+    payload = json.loads((tmp_path / "real_data.json").read_text())
+    tqa, hh = payload["truthfulqa"]["results"], payload["hh_rlhf"]["results"]
+    assert set(tqa) == {"base", "single", "a1", "a0", "defaults"} and set(hh) == {"single", "a1", "defaults"}
+    for name, result in [*tqa.items(), *hh.items()]:
+        assert 0 <= result["accuracy"] <= 1 and 0 <= result["ece"] <= 1 and 0 <= result["brier"] <= 2
+        assert result["nll"] > 0
+        has_mi = "mutual_information" in result["auroc"]
+        assert has_mi == (name not in ("base", "single")), name
+    assert len(hh["single"]["member_accuracy"]) == 1 and len(hh["a1"]["member_accuracy"]) == 4
+    text = page.read_text()
+    assert "old" not in text and "| α = 0 |" in text and "hh-rlhf harmless" in text
+    assert (tmp_path / "truthfulqa_reliability.png").stat().st_size > 0
+    assert (tmp_path / "hh_rlhf_reliability.png").stat().st_size > 0
+
+
+def test_real_data_study_skips_without_data(studies, tmp_path, capsys):
+    _, _, real = studies
+    assert real.main(["--data-dir", str(tmp_path / "absent"), "--output-dir", str(tmp_path / "out")]) == 0
+    assert "not found; skipping truthfulqa" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "real_data.json").exists()
