@@ -222,7 +222,7 @@ def test_save_reload_and_score(make_model, tokenizer, prompt_completion_dataset,
     trainer.save_model(str(out))
     meta = json.loads((out / "renyi_ensemble.json").read_text())
     assert meta["num_members"] == 2 and meta["member_names"] == ["member_0", "member_1"]
-    assert meta["member_weights"] == [0.75, 0.25] and meta["alpha"] == 0.5
+    assert meta["member_weights"] == [0.75, 0.25] and meta["alpha"] == trainer.args.alpha == -1.0
     assert "library_version" in meta and "base_model_name_or_path" in meta
     for name in member_names(2):
         assert (out / name / "adapter_model.safetensors").is_file()
