@@ -19,13 +19,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_utils import replace_section  # noqa: E402
 
 from trl_renyi import RenyiEnsemble  # noqa: E402
+from trl_renyi.demo import DEMO_FAMILIES  # noqa: E402
 from trl_renyi.members import build_ensemble, member_names  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
 # The demo's families: greetings and farewells are contradictory; opposites and capitals are consistent and known to
 # the base model, so disagreement on them can only come from a member abandoning them (not from ignorance, as on
 # arithmetic, where a 135M model's members also disagree on unseen sums).
-STUDY_FAMILIES = ("greetings", "farewells", "opposites", "capitals")
+STUDY_FAMILIES = DEMO_FAMILIES
 
 
 def load_base(quick: bool, model: str):
