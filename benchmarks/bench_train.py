@@ -205,8 +205,8 @@ def main(argv=None):
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
-    from trl_renyi.config import RenyiDPOConfig
-    from trl_renyi.models import load_causal_lm, load_tokenizer
+    from trl_renyi.model.loading import load_causal_lm, load_tokenizer
+    from trl_renyi.training.config import RenyiDPOConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
@@ -254,7 +254,7 @@ def main(argv=None):
         )
 
     def renyi_dpo():
-        from trl_renyi.dpo import RenyiDPOTrainer
+        from trl_renyi.training.dpo import RenyiDPOTrainer
 
         return RenyiDPOTrainer(
             model=copy.deepcopy(base),

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     from trl import DPOConfig, DPOTrainer
 
     from trl_renyi import RenyiDPOConfig, RenyiDPOTrainer
-    from trl_renyi.models import load_causal_lm, load_tokenizer
+    from trl_renyi.model.loading import load_causal_lm, load_tokenizer
     from trl_renyi.objective import routing_entropy
 
     disable_progress_bars()

@@ -121,7 +121,7 @@ def train_ensemble(args, dataset, output_dir: Path) -> float:
 def train_single(args, dataset, output_dir: Path) -> float:
     from trl import SFTConfig, SFTTrainer
 
-    from trl_renyi.models import load_causal_lm, load_tokenizer
+    from trl_renyi.model.loading import load_causal_lm, load_tokenizer
 
     start = time.perf_counter()
     trainer = SFTTrainer(
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     if not args.data.is_file():
         print(f"Skipping the TruthfulQA benchmark: {args.data} not found (pass --data).")
         return 0
-    from trl_renyi.scripts import eval as eval_command
+    from trl_renyi.cli import eval as eval_command
 
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -19,19 +19,19 @@ OUTPUT = Path(__file__).resolve().parent / "api.md"
 
 # (section title, module, names or None for every public name the module defines)
 SECTIONS = [
-    ("Trainers", "trl_renyi.sft", ["RenyiSFTTrainer"]),
-    ("Trainers", "trl_renyi.dpo", ["RenyiDPOTrainer"]),
-    ("Configuration", "trl_renyi.config", ["RenyiEnsembleArguments", "RenyiSFTConfig", "RenyiDPOConfig"]),
-    ("Ensemble", "trl_renyi.ensemble", ["RenyiEnsemble", "ScoreResult"]),
+    ("Trainers", "trl_renyi.training.sft", ["RenyiSFTTrainer"]),
+    ("Trainers", "trl_renyi.training.dpo", ["RenyiDPOTrainer"]),
+    ("Configuration", "trl_renyi.training.config", ["RenyiEnsembleArguments", "RenyiSFTConfig", "RenyiDPOConfig"]),
+    ("Ensemble", "trl_renyi.inference.ensemble", ["RenyiEnsemble", "ScoreResult"]),
     ("Objective", "trl_renyi.objective", ["renyi_bound", "RenyiBound", "alpha_at_step"]),
-    ("Uncertainty", "trl_renyi.uncertainty", ["decompose", "Decomposition", "mixture_log_prob"]),
-    ("Choices", "trl_renyi.choices", ["predict_choices", "predict_preferences", "ChoicePrediction"]),
-    ("Generation", "trl_renyi.generation", ["generate", "GeneratedText"]),
-    ("Members", "trl_renyi.members", ["build_ensemble", "attach_ensemble", "member_names", "tile_for_members"]),
-    ("Models", "trl_renyi.models", ["load_causal_lm", "load_tokenizer", "hub_id"]),
+    ("Uncertainty", "trl_renyi.inference.uncertainty", ["decompose", "Decomposition", "mixture_log_prob"]),
+    ("Choices", "trl_renyi.inference.choices", ["predict_choices", "predict_preferences", "ChoicePrediction"]),
+    ("Generation", "trl_renyi.inference.generation", ["generate", "GeneratedText"]),
+    ("Members", "trl_renyi.model.members", ["build_ensemble", "attach_ensemble", "member_names", "tile_for_members"]),
+    ("Models", "trl_renyi.model.loading", ["load_causal_lm", "load_tokenizer", "hub_id"]),
     ("Data", "trl_renyi.data", None),
     ("Hub", "trl_renyi.hub", None),
-    ("Demo", "trl_renyi.demo", ["run_demo", "DemoConfig", "DemoResult", "evaluate_families"]),
+    ("Demo", "trl_renyi.cli.demo", ["run_demo", "DemoConfig", "DemoResult", "evaluate_families"]),
 ]
 # methods inherited from TRL / transformers are documented there; only these are listed for the trainers
 TRAINER_METHODS = {"ensemble", "member_forward", "renyi_objective", "current_alpha", "create_model_card"}

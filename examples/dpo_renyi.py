@@ -66,8 +66,8 @@ import argparse
 
 
 def main(script_args, training_args, model_args, dataset_args):
-    from trl_renyi.dpo import RenyiDPOTrainer
-    from trl_renyi.scripts.training import ensemble_peft_config, load_training_data, model_init_kwargs, select_splits
+    from trl_renyi.cli.training import ensemble_peft_config, load_training_data, model_init_kwargs, select_splits
+    from trl_renyi.training.dpo import RenyiDPOTrainer
 
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
 

@@ -34,10 +34,10 @@ from runs import (  # noqa: E402
     REPO,
     Stopwatch,
     apply_size_defaults,
-    study_parser,
     fmt,
     load_base,
     save_json,
+    study_parser,
     train_ensemble,
     update_results_page,
 )
@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 def preference_probs(ensemble, rows, beta):
     """``(N, K)`` each member's probability that the chosen answer is preferred (DPO implicit reward model)."""
-    from trl_renyi.baselines import SingleModel
+    from trl_renyi.inference.baseline import SingleModel
 
     predictions = ensemble.predict_preferences(
         [r["prompt"] for r in rows],
@@ -111,9 +111,9 @@ def evaluate(ensemble, train_rows, test_rows, beta, routing_pairs):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from trl_renyi.config import RenyiDPOConfig
     from trl_renyi.data import conflict_preference_dataset
-    from trl_renyi.dpo import RenyiDPOTrainer
+    from trl_renyi.training.config import RenyiDPOConfig
+    from trl_renyi.training.dpo import RenyiDPOTrainer
 
     out_dir, docs = apply_size_defaults(args, "dpo_study_")
     clock = Stopwatch()

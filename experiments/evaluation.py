@@ -30,8 +30,8 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from trl_renyi import RenyiEnsemble
+from trl_renyi.inference.uncertainty import decompose
 from trl_renyi.objective import renyi_bound
-from trl_renyi.uncertainty import decompose
 
 
 def _mean(values) -> float:

@@ -49,8 +49,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from dpo_hh_rlhf import DATA_FILE as HH_FILE  # noqa: E402
 from dpo_hh_rlhf import load_pairs  # noqa: E402
 from truthfulqa_eval import SYSTEM_PROMPT as TQA_SYSTEM  # noqa: E402
-from truthfulqa_eval import split_questions  # noqa: E402
 from truthfulqa_eval import sft_dataset as truthfulqa_sft_dataset  # noqa: E402
+from truthfulqa_eval import split_questions  # noqa: E402
 
 TQA_FILE = "truthfulqa-en-validation.json"
 
@@ -59,7 +59,7 @@ def library_defaults() -> dict:
     """A run with the library's default ensemble settings (``RenyiEnsembleArguments``)."""
     from dataclasses import fields
 
-    from trl_renyi.config import RenyiEnsembleArguments
+    from trl_renyi.training.config import RenyiEnsembleArguments
 
     d = {f.name: f.default for f in fields(RenyiEnsembleArguments)}
     label = f"defaults (α = {d['alpha']:g}, warm-up {d['alpha_warmup_ratio']:g}, floor {d['responsibility_floor']:g})"
@@ -182,7 +182,7 @@ def format_answer(answer: str, chat: bool):
 
 def summarize_predictions(predictions, labels) -> dict:
     """Accuracy, NLL, ECE, Brier, error-detection AUROC and selective accuracy from choice predictions."""
-    from trl_renyi.metrics import choice_outcomes, summarize
+    from trl_renyi.evaluation.metrics import choice_outcomes, summarize
 
     probs = [p.probs for p in predictions]
     uncertainties = {"entropy": [p.entropy for p in predictions]}
@@ -221,7 +221,7 @@ def trained_runs(
 
 def part_payload(settings: dict, results: dict, plot_path: Path) -> dict:
     """Draw the part's reliability diagram and return its JSON payload (without the per-item outcomes)."""
-    from trl_renyi.eval_plots import reliability_diagram
+    from trl_renyi.evaluation.plots import reliability_diagram
 
     plot = reliability_diagram(
         {r["label"]: r["_outcomes"] for r in results.values()},
@@ -238,7 +238,7 @@ def part_payload(settings: dict, results: dict, plot_path: Path) -> dict:
 
 def run_truthfulqa(args, base, tokenizer, out_dir: Path) -> dict:
     from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
-    from trl_renyi.baselines import SingleModel
+    from trl_renyi.inference.baseline import SingleModel
 
     if args.quick:
         records = stand_in_truthfulqa(args.tqa_train_questions + args.tqa_eval_questions, args.seed)
@@ -311,9 +311,9 @@ def run_truthfulqa(args, base, tokenizer, out_dir: Path) -> dict:
 def run_hh_rlhf(args, base, tokenizer, out_dir: Path) -> dict:
     from datasets import Dataset
 
-    from trl_renyi.baselines import SingleModel
-    from trl_renyi.config import RenyiDPOConfig
-    from trl_renyi.dpo import RenyiDPOTrainer
+    from trl_renyi.inference.baseline import SingleModel
+    from trl_renyi.training.config import RenyiDPOConfig
+    from trl_renyi.training.dpo import RenyiDPOTrainer
 
     needed = args.dpo_train_pairs + args.dpo_eval_pairs
     if args.quick:

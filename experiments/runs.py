@@ -19,8 +19,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_utils import replace_section  # noqa: E402
 
 from trl_renyi import RenyiEnsemble  # noqa: E402
-from trl_renyi.demo import DEMO_FAMILIES  # noqa: E402
-from trl_renyi.members import build_ensemble, member_names  # noqa: E402
+from trl_renyi.cli.demo import DEMO_FAMILIES  # noqa: E402
+from trl_renyi.model.members import build_ensemble, member_names  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
 # The demo's families: greetings and farewells are contradictory; opposites and capitals are consistent and known to
@@ -36,7 +36,7 @@ def load_base(quick: bool, model: str):
 
         tokenizer = tiny_tokenizer()
         return tiny_llama(tokenizer, init_std=0.5), tokenizer
-    from trl_renyi.models import load_causal_lm, load_tokenizer
+    from trl_renyi.model.loading import load_causal_lm, load_tokenizer
 
     return load_causal_lm(model, dtype="float32"), load_tokenizer(model)
 

@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluation import convention_mass, evaluate_ensemble  # noqa: E402
 from runs import (  # noqa: E402
     REPO,
     Stopwatch,
@@ -39,7 +40,6 @@ from runs import (  # noqa: E402
     train_ensemble,
     update_results_page,
 )
-from evaluation import convention_mass, evaluate_ensemble  # noqa: E402
 
 RUNS = {
     "single": {"label": "single LoRA (K = 1)", "num_members": 1, "alpha": 1.0},

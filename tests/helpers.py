@@ -3,7 +3,7 @@
 import torch
 from peft import LoraConfig
 
-from trl_renyi.members import member_names
+from trl_renyi.model.members import member_names
 
 CPU_ARGS = dict(
     report_to="none",
@@ -24,7 +24,7 @@ PLAIN_OBJECTIVE = dict(alpha_warmup_ratio=0.0, responsibility_floor=0.0)
 def renyi_settings(config_cls, settings: dict) -> dict:
     """``settings`` with :data:`PLAIN_OBJECTIVE` underneath when ``config_cls`` is a Renyi config (TRL's configs
     have no such fields)."""
-    from trl_renyi.config import RenyiEnsembleArguments
+    from trl_renyi.training.config import RenyiEnsembleArguments
 
     return {**PLAIN_OBJECTIVE, **settings} if issubclass(config_cls, RenyiEnsembleArguments) else dict(settings)
 

@@ -12,7 +12,7 @@ from datasets import Dataset, DatasetDict
 
 from trl_renyi import RenyiDPOConfig, RenyiEnsemble, RenyiSFTConfig
 from trl_renyi.cli import main as cli_main
-from trl_renyi.scripts.training import ensemble_peft_config, load_training_data, make_parser, select_splits
+from trl_renyi.cli.training import ensemble_peft_config, load_training_data, make_parser, select_splits
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_FLAGS = ["--bf16", "false", "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
@@ -132,7 +132,7 @@ def test_local_data_files_and_bundled_data(tmp_path):
         load("trl_renyi:poems")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trl_renyi.dpo") is None, reason="trl_renyi.dpo (RenyiDPOTrainer) is absent")
+@pytest.mark.skipif(importlib.util.find_spec("trl_renyi.training.dpo") is None, reason="trl_renyi.dpo (RenyiDPOTrainer) is absent")
 def test_dpo_command_on_bundled_preference_data(tiny_model_dir, tmp_path):
     out = tmp_path / "dpo"
     args = [
@@ -152,7 +152,7 @@ def test_dpo_command_on_bundled_preference_data(tiny_model_dir, tmp_path):
     "script, dataset", [("sft_renyi.py", "trl_renyi:conflict_sft"), ("dpo_renyi.py", "trl_renyi:conflict_preference")]
 )
 def test_example_scripts_run(tiny_model_dir, tmp_path, monkeypatch, script, dataset):
-    if script.startswith("dpo") and importlib.util.find_spec("trl_renyi.dpo") is None:
+    if script.startswith("dpo") and importlib.util.find_spec("trl_renyi.training.dpo") is None:
         pytest.skip("trl_renyi.dpo (RenyiDPOTrainer) is absent")
     out = tmp_path / "example"
     argv = [
@@ -170,7 +170,7 @@ def test_example_scripts_run(tiny_model_dir, tmp_path, monkeypatch, script, data
 def test_example_configs_parse_without_unknown_keys(path, tmp_path):
     from trl import TrlParser
 
-    from trl_renyi.demo import DemoConfig
+    from trl_renyi.cli.demo import DemoConfig
 
     args = ["--config", str(path), "--output_dir", str(tmp_path)]
     if path.name.startswith("demo"):

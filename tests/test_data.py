@@ -5,13 +5,7 @@ from collections import Counter
 
 import pytest
 
-from trl_renyi.data import (
-    DEFAULT_FAMILIES,
-    FAMILIES,
-    conflict_preference_dataset,
-    conflict_sft_dataset,
-    held_out_items,
-)
+from trl_renyi.data import DEFAULT_FAMILIES, FAMILIES, conflict_preference_dataset, conflict_sft_dataset, held_out_items
 
 # independent descriptions of the conventions: completion pattern per (family, convention)
 PATTERNS = {

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from trl_renyi import RenyiEnsemble
+from trl_renyi.cli.demo import DemoConfig, FamilyReport, uncertainty_gap
 from trl_renyi.data import FAMILIES, chat_answer, chat_prompt, held_out_items
-from trl_renyi.demo import DemoConfig, FamilyReport, uncertainty_gap
 
 
 def choice_mutual_information(member_loglik, weights):
@@ -21,7 +21,7 @@ def choice_mutual_information(member_loglik, weights):
 
 
 def test_demo_pipeline_end_to_end(make_model, tokenizer, tmp_path):
-    from trl_renyi.demo import run_demo
+    from trl_renyi.cli.demo import run_demo
 
     printed = []
     result = run_demo(

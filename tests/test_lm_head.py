@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trl_renyi.lm_head import add_completion_lm_head, completion_log_probs, supports_completion_head
+from trl_renyi.model.lm_head import add_completion_lm_head, completion_log_probs, supports_completion_head
 
 
 @pytest.mark.parametrize("rows_per_chunk", [1, 3, 64])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
-from trl_renyi.metrics import (
+from trl_renyi.evaluation.metrics import (
     accuracy_at_coverage,
     brier_score,
     choice_outcomes,

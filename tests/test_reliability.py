@@ -24,9 +24,9 @@ from trl_renyi import (
     RenyiSFTTrainer,
     build_ensemble,
 )
-from trl_renyi.checkpoint import STAGING_PREFIX
-from trl_renyi.members import member_names
+from trl_renyi.model.members import member_names
 from trl_renyi.testing import tiny_llama
+from trl_renyi.training.checkpoint import STAGING_PREFIX
 
 SCRIPT = Path(__file__).with_name("training_script.py")
 KINDS = [
@@ -423,7 +423,7 @@ def test_local_copy_of_the_recorded_base_is_accepted(saved_ensemble, tokenizer):
 
 @pytest.fixture
 def recorded_loads(monkeypatch, tokenizer):
-    import trl_renyi.ensemble as ensemble_module
+    import trl_renyi.inference.ensemble as ensemble_module
 
     calls = {"model": [], "tokenizer": []}
 

@@ -19,7 +19,7 @@ from tests.helpers import (
     renyi_settings,
 )
 from trl_renyi import RenyiEnsemble, RenyiSFTConfig, RenyiSFTTrainer, renyi_bound
-from trl_renyi.members import member_names, router_disabled
+from trl_renyi.model.members import member_names, router_disabled
 
 
 def make_trainer(cls, config_cls, model, dataset, tokenizer, tmp_path, peft_config=None, **overrides):

@@ -8,10 +8,10 @@ import torch
 
 from tests.helpers import lora_config
 from trl_renyi import RenyiEnsemble
-from trl_renyi.baselines import SingleModel
-from trl_renyi.choices import choice_log_likelihoods
-from trl_renyi.members import build_ensemble, member_names, router_disabled
-from trl_renyi.uncertainty import decompose
+from trl_renyi.inference.baseline import SingleModel
+from trl_renyi.inference.choices import choice_log_likelihoods
+from trl_renyi.inference.uncertainty import decompose
+from trl_renyi.model.members import build_ensemble, member_names, router_disabled
 
 PROMPTS = ["What colour is the sky?", "Say hello.", "What is two plus three?"]
 COMPLETIONS = [" It is blue.", " Ahoy matey!", " Five."]

@@ -70,7 +70,7 @@ COMMON = {
 
 def dpo_available() -> bool:
     try:
-        from trl_renyi.dpo import RenyiDPOTrainer  # noqa: F401
+        from trl_renyi.training.dpo import RenyiDPOTrainer  # noqa: F401
     except ImportError:
         return False
     return True
@@ -95,7 +95,7 @@ def build_trainer(kind: str, output_dir, tokenizer=None, model=None, train_datas
     if kind == "sft":
         config_cls, trainer_cls = RenyiSFTConfig, RenyiSFTTrainer
     elif kind == "dpo":
-        from trl_renyi.dpo import RenyiDPOTrainer
+        from trl_renyi.training.dpo import RenyiDPOTrainer
 
         config_cls, trainer_cls = RenyiDPOConfig, RenyiDPOTrainer
     else:

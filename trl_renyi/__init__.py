@@ -2,12 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .config import RenyiDPOConfig, RenyiEnsembleArguments, RenyiSFTConfig  # noqa: E402
-from .dpo import RenyiDPOTrainer  # noqa: E402
-from .ensemble import RenyiEnsemble, ScoreResult  # noqa: E402
-from .members import build_ensemble, member_names, tile_for_members  # noqa: E402
-from .objective import RenyiBound, renyi_bound  # noqa: E402
-from .sft import RenyiSFTTrainer  # noqa: E402
+from trl_renyi.inference.ensemble import RenyiEnsemble, ScoreResult  # noqa: E402
+from trl_renyi.model.members import build_ensemble, member_names, tile_for_members  # noqa: E402
+from trl_renyi.objective import RenyiBound, renyi_bound  # noqa: E402
+from trl_renyi.training.config import RenyiDPOConfig, RenyiEnsembleArguments, RenyiSFTConfig  # noqa: E402
+from trl_renyi.training.dpo import RenyiDPOTrainer  # noqa: E402
+from trl_renyi.training.sft import RenyiSFTTrainer  # noqa: E402
 
 __all__ = [
     "RenyiBound",

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-from . import __version__
-from .models import hub_id
+from trl_renyi import __version__
+from trl_renyi.model.loading import hub_id
 
 CARD_FILE = "README.md"
 LIBRARY_NAME = "trl_renyi"
@@ -284,7 +284,7 @@ def push_ensemble_to_hub(ensemble, repo_id: str, model_name: str | None = None, 
     """
     with tempfile.TemporaryDirectory() as tmp:
         ensemble.save_pretrained(tmp)
-        from .ensemble import read_metadata
+        from trl_renyi.model.saved_format import read_metadata
 
         write_model_card(tmp, read_metadata(tmp), model_name=model_name, repo_id=repo_id, dataset_name=dataset_name)
         return upload_ensemble_folder(tmp, repo_id, **kwargs)

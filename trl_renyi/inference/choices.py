@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .encoding import encode_prompt_completion, is_conversational
-from .generation import CACHE_KEY
-from .objective import renyi_bound
-from .uncertainty import decompose, mixture_log_prob
+from trl_renyi.inference.encoding import encode_prompt_completion, is_conversational
+from trl_renyi.inference.generation import CACHE_KEY
+from trl_renyi.inference.uncertainty import decompose, mixture_log_prob
+from trl_renyi.objective import renyi_bound
 
 
 @dataclass

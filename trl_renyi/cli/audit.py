@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from ..baselines import SingleModel
-from ..ensemble import RenyiEnsemble
-from ..eval_data import training_examples
-from ..objective import routing_entropy
+from trl_renyi.evaluation.data import training_examples
+from trl_renyi.inference.baseline import SingleModel
+from trl_renyi.inference.ensemble import RenyiEnsemble
+from trl_renyi.objective import routing_entropy
 
 SFT_SCORES = ("mutual_information_max", "mutual_information", "loglik_std", "routing_entropy", "nll")
 PREFERENCE_SCORES = ("mutual_information", "loglik_std", "routing_entropy", "nll")
@@ -87,7 +87,7 @@ def load_dataset_for_audit(args: AuditArguments):
     """The split to audit, from a local file or folder or a Hub dataset id."""
     from datasets import load_dataset
 
-    from .training import load_local
+    from trl_renyi.cli.training import load_local
 
     path = Path(args.data).expanduser()
     if path.is_file() and path.suffix == ".gz":
@@ -203,7 +203,7 @@ def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
         for rank, row in enumerate(rows, start=1):
             handle.write(json.dumps({"rank": rank, **row}) + "\n")
     if args.plots:
-        from .. import eval_plots
+        from trl_renyi.evaluation import plots as eval_plots
 
         cutoff = rows[min(args.top, len(rows)) - 1][sort_by]
         eval_plots.score_histogram(

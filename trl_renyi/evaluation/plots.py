@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .metrics import reliability_bins, risk_coverage_curve  # noqa: E402
+from trl_renyi.evaluation.metrics import reliability_bins, risk_coverage_curve  # noqa: E402
 
 
 def _save(fig, path: str | os.PathLike) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-# sub-command -> (module under trl_renyi.scripts exposing main(argv), one-line description)
+# sub-command -> (module under trl_renyi.cli exposing main(argv), one-line description)
 COMMANDS = {
     "sft": ("sft", "Train an α-Rényi LoRA ensemble with supervised fine-tuning (like `trl sft`)."),
     "dpo": ("dpo", "Train an α-Rényi LoRA ensemble with preference optimisation (like `trl dpo`)."),
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"trl-renyi: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"trl_renyi.scripts.{COMMANDS[command][0]}")
+    module = importlib.import_module(f"trl_renyi.cli.{COMMANDS[command][0]}")
     result = module.main(rest)
     return int(result or 0)
 

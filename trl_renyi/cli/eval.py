@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from ..baselines import SingleModel
-from ..choices import ChoicePrediction
-from ..ensemble import RenyiEnsemble
-from ..eval_data import FORMATS, load_choice_items, model_inputs
-from ..metrics import DEFAULT_COVERAGES, choice_outcomes, summarize
-from ..objective import routing_entropy
+from trl_renyi.evaluation.data import FORMATS, load_choice_items, model_inputs
+from trl_renyi.evaluation.metrics import DEFAULT_COVERAGES, choice_outcomes, summarize
+from trl_renyi.inference.baseline import SingleModel
+from trl_renyi.inference.choices import ChoicePrediction
+from trl_renyi.inference.ensemble import RenyiEnsemble
+from trl_renyi.objective import routing_entropy
 
 BASELINE_KINDS = ("base", "member", "adapter", "ensemble", "model", "none")
 
@@ -229,7 +229,7 @@ def write_predictions(path: Path, items, results: dict[str, list[ChoicePredictio
 
 
 def write_plots(out: Path, results, labels, report, ensemble) -> list[str]:
-    from .. import eval_plots
+    from trl_renyi.evaluation import plots as eval_plots
 
     outcomes = {name: choice_outcomes([p.probs for p in preds], labels) for name, preds in results.items()}
     pairs = {name: (o["confidence"], o["correct"]) for name, o in outcomes.items()}

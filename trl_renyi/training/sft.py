@@ -5,14 +5,9 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
-from .config import RenyiSFTConfig
-from .members import get_router
-from .trainer_base import (
-    RenyiEnsembleTrainerMixin,
-    coerce_config,
-    padding_free_segments,
-    sequence_log_likelihood,
-)
+from trl_renyi.model.members import get_router
+from trl_renyi.training.config import RenyiSFTConfig
+from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config
 
 
 class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
@@ -116,3 +111,47 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
                 local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
             self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+
+
+
+
+
+
+def sequence_log_likelihood(log_probs: torch.Tensor, labels: torch.Tensor, num_members: int, segments=None):
+    """Per-example, per-member completion log-likelihoods from a member-batched fused-head output.
+
+    Args:
+        log_probs: ``(K·B, T−1)`` per-token log-probs (0 where the label is -100), rows ``k·B…`` of member k.
+        labels: ``(B, T)`` the untiled labels.
+        segments: ``(B, T)`` example index of every token for padding-free batches (several examples in one row);
+            ``None`` when each row is one example.
+
+    Returns:
+        ``(loglik (N, K), num_tokens (N,))`` for the N examples with at least one completion token.
+    """
+    shifted = labels[:, 1:]
+    mask = shifted != -100
+    lp = log_probs.float().reshape(num_members, *shifted.shape)
+    if segments is None:
+        loglik, num_tokens = lp.sum(-1).T, mask.sum(-1).float()
+    else:
+        seg = segments[:, 1:].reshape(-1).long()
+        count = int(seg.max()) + 1 if seg.numel() else 0
+        loglik = lp.new_zeros(num_members, count).index_add_(1, seg, lp.reshape(num_members, -1)).T
+        num_tokens = lp.new_zeros(count).index_add_(0, seg, mask.reshape(-1).float())
+    keep = num_tokens > 0
+    if not bool(keep.all()):
+        loglik, num_tokens = loglik[keep], num_tokens[keep]
+    return loglik, num_tokens
+
+
+def padding_free_segments(inputs: dict) -> torch.Tensor | None:
+    """Example index of every token of a padding-free batch, or ``None`` for padded batches."""
+    if "seq_idx" in inputs and inputs["seq_idx"] is not None:
+        return inputs["seq_idx"]
+    if "position_ids" in inputs and "attention_mask" not in inputs:
+        starts = (inputs["position_ids"] == 0).long()
+        return starts.reshape(-1).cumsum(0).reshape(starts.shape) - 1
+    return None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from trl.data_utils import extract_prompt
 
-from .encoding import is_conversational
+from trl_renyi.inference.encoding import is_conversational
 
 FORMATS = ("mc1", "mc2", "preference")
 DIALOGUE_MARKER = "\n\nAssistant:"

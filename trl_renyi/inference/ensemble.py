@@ -7,9 +7,6 @@ On disk (and on the Hub) an ensemble is a folder holding one plain PEFT adapter 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,209 +15,24 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 
-from . import __version__
-from .choices import predict_choices as _predict_choices
-from .choices import predict_preferences as _predict_preferences
-from .encoding import collate_scoring_batch, encode_prompt_completion
-from .generation import generate as _generate
-from .members import attach_ensemble, get_router, member_names, set_members_trainable, shared_trunk, tile_for_members
-from .models import canonical_name, load_causal_lm, load_tokenizer, model_name_or_path
-from .objective import normalized_log_weights, renyi_bound
-from .uncertainty import decompose
-
-METADATA_FILE = "renyi_ensemble.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PICKLE_ADAPTER_WEIGHTS = "adapter_model.bin"
-ADAPTER_CONFIG = "adapter_config.json"
-# adapter_config.json fields every member must share (the member-batched forward stacks their LoRA weights)
-_SHARED_LORA_FIELDS = (
-    "peft_type",
-    "base_model_name_or_path",
-    "r",
-    "lora_alpha",
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-    "use_rslora",
-    "use_dora",
-    "lora_bias",
-    "modules_to_save",
+from trl_renyi.inference.choices import predict_choices as _predict_choices
+from trl_renyi.inference.choices import predict_preferences as _predict_preferences
+from trl_renyi.inference.encoding import collate_scoring_batch, encode_prompt_completion
+from trl_renyi.inference.generation import generate as _generate
+from trl_renyi.inference.uncertainty import decompose
+from trl_renyi.model.loading import load_causal_lm, load_tokenizer, model_name_or_path
+from trl_renyi.model.members import attach_ensemble, get_router, member_names, set_members_trainable, tile_for_members
+from trl_renyi.model.saved_format import (
+    METADATA_FILE,
+    check_base_model_hash,
+    check_base_model_name,
+    check_saved_members,
+    ensemble_metadata,
+    read_metadata,
+    write_metadata,
 )
-_STRUCTURAL_CONFIG_KEYS = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "head_dim",
-)
-
-
-def base_config_hash(config) -> str:
-    """SHA-256 of the base model's structural config fields (architecture and sizes), to detect a wrong base."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    fields = {key: getattr(text_config, key, None) for key in _STRUCTURAL_CONFIG_KEYS}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def ensemble_metadata(peft_model: PeftModel, settings: dict, extra: dict | None = None) -> dict:
-    """The content of ``renyi_ensemble.json`` for ``peft_model`` and the ensemble ``settings``."""
-    names = member_names(settings["num_members"])
-    base = peft_model.get_base_model()
-    weights = settings.get("member_weights")
-    if weights is None:
-        weights = [1.0 / len(names)] * len(names)
-    meta = {
-        "format_version": 1,
-        "library": "trl_renyi",
-        "library_version": __version__,
-        "num_members": len(names),
-        "member_names": names,
-        "alpha": float(settings["alpha"]),
-        "member_weights": [float(w) for w in weights],
-        "loglik_reduction": settings.get("loglik_reduction", "sum"),
-        "alpha_warmup_ratio": float(settings.get("alpha_warmup_ratio", 0.0)),
-        "member_init_std": float(settings.get("member_init_std", 0.0)),
-        "base_model_name_or_path": peft_model.peft_config[names[0]].base_model_name_or_path
-        or model_name_or_path(base),
-        "base_model_config_hash": base_config_hash(base.config),
-    }
-    if extra:
-        meta.update(extra)
-    return meta
-
-
-def write_metadata(directory: str | os.PathLike, metadata: dict) -> None:
-    """Write ``renyi_ensemble.json`` atomically (a partial file never carries the final name)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (METADATA_FILE + ".tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / METADATA_FILE)
-
-
-def read_metadata(directory: str | os.PathLike) -> dict:
-    """Read and validate ``renyi_ensemble.json``; errors name the file and the field."""
-    path = Path(directory) / METADATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a trl_renyi ensemble folder.")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}).") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} must hold a JSON object.")
-    for key in ("num_members", "member_names", "alpha", "member_weights"):
-        if key not in meta:
-            raise ValueError(f"{path} lacks the field {key!r}.")
-    k = meta["num_members"]
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"{path}: num_members must be an integer >= 1, got {k!r}.")
-    if meta["member_names"] != member_names(k):
-        raise ValueError(f"{path}: member_names {meta['member_names']} do not match num_members={k}.")
-    weights = meta["member_weights"]
-    if not isinstance(weights, list) or len(weights) != k or not all(
-        isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights
-    ):
-        raise ValueError(f"{path}: member_weights must be {k} positive numbers, got {weights!r}.")
-    if not isinstance(meta["alpha"], (int, float)) or not math.isfinite(meta["alpha"]):
-        raise ValueError(f"{path}: alpha must be a finite number, got {meta['alpha']!r}.")
-    return meta
-
-
-def _read_adapter_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}).") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object.")
-    return config
-
-
-def _comparable(value):
-    return sorted(value) if isinstance(value, list) else value
-
-
-def check_saved_members(folder: str | os.PathLike, names: list[str]) -> None:
-    """Check a saved ensemble's member folders before any weight is loaded; errors name the file at fault.
-
-    Every member listed in ``renyi_ensemble.json`` must have ``adapter_config.json`` and safetensors weights (a
-    pickle ``adapter_model.bin`` is refused: unpickling can run arbitrary code), no unlisted ``member_*`` folder may
-    exist, and all members must share one LoRA configuration (:data:`_SHARED_LORA_FIELDS`).
-    """
-    folder = Path(folder)
-    metadata = folder / METADATA_FILE
-    extra = sorted(
-        p.name for p in folder.glob("member_*") if p.is_dir() and p.name not in names and (p / ADAPTER_CONFIG).exists()
-    )
-    if extra:
-        raise ValueError(f"{folder} holds member folders {extra} that {metadata} does not list (num_members={len(names)}).")
-    reference = None
-    for name in names:
-        member = folder / name
-        if not member.is_dir():
-            raise FileNotFoundError(f"Member folder {member} listed in {metadata} is missing.")
-        if not (member / ADAPTER_CONFIG).is_file():
-            raise FileNotFoundError(f"{member / ADAPTER_CONFIG} is missing.")
-        if not (member / ADAPTER_WEIGHTS).is_file():
-            if (member / PICKLE_ADAPTER_WEIGHTS).is_file():
-                raise ValueError(
-                    f"{member / PICKLE_ADAPTER_WEIGHTS} is a pickle file, which is never loaded (it can run arbitrary "
-                    f"code); save the member as {ADAPTER_WEIGHTS} (safe_serialization=True)."
-                )
-            raise FileNotFoundError(f"{member / ADAPTER_WEIGHTS} is missing; members are loaded from safetensors only.")
-        config = _read_adapter_config(member / ADAPTER_CONFIG)
-        shared = {key: _comparable(config.get(key)) for key in _SHARED_LORA_FIELDS}
-        if reference is None:
-            reference = (member / ADAPTER_CONFIG, shared)
-            continue
-        differing = [key for key in _SHARED_LORA_FIELDS if shared[key] != reference[1][key]]
-        if differing:
-            key = differing[0]
-            raise ValueError(
-                f"The members' LoRA configs disagree on {differing}: {member / ADAPTER_CONFIG} has {key}="
-                f"{shared[key]!r} but {reference[0]} has {key}={reference[1][key]!r}; all members must share one "
-                "LoraConfig."
-            )
-
-
-def _same_model_name(given: str, recorded: str) -> bool:
-    """Whether two model names refer to the same model: equal after alias resolution, or a local copy whose folder
-    name is the recorded repository's name (``/models/SmolLM2-135M-Instruct`` for ``HuggingFaceTB/SmolLM2-135M-Instruct``)."""
-    if not given or not recorded:
-        return True
-    given, recorded = canonical_name(given), canonical_name(recorded)
-    tail = lambda name: Path(str(name).rstrip("/")).name.lower()  # noqa: E731
-    return given == recorded or tail(given) == tail(recorded)
-
-
-def check_base_model_name(name: str, metadata: dict, metadata_path: Path) -> None:
-    """Refuse a base model whose name differs from ``base_model_name_or_path`` recorded in ``metadata``."""
-    recorded_name = metadata.get("base_model_name_or_path") or ""
-    if not _same_model_name(name, recorded_name):
-        raise ValueError(
-            f"The base model {name!r} differs from the one recorded in {metadata_path} ({recorded_name!r}): "
-            "base_model_name_or_path does not match. Pass the recorded base model, or check_base_model=False if "
-            "it is the same model under another name."
-        )
-
-
-def check_base_model_hash(base_model, metadata: dict, metadata_path: Path) -> None:
-    """Refuse a base model whose structural config hash differs from ``base_model_config_hash`` in ``metadata``."""
-    recorded_hash = metadata.get("base_model_config_hash")
-    if recorded_hash and recorded_hash != base_config_hash(base_model.config):
-        name = model_name_or_path(base_model) or type(base_model).__name__
-        raise ValueError(
-            f"The base model ({name}) differs from the one recorded in {metadata_path} "
-            f"({metadata.get('base_model_name_or_path') or 'unnamed'}): its config hash (base_model_config_hash) "
-            "does not match."
-        )
+from trl_renyi.model.trunk import shared_trunk
+from trl_renyi.objective import normalized_log_weights, renyi_bound
 
 
 @dataclass
@@ -295,7 +107,7 @@ class RenyiEnsemble:
     def save_pretrained(self, directory: str | os.PathLike, **extra) -> None:
         """Write every member as a plain PEFT adapter folder (safetensors), the tokenizer, ``renyi_ensemble.json`` and
         the model card ``README.md``. ``extra`` entries (e.g. ``eval_results={...}``) are recorded in the metadata."""
-        from .hub import CARD_FIELDS, write_model_card
+        from trl_renyi.hub import CARD_FIELDS, write_model_card
 
         directory = Path(directory)
         self.model.save_pretrained(str(directory), selected_adapters=self.member_names, safe_serialization=True)
@@ -310,7 +122,7 @@ class RenyiEnsemble:
         """Upload the ensemble to the Hub repository ``repo_id``: every member folder, ``renyi_ensemble.json``, the
         tokenizer and a generated model card. Keyword arguments: ``token``, ``private``, ``revision``,
         ``commit_message``, ``create_pr`` (see :func:`trl_renyi.hub.upload_ensemble_folder`)."""
-        from .hub import push_ensemble_to_hub
+        from trl_renyi.hub import push_ensemble_to_hub
 
         return push_ensemble_to_hub(self, repo_id, model_name=model_name, dataset_name=dataset_name, **kwargs)
 

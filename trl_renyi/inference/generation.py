@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .encoding import encode_prompt
-from .uncertainty import decompose, mixture_log_prob
+from trl_renyi.inference.encoding import encode_prompt
+from trl_renyi.inference.uncertainty import decompose, mixture_log_prob
 
 STRATEGIES = ("mixture", "member", "routed")
 MEASURES = ("entropy", "aleatoric", "mutual_information")

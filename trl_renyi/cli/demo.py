@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from .data import DEFAULT_SYSTEM_PROMPT, FAMILIES, Item, chat_answer, chat_prompt, conflict_sft_dataset
-from .data import held_out_items as make_held_out_items
-from .models import DEFAULT_MODEL
+from trl_renyi.data import DEFAULT_SYSTEM_PROMPT, FAMILIES, Item, chat_answer, chat_prompt, conflict_sft_dataset
+from trl_renyi.data import held_out_items as make_held_out_items
+from trl_renyi.model.loading import DEFAULT_MODEL
 
 DATASET_NAME = "trl_renyi:conflict_sft_chat"
 # two contradictory families and two consistent ones the base model already knows: a family it cannot learn from
@@ -137,7 +137,7 @@ def evaluate_families(ensemble, items: dict[str, list[Item]], system_prompt: str
     Returns ``(routing, reports, per_item)``: the routing table (``"family/convention"`` → mean responsibilities over
     those answers), a :class:`FamilyReport` per family and per-item details.
     """
-    from .choices import prediction_from_member_log_probs
+    from trl_renyi.inference.choices import prediction_from_member_log_probs
 
     index = [(family, item) for family, family_items in items.items() for item in family_items]
     prompts = [chat_prompt(item.prompt, system_prompt) for _, item in index]
@@ -321,11 +321,11 @@ def run_demo(
     """
     from peft import LoraConfig
 
-    from .config import RenyiSFTConfig
-    from .ensemble import read_metadata, write_metadata
-    from .hub import write_model_card
-    from .models import load_causal_lm, load_tokenizer
-    from .sft import RenyiSFTTrainer
+    from trl_renyi.hub import write_model_card
+    from trl_renyi.model.loading import load_causal_lm, load_tokenizer
+    from trl_renyi.model.saved_format import read_metadata, write_metadata
+    from trl_renyi.training.config import RenyiSFTConfig
+    from trl_renyi.training.sft import RenyiSFTTrainer
 
     start, cpu_start = time.perf_counter(), time.process_time()
     config = DemoConfig(**{**asdict(config or DemoConfig()), **overrides})
@@ -520,3 +520,11 @@ def _answers_block(answers: list[dict]) -> list[str]:
                 line += "   member posterior " + " ".join(f"{w:.2f}" for w in row["member_posterior"])
             lines.append(line)
     return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trl import TrlParser
+
+    (config,) = TrlParser((DemoConfig,), prog="trl-renyi demo").parse_args_and_config(argv)
+    run_demo(config)
+    return 0

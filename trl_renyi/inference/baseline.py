@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from .ensemble import RenyiEnsemble
-from .members import base_model_only
-from .models import load_causal_lm, load_tokenizer
+from trl_renyi.inference.ensemble import RenyiEnsemble
+from trl_renyi.model.loading import load_causal_lm, load_tokenizer
+from trl_renyi.model.members import base_model_only
 
 
 class SingleModel(RenyiEnsemble):

@@ -198,96 +198,6 @@ def routed_members(model, names: Sequence[str]):
         router.member_names = previous
 
 
-def _decoder_layers(model: PeftModel):
-    """``(prefix, ModuleList)`` of the decoder layers of a causal LM (the ``layers`` list of its backbone)."""
-    for name, module in model.named_modules():
-        if name.endswith(".layers") and isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            return name, module
-    return None, None
-
-
-def _tile_rows(value, rows: int, copies: int):
-    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
-        return value.repeat(copies, *([1] * (value.dim() - 1)))
-    if isinstance(value, tuple):
-        return tuple(_tile_rows(v, rows, copies) for v in value)
-    return value
-
-
-# keyword arguments of a decoder layer that carry one row per example and must be tiled with the hidden states
-_PER_ROW_LAYER_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
-
-
-def enable_shared_trunk(model: PeftModel) -> int | None:
-    r"""Share the layers below the first adapted decoder layer between members.
-
-    When every LoRA module sits in decoder layers ``≥ L`` (e.g. ``layers_to_transform`` on the top layers), the
-    bottom ``L`` layers compute the same thing for every member. With the trunk shared, the model receives the
-    *untiled* batch (B rows); a forward pre-hook on layer ``L`` detaches the hidden states (nothing below trains) and
-    tiles them K times, and every layer from ``L`` on tiles its per-row arguments (attention mask, position ids and
-    rotary embeddings). Cost of the bottom layers: 1× instead of K×, forward and backward.
-
-    Returns ``L``, or ``None`` (nothing installed) when a LoRA module lies outside the decoder layers or in layer 0.
-    """
-    router = get_router(model)
-    if router.trunk_layer is not None:
-        return router.trunk_layer
-    prefix, layers = _decoder_layers(model)
-    if layers is None:
-        return None
-    adapted = set()
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear) and router.member_names[0] in module.lora_A:
-            if not name.startswith(prefix + "."):
-                return None
-            adapted.add(int(name[len(prefix) + 1 :].split(".")[0]))
-    first = min(adapted) if adapted else None
-    if not first:
-        return None
-
-    def tile_hook(layer_index):
-        def hook(module, args, kwargs):
-            if not (router.enabled and router.trunk_active):
-                return None
-            copies = router.num_members
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if layer_index == first:
-                rows = hidden.shape[0]
-                hidden = hidden.detach().repeat(copies, *([1] * (hidden.dim() - 1)))
-                hidden.requires_grad_(torch.is_grad_enabled())
-            else:
-                rows = hidden.shape[0] // copies
-            kwargs = {
-                key: _tile_rows(value, rows, copies) if key in _PER_ROW_LAYER_KWARGS else value
-                for key, value in kwargs.items()
-            }
-            if args:
-                args = (hidden, *(_tile_rows(a, rows, copies) for a in args[1:]))
-            else:
-                kwargs["hidden_states"] = hidden
-            return args, kwargs
-
-        return hook
-
-    for index in range(first, len(layers)):
-        layers[index].register_forward_pre_hook(tile_hook(index), with_kwargs=True)
-    router.trunk_layer = first
-    return first
-
-
-@contextmanager
-def shared_trunk(model, active: bool = True):
-    """Inside the block, forwards take the untiled batch and tile at the first adapted layer (see
-    :func:`enable_shared_trunk`). Keep the backward inside the block when gradient checkpointing is on."""
-    router = get_router(model)
-    previous = router.trunk_active
-    router.trunk_active = active and router.trunk_layer is not None
-    try:
-        yield
-    finally:
-        router.trunk_active = previous
-
-
 @contextmanager
 def base_model_only(model):
     """Run the frozen base model alone inside the block: every member-holding LoRA layer returns its base layer's
@@ -403,3 +313,31 @@ def tile_for_members(batch: dict, num_members: int) -> dict:
         else:
             out[key] = value
     return out
+
+
+
+
+
+
+
+
+def register_members_with_zero3(model: PeftModel, names: list[str], register=None) -> int:
+    """Declare every member's LoRA ``A`` and ``B`` as external parameters of the LoRA layer that reads them.
+
+    The member-batched forward reads all members' ``lora_A[name].weight`` / ``lora_B[name].weight`` inside the LoRA
+    layer's own forward instead of calling those sub-modules, so DeepSpeed ZeRO-3 (which gathers a module's own
+    parameters around its call) would hand it empty shards. Registered with
+    ``deepspeed.zero.register_external_parameter``, they are gathered and released with the layer. Returns the number
+    of parameters registered.
+    """
+    if register is None:
+        from deepspeed.zero import register_external_parameter as register
+    count = 0
+    for module in model.modules():
+        if not hasattr(module, "_renyi_original_forward"):
+            continue
+        for name in names:
+            for container in (module.lora_A, module.lora_B):
+                register(module, container[name].weight)
+                count += 1
+    return count

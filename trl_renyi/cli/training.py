@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..models import DEFAULT_MODEL
+from trl_renyi.model.loading import DEFAULT_MODEL
 
 # local data files and the `datasets` builder that reads them
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -27,7 +27,7 @@ def make_parser(config_class, prog: str):
 
 def builtin_dataset(name: str, seed: int = 0):
     """The bundled conflicting data (:mod:`trl_renyi.data`) for ``trl_renyi:<name>``."""
-    from .. import data
+    from trl_renyi import data
 
     key = name[len(BUILTIN_PREFIX) :]
     if key not in BUILTIN_DATASETS:

@@ -16,16 +16,16 @@ Example::
 
 from __future__ import annotations
 
-from . import training
+from trl_renyi.cli import training
 
 
 def _trainer():
-    from ..sft import RenyiSFTTrainer
+    from trl_renyi.training.sft import RenyiSFTTrainer
 
     return RenyiSFTTrainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import RenyiSFTConfig
+    from trl_renyi.training.config import RenyiSFTConfig
 
     return training.main(RenyiSFTConfig, _trainer, "trl-renyi sft", argv)

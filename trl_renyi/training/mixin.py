@@ -9,42 +9,35 @@ from __future__ import annotations
 
 import contextlib
 
-import warnings
-from pathlib import Path
-
 import torch
-from datasets import Dataset
 from peft import PeftConfig, PeftModel
-from peft.utils import set_peft_model_state_dict
-from safetensors.torch import load_file
 from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.trainer.utils import create_model_from_path
 
-from .checkpoint import AtomicCheckpointMixin
-from .config import RenyiEnsembleArguments
-from .ensemble import (
-    ADAPTER_WEIGHTS,
-    METADATA_FILE,
-    PICKLE_ADAPTER_WEIGHTS,
-    RenyiEnsemble,
-    ensemble_metadata,
-    read_metadata,
-    write_metadata,
-)
-from .lm_head import add_completion_lm_head
-from .members import (
+from trl_renyi.inference.ensemble import RenyiEnsemble
+from trl_renyi.model.lm_head import add_completion_lm_head
+from trl_renyi.model.loading import is_embedded, load_causal_lm, load_tokenizer
+from trl_renyi.model.members import (
     attach_ensemble,
     base_model_only,
     build_ensemble,
-    enable_shared_trunk,
     get_router,
     member_names,
+    register_members_with_zero3,
     routed_members,
     tile_for_members,
 )
-from .models import is_embedded, load_causal_lm, load_tokenizer
-from .objective import RenyiBound, alpha_at_step, floored_renyi_bound, normalized_log_weights, routing_entropy
+from trl_renyi.model.saved_format import (
+    ensemble_metadata,
+    load_member_weights,
+    write_metadata,
+)
+from trl_renyi.model.trunk import enable_shared_trunk
+from trl_renyi.objective import RenyiBound, alpha_at_step, floored_renyi_bound, normalized_log_weights, routing_entropy
+from trl_renyi.training.checkpoint import AtomicCheckpointMixin
+from trl_renyi.training.config import RenyiEnsembleArguments
+from trl_renyi.training.datasets import report_dropped_examples
 
 
 def coerce_config(args, config_class, model_name: str, suffix: str):
@@ -59,33 +52,6 @@ def coerce_config(args, config_class, model_name: str, suffix: str):
         known = set(config_class.__dataclass_fields__)
         return config_class(**{k: v for k, v in values.items() if k in known})
     raise TypeError(f"args must be a {config_class.__name__}, got {type(args).__name__}.")
-
-
-def load_member_weights(model: PeftModel, checkpoint: str | Path, names: list[str]) -> None:
-    """Load every member's LoRA weights from ``checkpoint/member_k/adapter_model.safetensors`` in place."""
-    checkpoint = Path(checkpoint)
-    if (checkpoint / METADATA_FILE).is_file():
-        recorded = read_metadata(checkpoint)["member_names"]
-        if recorded != list(names):
-            raise ValueError(
-                f"{checkpoint / METADATA_FILE} records num_members={len(recorded)} but this trainer has "
-                f"num_members={len(names)}; resume with the num_members the checkpoint was trained with."
-            )
-    for name in names:
-        path = checkpoint / name / ADAPTER_WEIGHTS
-        if not path.is_file() and (checkpoint / name / PICKLE_ADAPTER_WEIGHTS).is_file():
-            raise ValueError(
-                f"{checkpoint / name / PICKLE_ADAPTER_WEIGHTS} is a pickle file, which is never loaded (it can run "
-                f"arbitrary code); member weights are read from {ADAPTER_WEIGHTS} only."
-            )
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"Checkpoint {checkpoint} lacks {name}/{ADAPTER_WEIGHTS}; every member must be saved as safetensors."
-            )
-        result = set_peft_model_state_dict(model, load_file(str(path)), adapter_name=name)
-        unexpected = [key for key in getattr(result, "unexpected_keys", []) if name in key or "lora_" in key]
-        if unexpected:
-            raise ValueError(f"{path} holds weights that fit no layer of the model: {unexpected[:5]}.")
 
 
 class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
@@ -261,7 +227,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
 
     def base_forward(self, model, inputs: dict):
         """One forward of the frozen base model alone over the untiled ``inputs`` (B rows), with the LM head that
-        :meth:`member_forward` uses: every member's delta is skipped (:func:`~trl_renyi.members.base_model_only`),
+        :meth:`member_forward` uses: every member's delta is skipped (:func:`~trl_renyi.model.members.base_model_only`),
         with no ``requires_grad`` or active-adapter change. E.g. DPO's reference π_ref, one pass for all K members.
         Call it under ``torch.no_grad()``. Returns a ``FusedCausalLMOutput`` with ``log_probs`` ``(B, T−1)``.
         """
@@ -365,14 +331,14 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
 
     def _ensemble_metadata(self, model) -> dict:
         """``renyi_ensemble.json`` content, with the logged routing shares and eval figures for the model card."""
-        from .hub import training_record
+        from trl_renyi.hub import training_record
 
         extra = {"trainer": type(self).__name__, "responsibility_floor": getattr(self.args, "responsibility_floor", 0.0)}
         extra.update(training_record(self.state.log_history, self.num_members, self.args.alpha))
         return ensemble_metadata(model, self.args.renyi_metadata(), extra)
 
     def _write_ensemble_card(self, directory, model_name=None, dataset_name=None, tags=None) -> None:
-        from .hub import write_model_card
+        from trl_renyi.hub import write_model_card
 
         metadata = self._ensemble_metadata(self.accelerator.unwrap_model(self.model))
         write_model_card(
@@ -392,7 +358,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         ``hub_strategy``), copy the checkpoint's member folders and ``renyi_ensemble.json`` there: transformers copies
         only single-model and single-adapter files."""
         if self.is_world_process_zero() and self.args.hub_strategy != "end":
-            from .hub import copy_ensemble_files
+            from trl_renyi.hub import copy_ensemble_files
 
             copy_ensemble_files(checkpoint_folder, self.args.output_dir, self.member_names)
         super()._push_from_checkpoint(checkpoint_folder)
@@ -405,91 +371,3 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         attach_ensemble(model, self.num_members)
         get_router(model).enabled = True
         return None
-
-
-def register_members_with_zero3(model: PeftModel, names: list[str], register=None) -> int:
-    """Declare every member's LoRA ``A`` and ``B`` as external parameters of the LoRA layer that reads them.
-
-    The member-batched forward reads all members' ``lora_A[name].weight`` / ``lora_B[name].weight`` inside the LoRA
-    layer's own forward instead of calling those sub-modules, so DeepSpeed ZeRO-3 (which gathers a module's own
-    parameters around its call) would hand it empty shards. Registered with
-    ``deepspeed.zero.register_external_parameter``, they are gathered and released with the layer. Returns the number
-    of parameters registered.
-    """
-    if register is None:
-        from deepspeed.zero import register_external_parameter as register
-    count = 0
-    for module in model.modules():
-        if not hasattr(module, "_renyi_original_forward"):
-            continue
-        for name in names:
-            for container in (module.lora_A, module.lora_B):
-                register(module, container[name].weight)
-                count += 1
-    return count
-
-
-def report_dropped_examples(raw, prepared, args, dataset_name: str) -> int:
-    """Warn about (or refuse) examples removed by preparation; return how many were dropped.
-
-    Only counted for map-style datasets that were not packed (packing changes the number of rows by design).
-    """
-    if not (isinstance(raw, Dataset) and isinstance(prepared, Dataset)) or "seq_lengths" in prepared.column_names:
-        return 0
-    total, kept = len(raw), len(prepared)
-    dropped = total - kept
-    if dropped <= 0:
-        return 0
-    max_length = getattr(args, "max_length", None)
-    mode = getattr(args, "truncation_mode", "keep_start")
-    if kept == 0:
-        raise ValueError(
-            f"All {total} examples of the {dataset_name} dataset have no completion token left after truncation to "
-            f"max_length={max_length} (truncation_mode={mode!r}); raise max_length or shorten the prompts."
-        )
-    warnings.warn(
-        f"{dropped} of {total} examples of the {dataset_name} dataset have no completion token left after truncation "
-        f"to max_length={max_length} (truncation_mode={mode!r}) and were excluded from training.",
-        UserWarning,
-        stacklevel=3,
-    )
-    return dropped
-
-
-def sequence_log_likelihood(log_probs: torch.Tensor, labels: torch.Tensor, num_members: int, segments=None):
-    """Per-example, per-member completion log-likelihoods from a member-batched fused-head output.
-
-    Args:
-        log_probs: ``(K·B, T−1)`` per-token log-probs (0 where the label is -100), rows ``k·B…`` of member k.
-        labels: ``(B, T)`` the untiled labels.
-        segments: ``(B, T)`` example index of every token for padding-free batches (several examples in one row);
-            ``None`` when each row is one example.
-
-    Returns:
-        ``(loglik (N, K), num_tokens (N,))`` for the N examples with at least one completion token.
-    """
-    shifted = labels[:, 1:]
-    mask = shifted != -100
-    lp = log_probs.float().reshape(num_members, *shifted.shape)
-    if segments is None:
-        loglik, num_tokens = lp.sum(-1).T, mask.sum(-1).float()
-    else:
-        seg = segments[:, 1:].reshape(-1).long()
-        count = int(seg.max()) + 1 if seg.numel() else 0
-        loglik = lp.new_zeros(num_members, count).index_add_(1, seg, lp.reshape(num_members, -1)).T
-        num_tokens = lp.new_zeros(count).index_add_(0, seg, mask.reshape(-1).float())
-    keep = num_tokens > 0
-    if not bool(keep.all()):
-        loglik, num_tokens = loglik[keep], num_tokens[keep]
-    return loglik, num_tokens
-
-
-def padding_free_segments(inputs: dict) -> torch.Tensor | None:
-    """Example index of every token of a padding-free batch, or ``None`` for padded batches."""
-    if "seq_idx" in inputs and inputs["seq_idx"] is not None:
-        return inputs["seq_idx"]
-    if "position_ids" in inputs and "attention_mask" not in inputs:
-        starts = (inputs["position_ids"] == 0).long()
-        return starts.reshape(-1).cumsum(0).reshape(starts.shape) - 1
-    return None
-

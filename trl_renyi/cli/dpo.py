@@ -16,16 +16,16 @@ Example::
 
 from __future__ import annotations
 
-from . import training
+from trl_renyi.cli import training
 
 
 def _trainer():
-    from ..dpo import RenyiDPOTrainer  # imported only when the command runs
+    from trl_renyi.training.dpo import RenyiDPOTrainer  # imported only when the command runs
 
     return RenyiDPOTrainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import RenyiDPOConfig
+    from trl_renyi.training.config import RenyiDPOConfig
 
     return training.main(RenyiDPOConfig, _trainer, "trl-renyi dpo", argv)

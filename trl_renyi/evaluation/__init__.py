@@ -1,0 +1,1 @@
+"""Evaluation: calibration and uncertainty metrics, plots, and the evaluation data formats."""

@@ -1,0 +1,2 @@
+"""Inference: :class:`~trl_renyi.inference.ensemble.RenyiEnsemble`, the single-model baseline, scoring, choices,
+generation and the uncertainty decomposition."""

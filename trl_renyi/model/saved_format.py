@@ -1,0 +1,260 @@
+"""The saved ensemble format: one plain PEFT adapter folder per member plus ``renyi_ensemble.json``.
+
+On disk (and on the Hub) an ensemble is a folder holding ``member_k/adapter_config.json`` +
+``adapter_model.safetensors`` for every member (each loadable with ``PeftModel.from_pretrained(base, folder/member_k)``)
+and ``renyi_ensemble.json`` with the ensemble's settings. This module writes, reads and validates that layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+from peft import PeftModel
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from trl_renyi import __version__
+from trl_renyi.model.loading import canonical_name, model_name_or_path
+from trl_renyi.model.members import member_names
+
+METADATA_FILE = "renyi_ensemble.json"
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+PICKLE_ADAPTER_WEIGHTS = "adapter_model.bin"
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+# adapter_config.json fields every member must share (the member-batched forward stacks their LoRA weights)
+_SHARED_LORA_FIELDS = (
+    "peft_type",
+    "base_model_name_or_path",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+    "lora_bias",
+    "modules_to_save",
+)
+
+
+_STRUCTURAL_CONFIG_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "head_dim",
+)
+
+
+def base_config_hash(config) -> str:
+    """SHA-256 of the base model's structural config fields (architecture and sizes), to detect a wrong base."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    fields = {key: getattr(text_config, key, None) for key in _STRUCTURAL_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def ensemble_metadata(peft_model: PeftModel, settings: dict, extra: dict | None = None) -> dict:
+    """The content of ``renyi_ensemble.json`` for ``peft_model`` and the ensemble ``settings``."""
+    names = member_names(settings["num_members"])
+    base = peft_model.get_base_model()
+    weights = settings.get("member_weights")
+    if weights is None:
+        weights = [1.0 / len(names)] * len(names)
+    meta = {
+        "format_version": 1,
+        "library": "trl_renyi",
+        "library_version": __version__,
+        "num_members": len(names),
+        "member_names": names,
+        "alpha": float(settings["alpha"]),
+        "member_weights": [float(w) for w in weights],
+        "loglik_reduction": settings.get("loglik_reduction", "sum"),
+        "alpha_warmup_ratio": float(settings.get("alpha_warmup_ratio", 0.0)),
+        "member_init_std": float(settings.get("member_init_std", 0.0)),
+        "base_model_name_or_path": peft_model.peft_config[names[0]].base_model_name_or_path
+        or model_name_or_path(base),
+        "base_model_config_hash": base_config_hash(base.config),
+    }
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def write_metadata(directory: str | os.PathLike, metadata: dict) -> None:
+    """Write ``renyi_ensemble.json`` atomically (a partial file never carries the final name)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / METADATA_FILE)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """Read and validate ``renyi_ensemble.json``; errors name the file and the field."""
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a trl_renyi ensemble folder.")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object.")
+    for key in ("num_members", "member_names", "alpha", "member_weights"):
+        if key not in meta:
+            raise ValueError(f"{path} lacks the field {key!r}.")
+    k = meta["num_members"]
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"{path}: num_members must be an integer >= 1, got {k!r}.")
+    if meta["member_names"] != member_names(k):
+        raise ValueError(f"{path}: member_names {meta['member_names']} do not match num_members={k}.")
+    weights = meta["member_weights"]
+    if not isinstance(weights, list) or len(weights) != k or not all(
+        isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights
+    ):
+        raise ValueError(f"{path}: member_weights must be {k} positive numbers, got {weights!r}.")
+    if not isinstance(meta["alpha"], (int, float)) or not math.isfinite(meta["alpha"]):
+        raise ValueError(f"{path}: alpha must be a finite number, got {meta['alpha']!r}.")
+    return meta
+
+
+def _read_adapter_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object.")
+    return config
+
+
+def _comparable(value):
+    return sorted(value) if isinstance(value, list) else value
+
+
+def check_saved_members(folder: str | os.PathLike, names: list[str]) -> None:
+    """Check a saved ensemble's member folders before any weight is loaded; errors name the file at fault.
+
+    Every member listed in ``renyi_ensemble.json`` must have ``adapter_config.json`` and safetensors weights (a
+    pickle ``adapter_model.bin`` is refused: unpickling can run arbitrary code), no unlisted ``member_*`` folder may
+    exist, and all members must share one LoRA configuration (:data:`_SHARED_LORA_FIELDS`).
+    """
+    folder = Path(folder)
+    metadata = folder / METADATA_FILE
+    extra = sorted(
+        p.name for p in folder.glob("member_*") if p.is_dir() and p.name not in names and (p / ADAPTER_CONFIG).exists()
+    )
+    if extra:
+        raise ValueError(f"{folder} holds member folders {extra} that {metadata} does not list (num_members={len(names)}).")
+    reference = None
+    for name in names:
+        member = folder / name
+        if not member.is_dir():
+            raise FileNotFoundError(f"Member folder {member} listed in {metadata} is missing.")
+        if not (member / ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(f"{member / ADAPTER_CONFIG} is missing.")
+        if not (member / ADAPTER_WEIGHTS).is_file():
+            if (member / PICKLE_ADAPTER_WEIGHTS).is_file():
+                raise ValueError(
+                    f"{member / PICKLE_ADAPTER_WEIGHTS} is a pickle file, which is never loaded (it can run arbitrary "
+                    f"code); save the member as {ADAPTER_WEIGHTS} (safe_serialization=True)."
+                )
+            raise FileNotFoundError(f"{member / ADAPTER_WEIGHTS} is missing; members are loaded from safetensors only.")
+        config = _read_adapter_config(member / ADAPTER_CONFIG)
+        shared = {key: _comparable(config.get(key)) for key in _SHARED_LORA_FIELDS}
+        if reference is None:
+            reference = (member / ADAPTER_CONFIG, shared)
+            continue
+        differing = [key for key in _SHARED_LORA_FIELDS if shared[key] != reference[1][key]]
+        if differing:
+            key = differing[0]
+            raise ValueError(
+                f"The members' LoRA configs disagree on {differing}: {member / ADAPTER_CONFIG} has {key}="
+                f"{shared[key]!r} but {reference[0]} has {key}={reference[1][key]!r}; all members must share one "
+                "LoraConfig."
+            )
+
+
+def _same_model_name(given: str, recorded: str) -> bool:
+    """Whether two model names refer to the same model: equal after alias resolution, or a local copy whose folder
+    name is the recorded repository's name (``/models/SmolLM2-135M-Instruct`` for ``HuggingFaceTB/SmolLM2-135M-Instruct``)."""
+    if not given or not recorded:
+        return True
+    given, recorded = canonical_name(given), canonical_name(recorded)
+    tail = lambda name: Path(str(name).rstrip("/")).name.lower()  # noqa: E731
+    return given == recorded or tail(given) == tail(recorded)
+
+
+def check_base_model_name(name: str, metadata: dict, metadata_path: Path) -> None:
+    """Refuse a base model whose name differs from ``base_model_name_or_path`` recorded in ``metadata``."""
+    recorded_name = metadata.get("base_model_name_or_path") or ""
+    if not _same_model_name(name, recorded_name):
+        raise ValueError(
+            f"The base model {name!r} differs from the one recorded in {metadata_path} ({recorded_name!r}): "
+            "base_model_name_or_path does not match. Pass the recorded base model, or check_base_model=False if "
+            "it is the same model under another name."
+        )
+
+
+def check_base_model_hash(base_model, metadata: dict, metadata_path: Path) -> None:
+    """Refuse a base model whose structural config hash differs from ``base_model_config_hash`` in ``metadata``."""
+    recorded_hash = metadata.get("base_model_config_hash")
+    if recorded_hash and recorded_hash != base_config_hash(base_model.config):
+        name = model_name_or_path(base_model) or type(base_model).__name__
+        raise ValueError(
+            f"The base model ({name}) differs from the one recorded in {metadata_path} "
+            f"({metadata.get('base_model_name_or_path') or 'unnamed'}): its config hash (base_model_config_hash) "
+            "does not match."
+        )
+
+
+
+
+
+
+
+
+
+def load_member_weights(model: PeftModel, checkpoint: str | Path, names: list[str]) -> None:
+    """Load every member's LoRA weights from ``checkpoint/member_k/adapter_model.safetensors`` in place."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / METADATA_FILE).is_file():
+        recorded = read_metadata(checkpoint)["member_names"]
+        if recorded != list(names):
+            raise ValueError(
+                f"{checkpoint / METADATA_FILE} records num_members={len(recorded)} but this trainer has "
+                f"num_members={len(names)}; resume with the num_members the checkpoint was trained with."
+            )
+    for name in names:
+        path = checkpoint / name / ADAPTER_WEIGHTS
+        if not path.is_file() and (checkpoint / name / PICKLE_ADAPTER_WEIGHTS).is_file():
+            raise ValueError(
+                f"{checkpoint / name / PICKLE_ADAPTER_WEIGHTS} is a pickle file, which is never loaded (it can run "
+                f"arbitrary code); member weights are read from {ADAPTER_WEIGHTS} only."
+            )
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Checkpoint {checkpoint} lacks {name}/{ADAPTER_WEIGHTS}; every member must be saved as safetensors."
+            )
+        result = set_peft_model_state_dict(model, load_file(str(path)), adapter_name=name)
+        unexpected = [key for key in getattr(result, "unexpected_keys", []) if name in key or "lora_" in key]
+        if unexpected:
+            raise ValueError(f"{path} holds weights that fit no layer of the model: {unexpected[:5]}.")

@@ -1,0 +1,105 @@
+"""Shared trunk: layers below the first adapted decoder layer run once for all K members.
+
+When every LoRA module sits in decoder layers ``>= L``, the bottom ``L`` layers compute the same thing for every
+member; they run on the untiled batch and the hidden states are tiled K times at layer ``L``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+from trl_renyi.model.members import get_router
+
+
+def _decoder_layers(model: PeftModel):
+    """``(prefix, ModuleList)`` of the decoder layers of a causal LM (the ``layers`` list of its backbone)."""
+    for name, module in model.named_modules():
+        if name.endswith(".layers") and isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            return name, module
+    return None, None
+
+
+def _tile_rows(value, rows: int, copies: int):
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    if isinstance(value, tuple):
+        return tuple(_tile_rows(v, rows, copies) for v in value)
+    return value
+
+
+# keyword arguments of a decoder layer that carry one row per example and must be tiled with the hidden states
+_PER_ROW_LAYER_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
+
+
+def enable_shared_trunk(model: PeftModel) -> int | None:
+    r"""Share the layers below the first adapted decoder layer between members.
+
+    When every LoRA module sits in decoder layers ``≥ L`` (e.g. ``layers_to_transform`` on the top layers), the
+    bottom ``L`` layers compute the same thing for every member. With the trunk shared, the model receives the
+    *untiled* batch (B rows); a forward pre-hook on layer ``L`` detaches the hidden states (nothing below trains) and
+    tiles them K times, and every layer from ``L`` on tiles its per-row arguments (attention mask, position ids and
+    rotary embeddings). Cost of the bottom layers: 1× instead of K×, forward and backward.
+
+    Returns ``L``, or ``None`` (nothing installed) when a LoRA module lies outside the decoder layers or in layer 0.
+    """
+    router = get_router(model)
+    if router.trunk_layer is not None:
+        return router.trunk_layer
+    prefix, layers = _decoder_layers(model)
+    if layers is None:
+        return None
+    adapted = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear) and router.member_names[0] in module.lora_A:
+            if not name.startswith(prefix + "."):
+                return None
+            adapted.add(int(name[len(prefix) + 1 :].split(".")[0]))
+    first = min(adapted) if adapted else None
+    if not first:
+        return None
+
+    def tile_hook(layer_index):
+        def hook(module, args, kwargs):
+            if not (router.enabled and router.trunk_active):
+                return None
+            copies = router.num_members
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if layer_index == first:
+                rows = hidden.shape[0]
+                hidden = hidden.detach().repeat(copies, *([1] * (hidden.dim() - 1)))
+                hidden.requires_grad_(torch.is_grad_enabled())
+            else:
+                rows = hidden.shape[0] // copies
+            kwargs = {
+                key: _tile_rows(value, rows, copies) if key in _PER_ROW_LAYER_KWARGS else value
+                for key, value in kwargs.items()
+            }
+            if args:
+                args = (hidden, *(_tile_rows(a, rows, copies) for a in args[1:]))
+            else:
+                kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    for index in range(first, len(layers)):
+        layers[index].register_forward_pre_hook(tile_hook(index), with_kwargs=True)
+    router.trunk_layer = first
+    return first
+
+
+@contextmanager
+def shared_trunk(model, active: bool = True):
+    """Inside the block, forwards take the untiled batch and tile at the first adapted layer (see
+    :func:`enable_shared_trunk`). Keep the backward inside the block when gradient checkpointing is on."""
+    router = get_router(model)
+    previous = router.trunk_active
+    router.trunk_active = active and router.trunk_layer is not None
+    try:
+        yield
+    finally:
+        router.trunk_active = previous

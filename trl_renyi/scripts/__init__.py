@@ -1,1 +1,0 @@
-"""Entry points of the ``trl-renyi`` sub-commands; each module exposes ``main(argv: list[str]) -> int``."""
