@@ -75,8 +75,9 @@ def main(argv=None) -> int:
 
     from trl_renyi import RenyiEnsemble
     from trl_renyi.data import chat_answer, chat_prompt
+    from trl_renyi.model.layer import router_disabled
     from trl_renyi.model.loading import load_causal_lm, load_tokenizer
-    from trl_renyi.model.members import build_ensemble, router_disabled
+    from trl_renyi.model.members import build_ensemble
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"loading {args.model} ...", flush=True)

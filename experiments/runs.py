@@ -20,7 +20,8 @@ from bench_utils import replace_section  # noqa: E402
 
 from trl_renyi import RenyiEnsemble  # noqa: E402
 from trl_renyi.cli.demo import DEMO_FAMILIES  # noqa: E402
-from trl_renyi.model.members import build_ensemble, member_names  # noqa: E402
+from trl_renyi.model.layer import member_names
+from trl_renyi.model.members import build_ensemble  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
 # The demo's families: greetings and farewells are contradictory; opposites and capitals are consistent and known to

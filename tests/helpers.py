@@ -1,9 +1,10 @@
 """Shared test helpers: CPU-friendly configs and gradient capture."""
 
+import contextlib
 import torch
 from peft import LoraConfig
 
-from trl_renyi.model.members import member_names
+from trl_renyi.model.layer import member_names
 
 CPU_ARGS = dict(
     report_to="none",
@@ -82,8 +83,12 @@ def backward_first_batch(trainer, gradient_checkpointing):
         assert model.is_gradient_checkpointing
     model.train()
     batch = first_batch(trainer)
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
+    # an ensemble trainer routes rows to members only inside its routing block, which must hold the backward too
+    # (gradient checkpointing recomputes the forward there); stock TRL trainers have none
+    routing = trainer.member_routing(model) if hasattr(trainer, "member_routing") else contextlib.nullcontext()
+    with routing:
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
     return loss, batch
 
 

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from tests.helpers import CPU_ARGS, lora_config
 from tests.training_script import build_trainer, dpo_available, member_weights
 from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer, build_ensemble
-from trl_renyi.training import mixin as trainer_base
-from trl_renyi.model.members import member_names
+from trl_renyi.model.layer import member_names
 from trl_renyi.testing import tiny_llama
+from trl_renyi.training import mixin as trainer_base
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "training_script.py"

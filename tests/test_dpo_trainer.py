@@ -25,7 +25,7 @@ from tests.helpers import (
     step_grads,
 )
 from trl_renyi import RenyiDPOConfig, RenyiDPOTrainer
-from trl_renyi.model.members import get_router, member_names, router_disabled
+from trl_renyi.model.layer import get_router, member_names, router_disabled
 
 PAIRS = [
     ("What colour is the sky?", " It is blue.", " green"),

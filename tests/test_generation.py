@@ -5,7 +5,8 @@ import torch
 
 from tests.helpers import lora_config
 from trl_renyi import RenyiEnsemble
-from trl_renyi.model.members import attach_ensemble, build_ensemble, member_names, router_disabled
+from trl_renyi.model.layer import member_names, router_disabled
+from trl_renyi.model.members import attach_ensemble, build_ensemble
 
 PROMPTS = ["What colour is the sky?", "Say", "What is two plus three? Five. What is the capital of"]
 

@@ -5,7 +5,7 @@ import torch
 
 from tests.helpers import CPU_ARGS, assert_close_dicts, first_batch, lora_config, step_grads
 from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
-from trl_renyi.model.members import get_router
+from trl_renyi.model.layer import get_router
 
 
 def build(make_model, tokenizer, dataset, tmp_path, peft_config=None, **overrides):

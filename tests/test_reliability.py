@@ -24,7 +24,7 @@ from trl_renyi import (
     RenyiSFTTrainer,
     build_ensemble,
 )
-from trl_renyi.model.members import member_names
+from trl_renyi.model.layer import member_names
 from trl_renyi.testing import tiny_llama
 from trl_renyi.training.checkpoint import STAGING_PREFIX
 

@@ -19,7 +19,7 @@ from tests.helpers import (
     renyi_settings,
 )
 from trl_renyi import RenyiEnsemble, RenyiSFTConfig, RenyiSFTTrainer, renyi_bound
-from trl_renyi.model.members import member_names, router_disabled
+from trl_renyi.model.layer import member_names, router_disabled
 
 
 def make_trainer(cls, config_cls, model, dataset, tokenizer, tmp_path, peft_config=None, **overrides):
@@ -162,7 +162,8 @@ def test_dropout_is_reproduced_under_gradient_checkpointing(make_model, tokenize
         model.train()
         batch = first_batch(trainer)
         torch.manual_seed(seed)
-        trainer.compute_loss(model, batch).backward()
+        with trainer.member_routing(model):  # the checkpointed backward recomputes the routed forward
+            trainer.compute_loss(model, batch).backward()
         return {n: lora_grads(model, n) for n in member_names(2)}
 
     plain, checkpointed, other_mask = grads(False), grads(True), grads(False, seed=8)

@@ -11,7 +11,8 @@ from trl_renyi import RenyiEnsemble
 from trl_renyi.inference.baseline import SingleModel
 from trl_renyi.inference.choices import choice_log_likelihoods
 from trl_renyi.inference.uncertainty import decompose
-from trl_renyi.model.members import build_ensemble, member_names, router_disabled
+from trl_renyi.model.layer import member_names, router_disabled
+from trl_renyi.model.members import build_ensemble
 
 PROMPTS = ["What colour is the sky?", "Say hello.", "What is two plus three?"]
 COMPLETIONS = [" It is blue.", " Ahoy matey!", " Five."]

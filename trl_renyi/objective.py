@@ -46,6 +46,9 @@ class RenyiBound(NamedTuple):
     responsibilities: torch.Tensor
 
 
+#: The Rényi order the trainers apply after the warm-up unless told otherwise (see docs/results.md).
+DEFAULT_ALPHA = -1.0
+
 def normalized_log_weights(
     num_members: int, weights=None, device=None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from trl_renyi.inference.ensemble import RenyiEnsemble
+from trl_renyi.inference.ensemble import EnsembleScorer, RenyiEnsemble
+from trl_renyi.model.layer import base_model_only
 from trl_renyi.model.loading import load_causal_lm, load_tokenizer
-from trl_renyi.model.members import base_model_only
 
 
-class SingleModel(RenyiEnsemble):
+class SingleModel(EnsembleScorer):
     """One causal LM served through the ensemble interface (K = 1).
 
     Args:
@@ -32,13 +32,7 @@ class SingleModel(RenyiEnsemble):
     """
 
     def __init__(self, model, tokenizer=None, name: str = "model", forward_context=None):
-        # no member adapters to attach: RenyiEnsemble.__init__ is deliberately not called
-        self.model = model
-        self.tokenizer = tokenizer
-        self.alpha = 1.0
-        self.member_names = [name]
-        self.log_weights = torch.zeros(1)
-        self.metadata = {"name": name}
+        super().__init__(model, tokenizer, [name], alpha=1.0, metadata={"name": name})
         self._forward_context = forward_context or contextlib.nullcontext
 
     @torch.no_grad()

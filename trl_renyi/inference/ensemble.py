@@ -20,8 +20,9 @@ from trl_renyi.inference.choices import predict_preferences as _predict_preferen
 from trl_renyi.inference.encoding import collate_scoring_batch, encode_prompt_completion
 from trl_renyi.inference.generation import generate as _generate
 from trl_renyi.inference.uncertainty import decompose
+from trl_renyi.model.layer import MEMBER_PREFIX, member_names, member_routing
 from trl_renyi.model.loading import load_causal_lm, load_tokenizer, model_name_or_path
-from trl_renyi.model.members import attach_ensemble, get_router, member_names, set_members_trainable, tile_for_members
+from trl_renyi.model.members import install_member_layers, set_members_trainable, tile_for_members
 from trl_renyi.model.saved_format import (
     METADATA_FILE,
     check_base_model_hash,
@@ -32,7 +33,7 @@ from trl_renyi.model.saved_format import (
     write_metadata,
 )
 from trl_renyi.model.trunk import shared_trunk
-from trl_renyi.objective import normalized_log_weights, renyi_bound
+from trl_renyi.objective import DEFAULT_ALPHA, floored_renyi_bound, normalized_log_weights, renyi_bound
 
 
 @dataclass
@@ -62,25 +63,29 @@ class ScoreResult:
     loglik_std: torch.Tensor
 
 
-class RenyiEnsemble:
-    """A K-member LoRA ensemble on one base model, ready for scoring, saving and publishing.
+class EnsembleScorer:
+    """The scoring API shared by :class:`RenyiEnsemble` and the single-model baselines: K member distributions
+    from :meth:`member_forward` (implemented by each subclass), combined with weights π_k.
 
     Args:
-        model: a PeftModel holding adapters ``member_0 … member_{K-1}``.
+        model: the model (a PeftModel for an ensemble).
         tokenizer: its tokenizer (needed for scoring text).
-        alpha: the Rényi order the ensemble was trained with (used for responsibilities).
+        names: the member names, in the order of :meth:`member_forward`'s blocks.
+        alpha: the Rényi order of the reported responsibilities.
         member_weights: mixture weights π_k (normalised); uniform when ``None``.
-        metadata: extra settings recorded in ``renyi_ensemble.json``.
+        responsibility_floor: λ of the reported responsibilities ``(1−λ)·r_ik + λ·π_k``.
+        metadata: settings recorded with the model.
     """
 
-    def __init__(self, model: PeftModel, tokenizer=None, alpha: float = 0.5, member_weights=None, metadata=None):
-        num_members = sum(1 for n in model.peft_config if n.startswith("member_"))
-        attach_ensemble(model, num_members)
+    def __init__(
+        self, model, tokenizer, names, alpha: float, member_weights=None, responsibility_floor=0.0, metadata=None
+    ):
         self.model = model
         self.tokenizer = tokenizer
+        self.member_names = list(names)
         self.alpha = float(alpha)
-        self.member_names = member_names(num_members)
-        self.log_weights = normalized_log_weights(num_members, member_weights)
+        self.log_weights = normalized_log_weights(len(self.member_names), member_weights)
+        self.responsibility_floor = float(responsibility_floor)
         self.metadata = dict(metadata or {})
 
     @property
@@ -94,6 +99,129 @@ class RenyiEnsemble:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def member_forward(self, batch: dict[str, torch.Tensor], **model_kwargs):
+        """The model's output for ``batch`` (B rows) with ``logits`` shaped ``(K, B, T', V)``."""
+        raise NotImplementedError
+
+    def member_logits(self, batch: dict[str, torch.Tensor], **model_kwargs) -> torch.Tensor:
+        """``(K, B, T, V)`` logits of every member for a batch of B rows, in one member-batched forward."""
+        model_kwargs.setdefault("use_cache", False)
+        return self.member_forward(batch, **model_kwargs).logits
+
+    def score(self, prompts, completions, batch_size: int = 8, show_progress: bool | None = None) -> ScoreResult:
+        """Score completions under every member in member-batched forwards (no gradients).
+
+        ``prompts`` / ``completions`` are plain strings or conversational message lists (rendered with the
+        tokenizer's chat template exactly as SFTTrainer renders them).
+        """
+        if self.tokenizer is None:
+            raise ValueError("This ensemble has no tokenizer; pass one to RenyiEnsemble or from_pretrained.")
+        if len(prompts) != len(completions):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions.")
+        was_training = self.model.training
+        self.model.eval()
+        encoded = [encode_prompt_completion(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        starts = range(0, len(encoded), batch_size)
+        if show_progress is None:
+            show_progress = len(encoded) > 4 * batch_size
+        fields: dict[str, list[torch.Tensor]] = {}
+        for start in tqdm(starts, desc="scoring", disable=not show_progress):
+            batch = collate_scoring_batch(encoded[start : start + batch_size], pad)
+            for key, value in self._score_batch(batch).items():
+                fields.setdefault(key, []).append(value)
+        if was_training:
+            self.model.train()
+        out = {key: torch.cat(values) for key, values in fields.items()}
+        bound = floored_renyi_bound(out["member_loglik"], self.alpha, self.log_weights, self.responsibility_floor)
+        out["responsibilities"] = bound.responsibilities
+        out["loglik"] = renyi_bound(out["member_loglik"], 0.0, self.log_weights).value
+        out["loglik_std"] = out["member_loglik"].std(dim=-1, unbiased=False)
+        return ScoreResult(**out)
+
+    def _score_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # only the columns that predict a completion token go through the LM head (prompts are often most tokens)
+        scored = (batch["labels"][:, 1:] != -100).any(0).nonzero().flatten()
+        first, last = (int(scored[0]), int(scored[-1])) if len(scored) else (0, 0)
+        logits = self.member_logits(batch, logits_to_keep=torch.arange(first, last + 1))  # (K, B, T', V)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        labels = batch["labels"][:, 1 + first : 2 + last].to(log_probs.device)
+        mask = labels != -100
+        token_lp = log_probs.gather(-1, labels.clamp(min=0)[None, ..., None].expand(self.num_members, -1, -1, 1))
+        token_lp = token_lp.squeeze(-1) * mask  # (K, B, T-1)
+        member_loglik = token_lp.sum(-1).T.cpu()  # (B, K)
+        parts = decompose(log_probs, self.log_weights.to(log_probs.device))  # each (B, T-1)
+        num_tokens = mask.sum(-1).clamp(min=1)
+        mean = lambda x: ((x * mask).sum(-1) / num_tokens).cpu()  # noqa: E731
+        return {
+            "member_loglik": member_loglik,
+            "num_tokens": mask.sum(-1).cpu(),
+            "mutual_information": mean(parts.mutual_information),
+            "mutual_information_max": parts.mutual_information.masked_fill(~mask, 0.0).amax(-1).cpu(),
+            "entropy": mean(parts.total),
+            "aleatoric": mean(parts.aleatoric),
+        }
+
+    def predict_choices(
+        self, prompts, choices, length_normalize: bool = False, batch_size: int = 8, show_progress: bool | None = None
+    ):
+        """Multiple-choice predictions, one :class:`~trl_renyi.choices.ChoicePrediction` per prompt (each prompt has
+        its own list of choices): mixture ``probs`` (C,), ``member_probs`` (K, C), entropy, aleatoric and mutual
+        information. See :func:`trl_renyi.choices.predict_choices`."""
+        return _predict_choices(self, prompts, choices, length_normalize, batch_size, show_progress)
+
+    def predict_preferences(self, prompts, chosen, rejected, reference=None, beta: float = 0.1, **kwargs):
+        """(chosen, rejected) predictions by likelihood, or by the DPO implicit reward against ``reference``.
+        See :func:`trl_renyi.choices.predict_preferences`."""
+        return _predict_preferences(self, prompts, chosen, rejected, reference=reference, beta=beta, **kwargs)
+
+    def generate(self, prompts, strategy: str = "mixture", **kwargs):
+        """Generate text with per-token entropy and mutual information; ``strategy`` is ``"mixture"`` (Bayesian model
+        average, posterior-weighted), ``"member"`` (with ``member=k``) or ``"routed"``. See
+        :func:`trl_renyi.generation.generate` for the options."""
+        return _generate(self, prompts, strategy=strategy, **kwargs)
+
+
+class RenyiEnsemble(EnsembleScorer):
+    """A K-member LoRA ensemble on one base model, ready for scoring, saving and publishing.
+
+    Args:
+        model: a PeftModel holding adapters ``member_0 … member_{K-1}``.
+        tokenizer: its tokenizer (needed for scoring text).
+        alpha: the Rényi order the ensemble was trained with (used for responsibilities); by default the ``alpha``
+            recorded in ``metadata``, else the training configs' default.
+        member_weights: mixture weights π_k (normalised); uniform when ``None``.
+        metadata: extra settings recorded in ``renyi_ensemble.json``.
+        responsibility_floor: λ of the reported responsibilities ``(1−λ)·r_ik + λ·π_k``, as in training; by default
+            the one recorded in ``metadata`` (0 when none is).
+
+    The constructor changes nothing on ``model`` but routing state: members keep their ``requires_grad`` flags.
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        tokenizer=None,
+        alpha: float | None = None,
+        member_weights=None,
+        metadata=None,
+        responsibility_floor: float | None = None,
+    ):
+        num_members = sum(1 for n in model.peft_config if n.startswith(MEMBER_PREFIX))
+        names = member_names(num_members)
+        install_member_layers(model, names)
+        metadata = dict(metadata or {})
+        alpha = metadata.get("alpha", DEFAULT_ALPHA) if alpha is None else alpha
+        floor = metadata.get("responsibility_floor", 0.0) if responsibility_floor is None else responsibility_floor
+        super().__init__(model, tokenizer, names, alpha, member_weights, floor, metadata)
+
+    def __repr__(self) -> str:
+        base = self.metadata.get("base_model_name_or_path") or model_name_or_path(self.model.get_base_model())
+        return (
+            f"{type(self).__name__}(num_members={self.num_members}, base_model={base!r}, alpha={self.alpha}, "
+            f"responsibility_floor={self.responsibility_floor}, member_weights={[round(w, 4) for w in self.member_weights]})"
+        )
 
     def settings(self) -> dict:
         return {
@@ -189,10 +317,8 @@ class RenyiEnsemble:
         for name in names[1:]:
             model.load_adapter(str(folder / name), adapter_name=name)
         model.eval()
-        ensemble = cls(model, tokenizer, alpha=meta["alpha"], member_weights=meta["member_weights"], metadata=meta)
-        if not is_trainable:
-            set_members_trainable(model, names, trainable=False)
-        return ensemble
+        set_members_trainable(model, names, trainable=is_trainable)
+        return cls(model, tokenizer, alpha=meta["alpha"], member_weights=meta["member_weights"], metadata=meta)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -202,90 +328,11 @@ class RenyiEnsemble:
         ``logits`` come back as ``(K, B, T', V)``; ``model_kwargs`` (e.g. a KV ``cache``, ``use_cache``,
         ``logits_to_keep``) go to the model as they are, so a KV cache holds the K·B tiled rows.
         """
-        router = get_router(self.model)
-        if not router.enabled:
-            raise RuntimeError("The member router is disabled; re-enable it before member-batched inference.")
         device = self.device
+        rows = batch["input_ids"].shape[0]
         tiled = tile_for_members({k: v.to(device) for k, v in batch.items() if k != "labels"}, self.num_members)
-        with shared_trunk(self.model, active=False):  # the rows are tiled here, never again inside the model
+        # the rows are tiled here, never again inside the model (no shared trunk)
+        with member_routing(self.model, rows_per_member=rows, names=self.member_names), shared_trunk(self.model, False):
             outputs = self.model(**tiled, **model_kwargs)
         outputs.logits = outputs.logits.view(self.num_members, batch["input_ids"].shape[0], *outputs.logits.shape[1:])
         return outputs
-
-    def member_logits(self, batch: dict[str, torch.Tensor], **model_kwargs) -> torch.Tensor:
-        """``(K, B, T, V)`` logits of every member for a batch of B rows, in one member-batched forward."""
-        model_kwargs.setdefault("use_cache", False)
-        return self.member_forward(batch, **model_kwargs).logits
-
-    def score(self, prompts, completions, batch_size: int = 8, show_progress: bool | None = None) -> ScoreResult:
-        """Score completions under every member in member-batched forwards (no gradients).
-
-        ``prompts`` / ``completions`` are plain strings or conversational message lists (rendered with the
-        tokenizer's chat template exactly as SFTTrainer renders them).
-        """
-        if self.tokenizer is None:
-            raise ValueError("This ensemble has no tokenizer; pass one to RenyiEnsemble or from_pretrained.")
-        if len(prompts) != len(completions):
-            raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions.")
-        was_training = self.model.training
-        self.model.eval()
-        encoded = [encode_prompt_completion(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        starts = range(0, len(encoded), batch_size)
-        if show_progress is None:
-            show_progress = len(encoded) > 4 * batch_size
-        fields: dict[str, list[torch.Tensor]] = {}
-        for start in tqdm(starts, desc="scoring", disable=not show_progress):
-            batch = collate_scoring_batch(encoded[start : start + batch_size], pad)
-            for key, value in self._score_batch(batch).items():
-                fields.setdefault(key, []).append(value)
-        if was_training:
-            self.model.train()
-        out = {key: torch.cat(values) for key, values in fields.items()}
-        bound = renyi_bound(out["member_loglik"], self.alpha, self.log_weights)
-        out["responsibilities"] = bound.responsibilities
-        out["loglik"] = renyi_bound(out["member_loglik"], 0.0, self.log_weights).value
-        out["loglik_std"] = out["member_loglik"].std(dim=-1, unbiased=False)
-        return ScoreResult(**out)
-
-    def _score_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # only the columns that predict a completion token go through the LM head (prompts are often most tokens)
-        scored = (batch["labels"][:, 1:] != -100).any(0).nonzero().flatten()
-        first, last = (int(scored[0]), int(scored[-1])) if len(scored) else (0, 0)
-        logits = self.member_logits(batch, logits_to_keep=torch.arange(first, last + 1))  # (K, B, T', V)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        labels = batch["labels"][:, 1 + first : 2 + last].to(log_probs.device)
-        mask = labels != -100
-        token_lp = log_probs.gather(-1, labels.clamp(min=0)[None, ..., None].expand(self.num_members, -1, -1, 1))
-        token_lp = token_lp.squeeze(-1) * mask  # (K, B, T-1)
-        member_loglik = token_lp.sum(-1).T.cpu()  # (B, K)
-        parts = decompose(log_probs, self.log_weights.to(log_probs.device))  # each (B, T-1)
-        num_tokens = mask.sum(-1).clamp(min=1)
-        mean = lambda x: ((x * mask).sum(-1) / num_tokens).cpu()  # noqa: E731
-        return {
-            "member_loglik": member_loglik,
-            "num_tokens": mask.sum(-1).cpu(),
-            "mutual_information": mean(parts.mutual_information),
-            "mutual_information_max": parts.mutual_information.masked_fill(~mask, 0.0).amax(-1).cpu(),
-            "entropy": mean(parts.total),
-            "aleatoric": mean(parts.aleatoric),
-        }
-
-    def predict_choices(
-        self, prompts, choices, length_normalize: bool = False, batch_size: int = 8, show_progress: bool | None = None
-    ):
-        """Multiple-choice predictions, one :class:`~trl_renyi.choices.ChoicePrediction` per prompt (each prompt has
-        its own list of choices): mixture ``probs`` (C,), ``member_probs`` (K, C), entropy, aleatoric and mutual
-        information. See :func:`trl_renyi.choices.predict_choices`."""
-        return _predict_choices(self, prompts, choices, length_normalize, batch_size, show_progress)
-
-    def predict_preferences(self, prompts, chosen, rejected, reference=None, beta: float = 0.1, **kwargs):
-        """(chosen, rejected) predictions by likelihood, or by the DPO implicit reward against ``reference``.
-        See :func:`trl_renyi.choices.predict_preferences`."""
-        return _predict_preferences(self, prompts, chosen, rejected, reference=reference, beta=beta, **kwargs)
-
-    def generate(self, prompts, strategy: str = "mixture", **kwargs):
-        """Generate text with per-token entropy and mutual information; ``strategy`` is ``"mixture"`` (Bayesian model
-        average, posterior-weighted), ``"member"`` (with ``member=k``) or ``"routed"``. See
-        :func:`trl_renyi.generation.generate` for the options."""
-        return _generate(self, prompts, strategy=strategy, **kwargs)

@@ -1,27 +1,16 @@
-"""K LoRA members on one frozen base model, and the member-batched LoRA forward.
+"""K LoRA members on one frozen base model: building, attaching and initialising them.
 
 The ensemble is one :class:`peft.PeftModel` holding K adapters named ``member_0 … member_{K-1}``; PEFT's own
 storage is the single source of truth (saving, checkpoints, ``disable_adapter()`` and the Hub layout stay standard).
-
-Member-batched forward: a batch of B rows is tiled K times, rows ``k·B … (k+1)·B − 1`` belonging to member k.
-Inside every LoRA ``Linear`` layer the input is viewed as ``(K, B·T, d_in)`` and member k's low-rank delta
-``scaling_k · B_k A_k x`` is added to its own rows with two stacked batched matmuls:
-
-.. math::
-
-    y_{k} = W x_{k} + s_k\, (x_k A_k^\\top) B_k^\\top, \\qquad A \\in \\mathbb{R}^{K\\times r\\times d_{in}},\\;
-    B \\in \\mathbb{R}^{K\\times d_{out}\\times r}
-
-The routing state is persistent (not a context entered only around the forward), so a forward recomputed during
-the backward pass by gradient checkpointing routes the rows exactly as the original forward did.
+Every adapted ``Linear`` is a :class:`~trl_renyi.model.layer.MemberBatchedLinear`, which PEFT creates itself from a
+registered config; the layers share one :class:`~trl_renyi.model.layer.MemberRouter` (routing is opt-in, see
+:func:`~trl_renyi.model.layer.member_routing`).
 """
 
 from __future__ import annotations
 
 import copy
-import types
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -30,65 +19,18 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import PeftType
 
-MEMBER_PREFIX = "member_"
-
-
-def member_names(num_members: int) -> list[str]:
-    """The adapter names of a K-member ensemble: ``member_0 … member_{K-1}``."""
-    return [f"{MEMBER_PREFIX}{k}" for k in range(num_members)]
-
-
-class MemberRouter:
-    """Shared state of the patched LoRA layers: which adapters are members, and whether rows are routed."""
-
-    def __init__(self, names: Sequence[str]):
-        self.member_names = list(names)
-        self.enabled = True
-        # Base-only mode (see `base_model_only`): every patched layer returns its frozen base layer's output.
-        self.base_only = False
-        # shared trunk (see `enable_shared_trunk`): first adapted decoder layer, and whether inputs arrive untiled
-        self.trunk_layer: int | None = None
-        self.trunk_active = False
-
-    @property
-    def num_members(self) -> int:
-        return len(self.member_names)
+from trl_renyi.compat import register_member_layer
+from trl_renyi.model.layer import (
+    MEMBER_PREFIX,
+    MemberBatchedLinear,
+    MemberRouter,
+    member_layers,
+    member_names,
+)
 
 
 def _device_indices() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-
-
-def _member_batched_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    router: MemberRouter = self._renyi_router
-    if router.base_only:
-        if self.merged:
-            raise ValueError("A base-only forward needs unmerged LoRA layers; unmerge the adapters first.")
-        return self.base_layer(x, *args, **kwargs)
-    if not router.enabled or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
-        return self._renyi_original_forward(x, *args, **kwargs)
-    names = router.member_names
-    num_members = len(names)
-    if x.shape[0] % num_members:
-        raise ValueError(
-            f"Member-batched forward expects the batch tiled {num_members} times (one block of rows per member), "
-            f"got {x.shape[0]} rows. Tile the inputs with `tile_for_members`, or use `router_disabled()` for a "
-            "plain single-adapter forward."
-        )
-    result = self.base_layer(x, *args, **kwargs)
-    weight_a = torch.stack([self.lora_A[n].weight for n in names])  # (K, r, d_in)
-    weight_b = torch.stack([self.lora_B[n].weight for n in names])  # (K, d_out, r)
-    xk = self._cast_input_dtype(x, weight_a.dtype).reshape(num_members, -1, x.shape[-1])
-    dropouts = [self.lora_dropout[n] for n in names]
-    if not all(isinstance(d, torch.nn.Identity) for d in dropouts):
-        xk = torch.stack([dropout(xk[k]) for k, dropout in enumerate(dropouts)])
-    delta = torch.bmm(torch.bmm(xk, weight_a.transpose(1, 2)), weight_b.transpose(1, 2))
-    scalings = [self.scaling[n] for n in names]
-    if all(s == scalings[0] for s in scalings):
-        delta = delta * scalings[0]
-    else:
-        delta = delta * torch.tensor(scalings, device=delta.device, dtype=delta.dtype).view(-1, 1, 1)
-    return result + delta.reshape(*x.shape[:-1], delta.shape[-1]).to(result.dtype)
 
 
 def check_members_servable(model: PeftModel, names: Sequence[str]) -> None:
@@ -113,7 +55,11 @@ def check_members_servable(model: PeftModel, names: Sequence[str]) -> None:
                 f"Adapter {n!r} trains full modules (modules_to_save / trainable_token_indices); ensemble members "
                 "must be LoRA deltas only, since a copied module cannot be member-batched."
             )
-        shape = (cfg.r, cfg.lora_alpha, sorted(cfg.target_modules) if isinstance(cfg.target_modules, set) else cfg.target_modules)
+        shape = (
+            cfg.r,
+            cfg.lora_alpha,
+            sorted(cfg.target_modules) if isinstance(cfg.target_modules, set) else cfg.target_modules,
+        )
         if reference is None:
             reference = (n, shape)
         elif shape != reference[1]:
@@ -140,82 +86,6 @@ def check_members_servable(model: PeftModel, names: Sequence[str]) -> None:
         variants = member_set.intersection(module.lora_variant)
         if variants:
             raise ValueError(f"Layer {module_name!r} uses a LoRA variant (e.g. DoRA) for {sorted(variants)}.")
-
-
-def install_member_batching(model: PeftModel, names: Sequence[str]) -> MemberRouter:
-    """Patch every LoRA ``Linear`` layer of ``model`` with the member-batched forward and return its router.
-
-    Calling it again re-uses the existing router (idempotent).
-    """
-    check_members_servable(model, names)
-    existing = getattr(model, "_renyi_router", None)
-    if existing is not None:
-        existing.member_names = list(names)
-        return existing
-    router = MemberRouter(names)
-    for module in model.modules():
-        if isinstance(module, LoraLinear) and names[0] in module.lora_A:
-            module._renyi_original_forward = module.forward
-            module._renyi_router = router
-            module.forward = types.MethodType(_member_batched_forward, module)
-    model._renyi_router = router
-    return router
-
-
-def get_router(model) -> MemberRouter:
-    router = getattr(model, "_renyi_router", None)
-    if router is None:
-        raise ValueError("This model has no member-batched ensemble installed; build it with `build_ensemble`.")
-    return router
-
-
-@contextmanager
-def router_disabled(model):
-    """Plain PEFT behaviour (the active adapter only) inside the block. Never wrap a forward whose backward runs
-    outside the block under gradient checkpointing."""
-    router = get_router(model)
-    previous = router.enabled
-    router.enabled = False
-    try:
-        yield
-    finally:
-        router.enabled = previous
-
-
-@contextmanager
-def routed_members(model, names: Sequence[str]):
-    """Route the rows to the members ``names`` only (a subset, in this order) inside the block.
-
-    Used to process members in chunks: the forward AND its backward must both run inside the block, since gradient
-    checkpointing recomputes the forward during the backward with the router's state at that time.
-    """
-    router = get_router(model)
-    previous = router.member_names
-    router.member_names = list(names)
-    try:
-        yield
-    finally:
-        router.member_names = previous
-
-
-@contextmanager
-def base_model_only(model):
-    """Run the frozen base model alone inside the block: every member-holding LoRA layer returns its base layer's
-    output, whatever the row count (no tiling needed).
-
-    Unlike PEFT's ``disable_adapter()`` this touches neither the active adapter nor any ``requires_grad`` flag
-    (``disable_adapter()`` re-freezes every adapter but the active one on exit). Meant for no-grad reference passes
-    (DPO's π_ref, one pass for all K members); never wrap a forward whose backward runs outside the block under
-    gradient checkpointing.
-    """
-    router = get_router(model)
-    previous = router.base_only, getattr(router, "trunk_active", False)
-    # the rows are never tiled here, so no layer may tile them either (a shared trunk stays off)
-    router.base_only, router.trunk_active = True, False
-    try:
-        yield
-    finally:
-        router.base_only, router.trunk_active = previous
 
 
 def set_members_trainable(model: PeftModel, names: Sequence[str], trainable: bool = True) -> None:
@@ -264,15 +134,15 @@ def build_ensemble(
     if num_members < 1:
         raise ValueError(f"num_members must be >= 1, got {num_members}.")
     names = member_names(num_members)
-    peft_model = get_peft_model(model, copy.deepcopy(lora_config), adapter_name=names[0])
+    peft_model = get_peft_model(model, member_lora_config(lora_config), adapter_name=names[0])
     for k, name in enumerate(names[1:], start=1):
         with torch.random.fork_rng(devices=_device_indices()):
             torch.manual_seed(seed + k)
-            peft_model.add_adapter(name, copy.deepcopy(lora_config))
+            peft_model.add_adapter(name, member_lora_config(lora_config))
     if num_members > 1:
         perturb_lora_b(peft_model, names, init_std, seed)
     set_members_trainable(peft_model, names)
-    install_member_batching(peft_model, names)
+    install_member_layers(peft_model, names)
     return peft_model
 
 
@@ -287,8 +157,48 @@ def attach_ensemble(model: PeftModel, num_members: int) -> PeftModel:
         )
     check_members_servable(model, names)
     set_members_trainable(model, names)
-    install_member_batching(model, names)
+    install_member_layers(model, names)
     return model
+
+
+def member_lora_config(lora_config: LoraConfig) -> LoraConfig:
+    """A copy of ``lora_config`` under which PEFT creates :class:`MemberBatchedLinear` layers."""
+    config = copy.deepcopy(lora_config)
+    register_member_layer(config, MemberBatchedLinear)
+    return config
+
+
+def install_member_layers(model: PeftModel, names: Sequence[str]) -> MemberRouter:
+    """Give every member layer of ``model`` one shared :class:`MemberRouter` and return it (idempotent).
+
+    Layers that PEFT created without the registered config (a PeftModel built or loaded elsewhere) are stock LoRA
+    ``Linear`` layers; they are promoted to :class:`MemberBatchedLinear`, which adds no parameter or buffer, so the
+    state dict and PEFT's behaviour outside routing are unchanged.
+    """
+    check_members_servable(model, names)
+    router = getattr(model, "member_router", None)
+    if router is None:
+        router = MemberRouter(names)
+        model.member_router = router
+    router.member_names = list(names)
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and names[0] in module.lora_A:
+            if type(module) is LoraLinear:
+                module.__class__ = MemberBatchedLinear
+            module.member_router = router
+    return router
+
+
+def detach_member_layers(model: PeftModel) -> None:
+    """Remove the router from ``model`` and its layers (and the shared trunk's hooks): stock PEFT again."""
+    router = getattr(model, "member_router", None)
+    if router is None:
+        return
+    for handle in router.trunk_handles:
+        handle.remove()
+    for module in member_layers(model):
+        module.member_router = None
+    del model.member_router
 
 
 def tile_for_members(batch: dict, num_members: int) -> dict:
@@ -315,12 +225,6 @@ def tile_for_members(batch: dict, num_members: int) -> dict:
     return out
 
 
-
-
-
-
-
-
 def register_members_with_zero3(model: PeftModel, names: list[str], register=None) -> int:
     """Declare every member's LoRA ``A`` and ``B`` as external parameters of the LoRA layer that reads them.
 
@@ -334,7 +238,7 @@ def register_members_with_zero3(model: PeftModel, names: list[str], register=Non
         from deepspeed.zero import register_external_parameter as register
     count = 0
     for module in model.modules():
-        if not hasattr(module, "_renyi_original_forward"):
+        if not isinstance(module, MemberBatchedLinear):
             continue
         for name in names:
             for container in (module.lora_A, module.lora_B):

@@ -18,8 +18,8 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from trl_renyi import __version__
+from trl_renyi.model.layer import member_names
 from trl_renyi.model.loading import canonical_name, model_name_or_path
-from trl_renyi.model.members import member_names
 
 METADATA_FILE = "renyi_ensemble.json"
 

@@ -6,13 +6,15 @@ member; they run on the untiled batch and the hidden states are tiled K times at
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import torch
 from peft import PeftModel
-from peft.tuners.lora.layer import Linear as LoraLinear
 
-from trl_renyi.model.members import get_router
+from trl_renyi.model.layer import MemberBatchedLinear, get_router
+
+logger = logging.getLogger(__name__)
 
 
 def _decoder_layers(model: PeftModel):
@@ -51,20 +53,27 @@ def enable_shared_trunk(model: PeftModel) -> int | None:
         return router.trunk_layer
     prefix, layers = _decoder_layers(model)
     if layers is None:
+        logger.info(
+            "shared_trunk is off: %s keeps no `*.layers` list of decoder layers (e.g. GPT-2's `transformer.h`, whose "
+            "blocks take per-row arguments positionally); every member runs the whole model.",
+            type(model.get_base_model()).__name__,
+        )
         return None
     adapted = set()
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear) and router.member_names[0] in module.lora_A:
+        if isinstance(module, MemberBatchedLinear) and router.member_names[0] in module.lora_A:
             if not name.startswith(prefix + "."):
+                logger.info("shared_trunk is off: the LoRA module %s lies outside the decoder layers.", name)
                 return None
             adapted.add(int(name[len(prefix) + 1 :].split(".")[0]))
     first = min(adapted) if adapted else None
     if not first:
+        logger.info("shared_trunk is off: the members adapt decoder layer 0, so no layer below them can be shared.")
         return None
 
     def tile_hook(layer_index):
         def hook(module, args, kwargs):
-            if not (router.enabled and router.trunk_active):
+            if not (router.routing is not None and router.trunk_active):
                 return None
             copies = router.num_members
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -87,7 +96,7 @@ def enable_shared_trunk(model: PeftModel) -> int | None:
         return hook
 
     for index in range(first, len(layers)):
-        layers[index].register_forward_pre_hook(tile_hook(index), with_kwargs=True)
+        router.trunk_handles.append(layers[index].register_forward_pre_hook(tile_hook(index), with_kwargs=True))
     router.trunk_layer = first
     return first
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig, SFTConfig
 
+from trl_renyi.objective import DEFAULT_ALPHA
+
 
 @dataclass
 class RenyiEnsembleArguments:
@@ -17,7 +19,7 @@ class RenyiEnsembleArguments:
         metadata={"help": "Number K of LoRA members in the ensemble (>= 1). K = 1 reproduces plain TRL training."},
     )
     alpha: float = field(
-        default=-1.0,
+        default=DEFAULT_ALPHA,
         metadata={
             "help": "Rényi order α of the objective J = 1/(1-α)·log Σ_k π_k exp((1-α)ℓ_k), applied after the warm-up. "
             "α → 1: independent deep ensemble (every member fits everything); α = 0: predictive mixture "

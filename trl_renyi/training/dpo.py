@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from trl_renyi.model.members import MEMBER_PREFIX, get_router
+from trl_renyi.model.layer import MEMBER_PREFIX, get_router
 from trl_renyi.objective import floored_renyi_bound
 from trl_renyi.training.config import RenyiDPOConfig
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config

@@ -16,18 +16,10 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.trainer.utils import create_model_from_path
 
 from trl_renyi.inference.ensemble import RenyiEnsemble
+from trl_renyi.model.layer import base_model_only, get_router, member_names, member_routing, routed_members
 from trl_renyi.model.lm_head import add_completion_lm_head
 from trl_renyi.model.loading import is_embedded, load_causal_lm, load_tokenizer
-from trl_renyi.model.members import (
-    attach_ensemble,
-    base_model_only,
-    build_ensemble,
-    get_router,
-    member_names,
-    register_members_with_zero3,
-    routed_members,
-    tile_for_members,
-)
+from trl_renyi.model.members import attach_ensemble, build_ensemble, register_members_with_zero3, tile_for_members
 from trl_renyi.model.saved_format import (
     ensemble_metadata,
     load_member_weights,
@@ -128,8 +120,19 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         belonging to the k-th routed member. With a shared trunk the model receives the untiled batch and tiles at
         the first adapted layer; only the labels are tiled here.
         """
-        router = get_router(self.accelerator.unwrap_model(model))
+        peft_model = self.accelerator.unwrap_model(model)
+        router = get_router(peft_model)
+        if router.routing is None:  # called outside a training or prediction step
+            if torch.is_grad_enabled() and getattr(peft_model, "is_gradient_checkpointing", False):
+                raise RuntimeError(
+                    "member_forward with gradients under gradient checkpointing must run inside "
+                    "`trainer.member_routing(model)` together with its backward (the backward recomputes the forward); "
+                    "training_step and prediction_step open it themselves."
+                )
+            with self.member_routing(model):
+                return self.member_forward(model, inputs)
         copies = router.num_members
+        router.routing.rows_per_member = inputs["input_ids"].shape[0]
         # the trunk state stays set until the step's backward is done (gradient checkpointing recomputes with it)
         router.trunk_active = router.trunk_layer is not None and "cu_seq_lens_q" not in inputs
         if router.trunk_active:
@@ -140,6 +143,18 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         if getattr(self, "_completion_head", False):
             return model(**tiled, completion_head=True)
         return model(**tiled, fused_lm_head=True)
+
+    @contextlib.contextmanager
+    def member_routing(self, model=None):
+        """Route rows to members inside the block (see :func:`~trl_renyi.model.layer.member_routing`); the trainer's
+        steps hold it around their forward and backward. On exit the shared trunk is switched off again."""
+        peft_model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        router = get_router(peft_model)
+        try:
+            with member_routing(peft_model):
+                yield
+        finally:
+            router.trunk_active = False
 
     def _member_loglik(self, model, inputs: dict):
         """``(loglik (N, K_routed), aux)`` of the batch under the routed members; ``aux`` feeds
@@ -196,8 +211,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         return loss.detach() * scale
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        router = get_router(self.accelerator.unwrap_model(model))
-        try:
+        with self.member_routing(model):
             if self._member_chunks() is None:
                 return super().training_step(model, inputs, num_items_in_batch)
             if self.args.parallel_mode.value == "distributed" and not self.args.ddp_find_unused_parameters:
@@ -216,14 +230,10 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
             backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
             with self.compute_loss_context_manager():
                 return self._chunked_loss_and_backward(model, inputs, num_items_in_batch, scale, backward_kwargs)
-        finally:
-            router.trunk_active = False
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        try:
+        with self.member_routing(model):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-        finally:
-            get_router(self.accelerator.unwrap_model(model)).trunk_active = False
 
     def base_forward(self, model, inputs: dict):
         """One forward of the frozen base model alone over the untiled ``inputs`` (B rows), with the LM head that
@@ -369,5 +379,4 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         load_member_weights(model, resume_from_checkpoint, self.member_names)
         attach_ensemble(model, self.num_members)
-        get_router(model).enabled = True
         return None

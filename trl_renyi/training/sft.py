@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
-from trl_renyi.model.members import get_router
+from trl_renyi.model.layer import get_router
 from trl_renyi.training.config import RenyiSFTConfig
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config
 

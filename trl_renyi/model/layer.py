@@ -1,0 +1,209 @@
+r"""The member-batched LoRA layer: a LoRA ``Linear`` that can serve all K members in one forward.
+
+:class:`MemberBatchedLinear` is a subclass of PEFT's LoRA ``Linear`` that PEFT itself creates, through its
+custom-module dispatch (``LoraConfig._register_custom_module``, reached through :mod:`trl_renyi.compat`), for every
+``torch.nn.Linear`` and GPT-2-style ``Conv1D`` target. Its adapters, parameters and state-dict keys are PEFT's own,
+so every member saves and loads as a plain PEFT adapter.
+
+Why a registered subclass rather than a LoRA variant or a patched ``forward``: a LoRA variant (DoRA's mechanism)
+changes one adapter's computation, while member batching changes how *several* adapters share one call; and a
+patched instance method is invisible to PEFT and hard to undo. A subclass that PEFT dispatches keeps every PEFT code
+path (merging, ``disable_adapter()``, ``set_adapter``, saving) and overrides only ``forward``.
+
+**Routing is opt-in.** Outside a :func:`member_routing` block the layer is exactly stock PEFT with its active
+adapter, whatever the batch size. Inside the block the input rows are K blocks of B rows (``rows_per_member = B``,
+checked exactly), rows ``k·B … (k+1)·B − 1`` belonging to member k, and member k's low-rank delta is added to its own
+rows with two stacked batched matmuls:
+
+.. math::
+
+    y_{k} = W x_{k} + s_k\, (x_k A_k^\top) B_k^\top, \qquad A \in \mathbb{R}^{K\times r\times d_{in}},\;
+    B \in \mathbb{R}^{K\times d_{out}\times r}
+
+Gradient checkpointing recomputes the forward during the backward pass, so a block that trains must hold the
+forward AND its backward (the trainers enter it around their whole training step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from transformers.pytorch_utils import Conv1D
+
+MEMBER_PREFIX = "member_"
+
+
+def member_names(num_members: int) -> list[str]:
+    """The adapter names of a K-member ensemble: ``member_0 … member_{K-1}``."""
+    return [f"{MEMBER_PREFIX}{k}" for k in range(num_members)]
+
+
+@dataclass
+class Routing:
+    """One routed layout: ``names`` (the members, in row-block order) and ``rows_per_member`` B."""
+
+    names: list[str]
+    rows_per_member: int | None = None
+
+    @property
+    def num_members(self) -> int:
+        return len(self.names)
+
+
+class MemberRouter:
+    """State shared by the member-batched layers of one model: the members, and the routing in force (if any).
+
+    ``routing`` is ``None`` outside :func:`member_routing`: the layers then behave like stock PEFT.
+    """
+
+    def __init__(self, names: Sequence[str]):
+        self.member_names = list(names)
+        self.routing: Routing | None = None
+        # base-only mode (see `base_model_only`): every member layer returns its frozen base layer's output
+        self.base_only = False
+        # shared trunk (see trl_renyi.model.trunk): first adapted decoder layer, its hook handles, whether it tiles
+        self.trunk_layer: int | None = None
+        self.trunk_handles: list = []
+        self.trunk_active = False
+
+    @property
+    def num_members(self) -> int:
+        """K of the routing in force (a chunk of members, see :func:`routed_members`), else of the ensemble."""
+        return self.routing.num_members if self.routing is not None else len(self.member_names)
+
+
+class MemberBatchedLinear(LoraLinear):
+    """PEFT's LoRA ``Linear`` with an opt-in member-batched forward (see the module docstring).
+
+    Created by PEFT for ``torch.nn.Linear`` and ``Conv1D`` targets once the config is registered with
+    :func:`trl_renyi.compat.register_member_layer`; ``fan_in_fan_out`` is set as PEFT's own dispatch sets it.
+    """
+
+    def __init__(self, base_layer, adapter_name: str, config, **kwargs) -> None:
+        target = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        if isinstance(target, Conv1D):
+            config.fan_in_fan_out = True  # as PEFT's dispatch_default does for Conv1D
+            kwargs["is_target_conv_1d_layer"] = True
+        elif config.fan_in_fan_out:
+            config.fan_in_fan_out = False  # as PEFT's dispatch_default does for nn.Linear
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        self.member_router: MemberRouter | None = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        router = self.member_router
+        if router is None:
+            return super().forward(x, *args, **kwargs)
+        if router.base_only:
+            if self.merged:
+                raise ValueError("A base-only forward needs unmerged LoRA layers; unmerge the adapters first.")
+            return self.base_layer(x, *args, **kwargs)
+        routing = router.routing
+        if routing is None or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+            return super().forward(x, *args, **kwargs)
+        return self._member_batched_forward(x, routing, *args, **kwargs)
+
+    def _member_batched_forward(self, x: torch.Tensor, routing: Routing, *args, **kwargs) -> torch.Tensor:
+        names = routing.names
+        num_members = len(names)
+        expected = None if routing.rows_per_member is None else num_members * routing.rows_per_member
+        if (expected is not None and x.shape[0] != expected) or x.shape[0] % num_members:
+            raise ValueError(
+                f"Member-batched forward expects {num_members} blocks of {routing.rows_per_member} rows (one block "
+                f"per member, {expected} rows), got {x.shape[0]}. Tile the inputs with `tile_for_members`, or run "
+                "the forward outside `member_routing` for a plain single-adapter forward."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        weight_a = torch.stack([self.lora_A[n].weight for n in names])  # (K, r, d_in)
+        weight_b = torch.stack([self.lora_B[n].weight for n in names])  # (K, d_out, r)
+        xk = x.to(weight_a.dtype).reshape(num_members, -1, x.shape[-1])
+        dropouts = [self.lora_dropout[n] for n in names]
+        if not all(isinstance(d, torch.nn.Identity) for d in dropouts):
+            xk = torch.stack([dropout(xk[k]) for k, dropout in enumerate(dropouts)])
+        delta = torch.bmm(torch.bmm(xk, weight_a.transpose(1, 2)), weight_b.transpose(1, 2))
+        scalings = [self.scaling[n] for n in names]
+        if all(s == scalings[0] for s in scalings):
+            delta = delta * scalings[0]
+        else:
+            delta = delta * torch.tensor(scalings, device=delta.device, dtype=delta.dtype).view(-1, 1, 1)
+        return result + delta.reshape(*x.shape[:-1], delta.shape[-1]).to(result.dtype)
+
+
+def get_router(model) -> MemberRouter:
+    """The :class:`MemberRouter` of a model built by :func:`~trl_renyi.model.members.build_ensemble` (or attached)."""
+    router = getattr(model, "member_router", None)
+    if router is None:
+        raise ValueError("This model has no member-batched ensemble; build it with `build_ensemble`.")
+    return router
+
+
+@contextmanager
+def member_routing(model, rows_per_member: int | None = None, names: Sequence[str] | None = None):
+    """Route rows to members inside the block: the input holds ``len(names)`` blocks of ``rows_per_member`` rows.
+
+    ``names`` defaults to every member (or to the chunk of :func:`routed_members`); ``rows_per_member`` ``None`` keeps
+    the B of an enclosing block (the trainers open the block for the whole step and set B per forward). Outside any
+    block the layers are stock PEFT. Keep the backward inside the block under gradient checkpointing.
+    """
+    router = get_router(model)
+    previous = router.routing
+    chosen = list(names) if names is not None else (previous.names if previous is not None else router.member_names)
+    rows = rows_per_member if rows_per_member is not None else (previous.rows_per_member if previous else None)
+    router.routing = Routing(chosen, rows)
+    try:
+        yield router.routing
+    finally:
+        router.routing = previous
+
+
+@contextmanager
+def routed_members(model, names: Sequence[str]):
+    """Route the rows to the members ``names`` only (a subset, in this order) inside the block, e.g. member chunks.
+
+    The forward AND its backward must both run inside the block under gradient checkpointing.
+    """
+    router = get_router(model)
+    previous = router.routing
+    router.routing = Routing(list(names), previous.rows_per_member if previous is not None else None)
+    try:
+        yield
+    finally:
+        router.routing = previous
+
+
+@contextmanager
+def base_model_only(model):
+    """Run the frozen base model alone inside the block: every member layer returns its base layer's output, whatever
+    the row count (no tiling).
+
+    Unlike PEFT's ``disable_adapter()`` this touches neither the active adapter nor any ``requires_grad`` flag
+    (``disable_adapter()`` re-freezes every adapter but the active one on exit). Meant for no-grad reference passes
+    (DPO's π_ref, one pass for all K members).
+    """
+    router = get_router(model)
+    previous = router.base_only, router.trunk_active
+    router.base_only, router.trunk_active = True, False  # the rows are never tiled here
+    try:
+        yield
+    finally:
+        router.base_only, router.trunk_active = previous
+
+
+@contextmanager
+def router_disabled(model):
+    """Plain PEFT behaviour (the active adapter only) inside the block, also within an enclosing routing block."""
+    router = get_router(model)
+    previous = router.routing, router.trunk_active
+    router.routing, router.trunk_active = None, False
+    try:
+        yield
+    finally:
+        router.routing, router.trunk_active = previous
+
+
+def member_layers(model):
+    """Every :class:`MemberBatchedLinear` of ``model``."""
+    return [module for module in model.modules() if isinstance(module, MemberBatchedLinear)]
