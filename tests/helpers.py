@@ -1,6 +1,7 @@
 """Shared test helpers: CPU-friendly configs and gradient capture."""
 
 import contextlib
+
 import torch
 from peft import LoraConfig
 

@@ -55,6 +55,7 @@ EXPECTED_INTERNALS = [
     ("transformers", "transformers.Trainer._load_from_checkpoint"),
     ("transformers", "transformers.Trainer._push_from_checkpoint"),
     ("transformers", "transformers.Trainer._prepare_inputs"),
+    ("transformers", "transformers.Trainer._load_best_model"),
 ]
 
 

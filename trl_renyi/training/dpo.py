@@ -38,6 +38,7 @@ from trl_renyi.model.layer import MEMBER_PREFIX, get_router
 from trl_renyi.objective import floored_renyi_bound
 from trl_renyi.training.config import RenyiDPOConfig
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config
+from trl_renyi.training.options import check_options
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         peft_config=None,
     ):
         args = coerce_config(args, RenyiDPOConfig, model if isinstance(model, str) else "model", "RenyiDPO")
+        check_options(args)
         check_likelihood_loss(args)
         if quantization_config is not None:
             raise ValueError(

@@ -8,6 +8,7 @@ per-example member log-likelihoods into the α-Rényi loss, logs routing metrics
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from peft import PeftConfig, PeftModel
@@ -30,6 +31,7 @@ from trl_renyi.objective import RenyiBound, alpha_at_step, floored_renyi_bound, 
 from trl_renyi.training.checkpoint import AtomicCheckpointMixin
 from trl_renyi.training.config import RenyiEnsembleArguments
 from trl_renyi.training.datasets import report_dropped_examples
+from trl_renyi.training.options import check_options
 
 
 def coerce_config(args, config_class, model_name: str, suffix: str):
@@ -46,6 +48,9 @@ def coerce_config(args, config_class, model_name: str, suffix: str):
     raise TypeError(f"args must be a {config_class.__name__}, got {type(args).__name__}.")
 
 
+logger = logging.getLogger(__name__)
+
+
 class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
     """Mixed into TRL trainers, before the TRL class in the bases. Checkpoints are published atomically."""
 
@@ -58,6 +63,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
                 raise ValueError(
                     "Pass either a PeftModel holding the member_* adapters or a base model with peft_config, not both."
                 )
+            check_options(args, model_config=model.config)
             return attach_ensemble(model, args.num_members), processing_class
         if peft_config is None:
             raise ValueError(
@@ -80,6 +86,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
                     processing_class = load_tokenizer(name)
             else:  # TRL's own loader, in TRL's order, so that K = 1 by name is TRL to the bit
                 model = create_model_from_path(name, **init_kwargs)
+        check_options(args, model_config=model.config)
         peft_model = build_ensemble(model, peft_config, args.num_members, args.seed, args.member_init_std)
         return peft_model, processing_class
 
@@ -372,6 +379,20 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
 
             copy_ensemble_files(checkpoint_folder, self.args.output_dir, self.member_names)
         super()._push_from_checkpoint(checkpoint_folder)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: restore every member from ``state.best_model_checkpoint``.
+
+        transformers looks for one root adapter (or full model) there and only warns when it finds none; an ensemble
+        checkpoint holds ``member_k/`` folders, which are loaded here (the engines' own formats still go to
+        transformers).
+        """
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        logger.info("Loading the best members from %s (score: %s).", best, self.state.best_metric)
+        model = self.accelerator.unwrap_model(self.model)
+        load_member_weights(model, best, self.member_names)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:

@@ -8,6 +8,7 @@ from trl import SFTTrainer
 from trl_renyi.model.layer import get_router
 from trl_renyi.training.config import RenyiSFTConfig
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config
+from trl_renyi.training.options import check_options
 
 
 class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
@@ -49,6 +50,7 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         **kwargs,
     ):
         args = coerce_config(args, RenyiSFTConfig, model if isinstance(model, str) else "model", "RenyiSFT")
+        check_options(args, compute_loss_func=kwargs.get("compute_loss_func"))
         model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
         super().__init__(
             model=model,
