@@ -66,51 +66,9 @@ python examples/sft_renyi.py --config examples/configs/sft_smollm2.yaml
 `--dataset_name` also takes a local file (`data.jsonl`, `.json`, `.csv`, `.parquet`) or a `save_to_disk` folder.
 """
 
-import argparse
-
-
-def main(script_args, training_args, model_args, dataset_args):
-    from trl_renyi import RenyiSFTTrainer
-    from trl_renyi.cli.training import ensemble_peft_config, load_training_data, model_init_kwargs, select_splits
-
-    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-
-    # Load the dataset: a Hub id, a local file or folder, `trl_renyi:<name>`, or a `datasets:` mixture in the YAML
-    dataset = load_training_data(script_args, dataset_args, seed=training_args.seed)
-    train_dataset, eval_dataset = select_splits(dataset, script_args, training_args)
-
-    # Initialize the Rényi SFT trainer: K LoRA members replicated from the LoraConfig of the --lora_* flags
-    trainer = RenyiSFTTrainer(
-        model=model_args.model_name_or_path or "smollm2-135m-instruct",
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=ensemble_peft_config(model_args),
-    )
-
-    # Train the ensemble
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-
-    # Save the members (member_k/), renyi_ensemble.json and the model card, and push to the Hub
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Ensemble saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
-
-
-def make_parser(subparsers: argparse._SubParsersAction | None = None):
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
-
-    from trl_renyi import RenyiSFTConfig
-
-    dataclass_types = (ScriptArguments, RenyiSFTConfig, ModelConfig, DatasetMixtureConfig)
-    if subparsers is not None:
-        return subparsers.add_parser("sft", help="Run the Rényi SFT training script", dataclass_types=dataclass_types)
-    return TrlParser(dataclass_types)
-
+from trl_renyi.cli.sft import make_parser, train
 
 if __name__ == "__main__":
     parser = make_parser()
     script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()
-    main(script_args, training_args, model_args, dataset_args)
+    train(script_args, training_args, model_args, dataset_args)

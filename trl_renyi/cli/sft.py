@@ -16,16 +16,31 @@ Example::
 
 from __future__ import annotations
 
+import argparse
+
 from trl_renyi.cli import training
 
 
-def _trainer():
-    from trl_renyi.training.sft import RenyiSFTTrainer
+def make_parser(subparsers: argparse._SubParsersAction | None = None):
+    """The parser of ``trl-renyi sft``: every ``trl sft`` flag plus the ensemble fields of :class:`RenyiSFTConfig`."""
+    from trl_renyi.training.config import RenyiSFTConfig
 
-    return RenyiSFTTrainer
+    return training.make_parser(RenyiSFTConfig, "trl-renyi sft", subparsers=subparsers, name="sft")
+
+
+def train(script_args, training_args, model_args, dataset_args):
+    """Train, save and (with ``--push_to_hub``) publish an ensemble from parsed arguments, as TRL's ``sft.py`` does."""
+    from trl_renyi.training.sft import RenyiSFTTrainer  # imported only when the command runs
+
+    return training.run(RenyiSFTTrainer, script_args, training_args, model_args, dataset_args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trl_renyi.training.config import RenyiSFTConfig
+    """Entry point of ``trl-renyi sft``."""
+    script_args, training_args, model_args, dataset_args = make_parser().parse_args_and_config(argv)
+    train(script_args, training_args, model_args, dataset_args)
+    return 0
 
-    return training.main(RenyiSFTConfig, _trainer, "trl-renyi sft", argv)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

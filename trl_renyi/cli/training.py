@@ -16,13 +16,16 @@ BUILTIN_PREFIX = "trl_renyi:"
 BUILTIN_DATASETS = ("conflict_sft", "conflict_preference", "conflict_sft_chat", "conflict_preference_chat")
 
 
-def make_parser(config_class, prog: str):
+def make_parser(config_class, prog: str, subparsers=None, name: str | None = None):
     """A :class:`~trl.TrlParser` over ``(ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig)``, the same
     dataclasses as TRL's own scripts with the Rényi config in place of TRL's, so every ``trl sft`` / ``trl dpo`` flag
     and ``--config file.yaml`` works, plus the ensemble fields (``--num_members``, ``--alpha``, ...)."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-    return TrlParser((ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig), prog=prog)
+    dataclass_types = (ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig)
+    if subparsers is not None:
+        return subparsers.add_parser(name, help=f"Run {prog}", dataclass_types=dataclass_types)
+    return TrlParser(dataclass_types, prog=prog)
 
 
 def builtin_dataset(name: str, seed: int = 0):
@@ -158,10 +161,3 @@ def run(trainer_class, script_args, training_args, model_args, dataset_args):
         trainer.end()
     return trainer
 
-
-def main(config_class, trainer_loader, prog: str, argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (``--config file.yaml`` included) and run the trainer returned by ``trainer_loader()``."""
-    parser = make_parser(config_class, prog)
-    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
-    run(trainer_loader(), script_args, training_args, model_args, dataset_args)
-    return 0
