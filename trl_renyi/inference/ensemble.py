@@ -27,9 +27,11 @@ from trl_renyi.model.saved_format import (
     METADATA_FILE,
     check_base_model_hash,
     check_base_model_name,
+    check_member_weights,
     check_saved_members,
     ensemble_metadata,
     read_metadata,
+    resolve_ensemble_folder,
     write_metadata,
 )
 from trl_renyi.model.trunk import shared_trunk
@@ -285,13 +287,10 @@ class RenyiEnsemble(EnsembleScorer):
         Member weights are read from safetensors only; the folder is validated (``renyi_ensemble.json``, every member
         folder, the members' LoRA configs, the base model) before any weight is loaded.
         """
-        folder = Path(path)
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(str(path), revision=revision))
+        folder = resolve_ensemble_folder(path, revision)
         meta = read_metadata(folder)
         check_saved_members(folder, meta["member_names"])
+        check_member_weights(folder, meta["member_names"])
         base_name = meta.get("base_model_name_or_path") or ""
         if base_model is None:
             if not base_name:

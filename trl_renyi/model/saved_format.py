@@ -7,12 +7,15 @@ and ``renyi_ensemble.json`` with the ensemble's settings. This module writes, re
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -254,7 +257,64 @@ def load_member_weights(model: PeftModel, checkpoint: str | Path, names: list[st
             raise FileNotFoundError(
                 f"Checkpoint {checkpoint} lacks {name}/{ADAPTER_WEIGHTS}; every member must be saved as safetensors."
             )
-        result = set_peft_model_state_dict(model, load_file(str(path)), adapter_name=name)
+        result = set_peft_model_state_dict(model, read_member_weights(path, name), adapter_name=name)
         unexpected = [key for key in getattr(result, "unexpected_keys", []) if name in key or "lora_" in key]
         if unexpected:
             raise ValueError(f"{path} holds weights that fit no layer of the model: {unexpected[:5]}.")
+
+
+def read_member_weights(path: str | os.PathLike, name: str) -> dict:
+    """Read one member's ``adapter_model.safetensors``; refuse a damaged file or non-finite weights by member and path."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(
+            f"Member {name}: {path} is not a readable safetensors file ({type(err).__name__}: {err}); the file is "
+            "damaged or incomplete — save the ensemble again or restore this member folder."
+        ) from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"Member {name}: {path} holds NaN or infinite weights in {key!r}; refusing to load it.")
+    return tensors
+
+
+def check_member_weights(folder: str | os.PathLike, names: list[str]) -> None:
+    """Read and check every member's weights file before any of them is loaded into a model."""
+    for name in names:
+        read_member_weights(Path(folder) / name / ADAPTER_WEIGHTS, name)
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not value.startswith((".", "~"))
+
+
+def resolve_ensemble_folder(path: str | os.PathLike, revision: str | None = None) -> Path:
+    """The local folder of a saved ensemble: ``path`` itself, or a Hub repo id downloaded at ``revision``.
+
+    A path that does not exist is reported as a missing folder (with the closest names beside it); only a string
+    shaped like ``owner/name`` is looked up on the Hub.
+    """
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise NotADirectoryError(f"{folder} is a file; an ensemble is a folder holding renyi_ensemble.json.")
+    text = str(path)
+    if _looks_like_hub_id(text) and not Path(text.split("/")[0]).is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(text, revision=revision))
+        except Exception as err:
+            raise FileNotFoundError(
+                f"{text!r} is no local folder, and the Hub repository {text!r} could not be fetched "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
+            ) from None
+    parent = folder.parent if str(folder.parent) else Path(".")
+    hint = ""
+    if parent.is_dir():
+        close = difflib.get_close_matches(folder.name, [p.name for p in parent.iterdir() if p.is_dir()], n=1)
+        if close:
+            hint = f" Did you mean {str(parent / close[0])!r}?"
+    raise FileNotFoundError(f"Ensemble folder {str(folder)!r} does not exist.{hint}")
