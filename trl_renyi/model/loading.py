@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trl_renyi.model import cache
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # alias -> (python package holding the file, file name, the Hub id of the original model)
 EMBEDDED_MODELS = {
@@ -56,6 +58,34 @@ def hub_id(name: str) -> str:
     return EMBEDDED_MODELS[canonical_name(name)][2] if is_embedded(name) else name
 
 
+def _load_gguf_model(gguf: tuple[str, str], dtype, **kwargs):
+    """Dequantise the embedded GGUF (15–40 s) and drop the quantizer marker so Trainer accepts training."""
+    directory, filename = gguf
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=dtype, **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return model
+
+
+def embedded_cache(gguf: tuple[str, str]) -> Path | None:
+    """The safetensors copy of an embedded GGUF, converting it on first use (see :mod:`trl_renyi.model.cache`);
+    ``None`` when the cache is switched off."""
+    if not cache.cache_enabled():
+        return None
+    gguf_path = Path(gguf[0]) / gguf[1]
+    folder, checksum = cache.cached_folder(gguf_path)
+    if cache.is_complete(folder, checksum):
+        return folder
+
+    def load_from_gguf():
+        model = _load_gguf_model(gguf, torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
+        return model, tokenizer
+
+    return cache.convert(gguf_path, folder, checksum, load_from_gguf)
+
+
 def load_causal_lm(name_or_path: str, dtype: str | torch.dtype | None = "float32", **kwargs):
     """Load a causal LM from an embedded alias, a local folder or a Hub id (``trust_remote_code`` off by default)."""
     kwargs.setdefault("trust_remote_code", False)
@@ -63,12 +93,11 @@ def load_causal_lm(name_or_path: str, dtype: str | torch.dtype | None = "float32
         dtype = getattr(torch, dtype)
     gguf = embedded_gguf(name_or_path)
     if gguf is not None:
-        directory, filename = gguf
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=dtype, **kwargs)
-        # The GGUF weights are dequantised to plain tensors; drop the quantizer marker so Trainer accepts training.
-        quantizer = getattr(model, "hf_quantizer", None)
-        if quantizer is not None:
-            quantizer.remove_quantization_config(model)
+        cached = embedded_cache(gguf)
+        if cached is not None:
+            model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, **kwargs)
+        else:
+            model = _load_gguf_model(gguf, dtype, **kwargs)
         model.config._name_or_path = canonical_name(name_or_path)
         model.name_or_path = canonical_name(name_or_path)
         return model
@@ -80,8 +109,12 @@ def load_tokenizer(name_or_path: str, **kwargs):
     kwargs.setdefault("trust_remote_code", False)
     gguf = embedded_gguf(name_or_path)
     if gguf is not None:
-        directory, filename = gguf
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename, **kwargs)
+        cached = embedded_cache(gguf)
+        if cached is not None:
+            tokenizer = AutoTokenizer.from_pretrained(str(cached), **kwargs)
+        else:
+            directory, filename = gguf
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename, **kwargs)
     else:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     if tokenizer.pad_token is None:
