@@ -16,31 +16,12 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-
 from trl_renyi.cli import training
 
-
-def make_parser(subparsers: argparse._SubParsersAction | None = None):
-    """The parser of ``trl-renyi dpo``: every ``trl dpo`` flag plus the ensemble fields of :class:`RenyiDPOConfig`."""
-    from trl_renyi.training.config import RenyiDPOConfig
-
-    return training.make_parser(RenyiDPOConfig, "trl-renyi dpo", subparsers=subparsers, name="dpo")
-
-
-def train(script_args, training_args, model_args, dataset_args):
-    """Train, save and (with ``--push_to_hub``) publish an ensemble from parsed arguments, as TRL's ``dpo.py`` does."""
-    from trl_renyi.training.dpo import RenyiDPOTrainer  # imported only when the command runs
-
-    return training.run(RenyiDPOTrainer, script_args, training_args, model_args, dataset_args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``trl-renyi dpo``."""
-    script_args, training_args, model_args, dataset_args = make_parser().parse_args_and_config(argv)
-    train(script_args, training_args, model_args, dataset_args)
-    return 0
-
+_COMMAND = training.TrainingCommand("dpo", "trl_renyi.training.dpo", "RenyiDPOTrainer", "RenyiDPOConfig")
+make_parser = _COMMAND.make_parser
+train = _COMMAND.train
+main = _COMMAND.main
 
 if __name__ == "__main__":
     raise SystemExit(main())

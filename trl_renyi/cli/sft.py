@@ -16,31 +16,12 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-
 from trl_renyi.cli import training
 
-
-def make_parser(subparsers: argparse._SubParsersAction | None = None):
-    """The parser of ``trl-renyi sft``: every ``trl sft`` flag plus the ensemble fields of :class:`RenyiSFTConfig`."""
-    from trl_renyi.training.config import RenyiSFTConfig
-
-    return training.make_parser(RenyiSFTConfig, "trl-renyi sft", subparsers=subparsers, name="sft")
-
-
-def train(script_args, training_args, model_args, dataset_args):
-    """Train, save and (with ``--push_to_hub``) publish an ensemble from parsed arguments, as TRL's ``sft.py`` does."""
-    from trl_renyi.training.sft import RenyiSFTTrainer  # imported only when the command runs
-
-    return training.run(RenyiSFTTrainer, script_args, training_args, model_args, dataset_args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``trl-renyi sft``."""
-    script_args, training_args, model_args, dataset_args = make_parser().parse_args_and_config(argv)
-    train(script_args, training_args, model_args, dataset_args)
-    return 0
-
+_COMMAND = training.TrainingCommand("sft", "trl_renyi.training.sft", "RenyiSFTTrainer", "RenyiSFTConfig")
+make_parser = _COMMAND.make_parser
+train = _COMMAND.train
+main = _COMMAND.main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -70,7 +70,9 @@ def load_training_data(script_args, dataset_args, seed: int = 0):
         return get_dataset(dataset_args)
     name = script_args.dataset_name
     if not name:
-        raise ValueError("dataset_name is required: a Hub dataset id, a local data file or folder, or trl_renyi:<name>.")
+        raise ValueError(
+            "dataset_name is required: a Hub dataset id, a local data file or folder, or trl_renyi:<name>."
+        )
     if name.startswith(BUILTIN_PREFIX):
         return builtin_dataset(name, seed)
     path = Path(name).expanduser()
@@ -85,7 +87,9 @@ def select_splits(dataset, script_args, training_args):
     """``(train, eval or None)`` from the loaded splits; errors name the missing split."""
     splits = list(dataset.keys())
     if script_args.dataset_train_split not in dataset:
-        raise ValueError(f"dataset_train_split {script_args.dataset_train_split!r} not in the dataset's splits {splits}.")
+        raise ValueError(
+            f"dataset_train_split {script_args.dataset_train_split!r} not in the dataset's splits {splits}."
+        )
     train = dataset[script_args.dataset_train_split]
     if training_args.eval_strategy == "no":
         return train, None
@@ -161,3 +165,34 @@ def run(trainer_class, script_args, training_args, model_args, dataset_args):
         trainer.end()
     return trainer
 
+
+class TrainingCommand:
+    """``trl-renyi sft`` / ``dpo`` in the shape of TRL's own scripts: :meth:`make_parser`, :meth:`train` (what
+    ``examples/`` call) and :meth:`main` (the command's entry point). Trainer and config are imported only when used,
+    so ``--help`` stays fast."""
+
+    def __init__(self, kind: str, trainer_module: str, trainer_name: str, config_name: str):
+        self.kind, self.trainer_module, self.trainer_name, self.config_name = (
+            kind,
+            trainer_module,
+            trainer_name,
+            config_name,
+        )
+
+    def make_parser(self, subparsers=None):
+        """Every ``trl <kind>`` flag plus the ensemble fields of the Rényi config."""
+        from trl_renyi.training import config
+
+        return make_parser(getattr(config, self.config_name), f"trl-renyi {self.kind}", subparsers, self.kind)
+
+    def train(self, script_args, training_args, model_args, dataset_args):
+        """Train, save and (with ``--push_to_hub``) publish an ensemble from parsed arguments."""
+        import importlib
+
+        trainer_class = getattr(importlib.import_module(self.trainer_module), self.trainer_name)
+        return run(trainer_class, script_args, training_args, model_args, dataset_args)
+
+    def main(self, argv: list[str] | None = None) -> int:
+        script_args, training_args, model_args, dataset_args = self.make_parser().parse_args_and_config(argv)
+        self.train(script_args, training_args, model_args, dataset_args)
+        return 0
