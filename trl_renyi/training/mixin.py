@@ -16,6 +16,7 @@ from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.trainer.utils import create_model_from_path
 
+from trl_renyi.data.multi_completion import weighted_sum
 from trl_renyi.inference.ensemble import RenyiEnsemble
 from trl_renyi.model.layer import base_model_only, get_router, member_names, member_routing, routed_members
 from trl_renyi.model.lm_head import add_completion_lm_head
@@ -181,7 +182,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         loglik, aux = self._member_loglik(model, inputs)
         bound = self.renyi_objective(loglik, mode, per_token=aux.get("num_tokens"))
         self._log_forward_metrics([aux], inputs, mode)
-        return self._normalised_loss(-bound.value.sum(), aux, num_items_in_batch)
+        return self._normalised_loss(-weighted_sum(bound.value, aux), aux, num_items_in_batch)
 
     def _member_chunks(self) -> list[list[str]] | None:
         size = getattr(self.args, "member_chunk_size", None)
@@ -202,7 +203,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
                     loglik, aux = self._member_loglik(model, inputs)
                 parts.append(loglik)
         bound = self.renyi_objective(torch.cat(parts, dim=-1), "train", per_token=aux.get("num_tokens"))
-        loss = self._normalised_loss(-bound.value.sum(), aux, num_items_in_batch)
+        loss = self._normalised_loss(-weighted_sum(bound.value, aux), aux, num_items_in_batch)
         auxes, offset = [], 0
         for index, names in enumerate(chunks):
             last = index == len(chunks) - 1
@@ -210,7 +211,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
             with sync, routed_members(peft_model, names):
                 loglik, aux = self._member_loglik(model, inputs)
                 weights = bound.responsibilities[:, offset : offset + len(names)].to(loglik.dtype)
-                surrogate = self._normalised_loss(-(weights * loglik).sum(), aux, num_items_in_batch)
+                surrogate = self._normalised_loss(-weighted_sum((weights * loglik).sum(-1), aux), aux, num_items_in_batch)
                 self.accelerator.backward(surrogate * scale, **backward_kwargs)
             auxes.append(aux)
             offset += len(names)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
+from trl_renyi.data.multi_completion import weighted_sum
 from trl_renyi.model.layer import get_router
 from trl_renyi.training.config import RenyiSFTConfig
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config
 from trl_renyi.training.options import check_options
+from trl_renyi.training.weighted_rows import enable_completion_weights, prepare_multi_completion
 
 
 class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
@@ -52,6 +54,7 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         args = coerce_config(args, RenyiSFTConfig, model if isinstance(model, str) else "model", "RenyiSFT")
         check_options(args, compute_loss_func=kwargs.get("compute_loss_func"))
         model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
+        train_dataset, eval_dataset, weighted = prepare_multi_completion(args, train_dataset, eval_dataset)
         super().__init__(
             model=model,
             args=args,
@@ -62,6 +65,8 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
             **kwargs,
         )
         self._finish_ensemble_setup()
+        if weighted:
+            enable_completion_weights(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs["use_cache"] = False
@@ -72,25 +77,26 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
 
     def _member_loglik(self, model, inputs):
         inputs["use_cache"] = False
-        outputs = self.member_forward(model, inputs)
+        weights = inputs.get("completion_weights")
+        outputs = self.member_forward(model, {k: v for k, v in inputs.items() if k != "completion_weights"})
         routed = get_router(self.accelerator.unwrap_model(model)).num_members
         loglik, num_tokens = sequence_log_likelihood(
             outputs.log_probs, inputs["labels"], routed, padding_free_segments(inputs)
         )
         if self.args.loglik_reduction == "mean":
             loglik = loglik / num_tokens.unsqueeze(-1)
-        return loglik, {"num_tokens": num_tokens, "outputs": outputs}
+        return loglik, {"num_tokens": num_tokens, "outputs": outputs, "example_weights": weights}
 
     def _normalised_loss(self, negative_bound_sum, aux, num_items_in_batch):
         """TRL's normaliser: completion tokens of the batch (``num_items_in_batch`` under gradient accumulation) for
         ``loglik_reduction="sum"``; the number of examples for ``"mean"``."""
         if self.args.loglik_reduction == "sum":
-            count = aux["num_tokens"].sum() if num_items_in_batch is None else num_items_in_batch
+            count = weighted_sum(aux["num_tokens"], aux) if num_items_in_batch is None else num_items_in_batch
             loss = negative_bound_sum / torch.as_tensor(count, device=negative_bound_sum.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             return loss
-        loss = negative_bound_sum / max(aux["num_tokens"].shape[0], 1)
+        loss = negative_bound_sum / max(float(weighted_sum(torch.ones_like(aux["num_tokens"]), aux)), 1e-12)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             loss = loss / self.current_gradient_accumulation_steps
         return loss

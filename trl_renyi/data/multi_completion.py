@@ -1,0 +1,91 @@
+r"""Multi-annotator rows: one prompt with several weighted completions.
+
+Format (plain or conversational, next to TRL's prompt/completion format)::
+
+    {"prompt": str | list[message], "completions": [c_1, …, c_m], "completion_weights": [w_1, …, w_m]}
+
+``completion_weights`` is optional (all ones); weights are non-negative, e.g. annotator counts.
+
+Meaning. A row with integer weights is *the same training data* as the expanded one-completion rows in which
+completion j appears w_j times. With :math:`J(\ell_{ijk})` the α-Rényi bound of completion j of row i and
+:math:`n_{ij}` its completion tokens, the batch loss of the expanded rows is
+
+.. math::
+
+    \mathcal{L} = -\frac{\sum_i \sum_j w_{ij}\, J(\ell_{ij\cdot})}{\sum_i \sum_j w_{ij}\, n_{ij}}
+
+(each copy is a separate example of the bound, so the mixture over members is taken per completion, not over the
+row), and that is what ``RenyiSFTTrainer`` computes for a weighted row: numerator and normaliser both weighted.
+Real-valued weights generalise it. Rows are expanded before TRL's tokenisation into one-completion rows that
+carry a ``completion_weight`` column; the collator turns it into a per-example weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+
+MULTI_COMPLETION_COLUMNS = ("prompt", "completions")
+WEIGHT_COLUMN = "completion_weight"
+
+
+def is_multi_completion(dataset) -> bool:
+    """Whether ``dataset`` is in the multi-annotator format (``prompt`` + ``completions`` columns)."""
+    names = getattr(dataset, "column_names", None) or []
+    return all(c in names for c in MULTI_COMPLETION_COLUMNS)
+
+
+def expand_multi_completion(dataset: Dataset, keep_weights: bool = True) -> Dataset:
+    """One row per (prompt, completion) with its weight in ``completion_weight`` (``keep_weights``), or TRL's plain
+    prompt/completion rows with each completion repeated ``w_j`` times (``keep_weights=False``; integer weights)."""
+    rows = {"prompt": [], "completion": []}
+    if keep_weights:
+        rows[WEIGHT_COLUMN] = []
+    has_weights = "completion_weights" in dataset.column_names
+    for row in dataset:
+        completions = row["completions"]
+        weights = row["completion_weights"] if has_weights else [1.0] * len(completions)
+        if len(weights) != len(completions):
+            raise ValueError("completion_weights must have one weight per completion")
+        for completion, weight in zip(completions, weights):
+            if weight < 0:
+                raise ValueError(f"completion_weights must be non-negative, got {weight}")
+            if keep_weights:
+                if weight > 0:
+                    rows["prompt"].append(row["prompt"])
+                    rows["completion"].append(completion)
+                    rows[WEIGHT_COLUMN].append(float(weight))
+            else:
+                if float(weight) != int(weight):
+                    raise ValueError("expanding into repeated rows needs integer completion_weights")
+                for _ in range(int(weight)):
+                    rows["prompt"].append(row["prompt"])
+                    rows["completion"].append(completion)
+    return Dataset.from_dict(rows)
+
+
+class WeightedCollator:
+    """Wraps a collator: removes ``completion_weight`` from each example and returns it as the ``(B,)`` tensor
+    ``completion_weights`` of the batch (weight 1 for an example without it)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        weights = [float(e.pop(WEIGHT_COLUMN, 1.0)) if isinstance(e, dict) else 1.0 for e in examples]
+        batch = self.collator(examples)
+        batch["completion_weights"] = torch.tensor(weights, dtype=torch.float32)
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.collator, name)
+
+
+def weighted_sum(values: torch.Tensor, aux: dict) -> torch.Tensor:
+    """``Σ_i w_i·values_i`` with the per-example weights ``aux["example_weights"]`` (plain sum without them)."""
+    weights = aux.get("example_weights")
+    if weights is None:
+        return values.sum()
+    if weights.shape[0] != values.shape[0]:
+        raise ValueError(f"{weights.shape[0]} completion weights for {values.shape[0]} examples with completion tokens")
+    return (weights.to(device=values.device, dtype=values.dtype) * values).sum()
