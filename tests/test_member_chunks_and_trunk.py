@@ -93,8 +93,9 @@ def test_responsibility_floor_mixes_in_the_alpha_one_bound(make_model, tokenizer
         batch = first_batch(trainer)
         with torch.no_grad():
             losses[floor] = trainer.compute_loss(trainer.model, batch)
-            loglik, aux = trainer._member_loglik(trainer.model, batch)
-        tokens = aux["num_tokens"].sum()
+            step = trainer._member_loglik(trainer.model, batch)
+            loglik = step.loglik
+        tokens = step.num_tokens.sum()
     at_alpha = -renyi_bound(loglik, -1.0).value.sum() / tokens
     at_one = -renyi_bound(loglik, 1.0).value.sum() / tokens
     torch.testing.assert_close(losses[0.0], at_alpha, rtol=1e-5, atol=0)

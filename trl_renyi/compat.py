@@ -11,6 +11,11 @@ an expected internal is missing from the installed libraries.
 
 from __future__ import annotations
 
+import copy
+import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 #: The library versions these internals were checked against (the upper bounds in ``pyproject.toml``).
 CHECKED_VERSIONS = {"trl": "1.16", "transformers": "5.24", "peft": "0.21"}
 
@@ -39,12 +44,99 @@ def missing_internal(library: str, name: str) -> str:
     )
 
 
+def _internal(library: str, module: str, name: str):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise ImportError(missing_internal(library, f"{module}.{name}")) from error
+
+
+# ----------------------------------------------------------------------------------------------------------- TRL
+#: TRL's loader for a model given by name (``model_init_kwargs`` handling, TRL's order), so K = 1 by name is TRL.
+create_model_from_path = _internal("trl", "trl.trainer.utils", "create_model_from_path")
+#: The output type of TRL's fused LM head, which the completion head returns too.
+FusedCausalLMOutput = _internal("trl", "trl.trainer.utils", "FusedCausalLMOutput")
+#: Context that all-gathers ZeRO-3-partitioned head parameters (a null context without ZeRO-3).
+gather_partitioned_parameters = _internal("trl", "trl.trainer.utils", "maybe_gather_lm_head_ctx")
+#: Context that switches gradient checkpointing off (DPO's reference pass).
+disable_gradient_checkpointing = _internal("trl", "trl.models.utils", "disable_gradient_checkpointing")
+
+
+class _DefaultAliasConfigs(dict):
+    """A ``peft_config`` mapping that answers ``["default"]`` with a copy of member_0's config when there is none."""
+
+    def __missing__(self, key):
+        if key == "default":
+            return copy.deepcopy(self["member_0"])
+        raise KeyError(key)
+
+
+@contextmanager
+def dpo_trainer_accepts_ensemble(model, ref_model) -> Iterator[None]:
+    """Let ``DPOTrainer.__init__`` (trl 1.16) accept the ensemble PeftModel, then undo its reference adapter.
+
+    Handed a ready PeftModel and no ``ref_model``, DPOTrainer reads ``peft_config["default"]`` (a KeyError for an
+    ensemble, whose adapters are ``member_*``) and adds a ``"ref"`` adapter copied from it, which it would then score
+    as π_ref, also for precomputed reference log-probs: a copy of a member, wrong as soon as a member's initial
+    B ≠ 0. The ensemble's π_ref is the base model (see ``RenyiDPOTrainer.compute_ref_log_probs``), so inside
+    the block the lookup is answered with member_0's config, and afterwards TRL's ``"ref"`` adapter is deleted.
+    """
+    from peft import PeftModel
+
+    if ref_model is not None or not isinstance(model, PeftModel):
+        yield
+        return
+    original = model.peft_config
+    if "ref" in original:
+        raise ValueError(
+            "The PeftModel already holds an adapter named 'ref', which DPOTrainer would overwrite with its own "
+            "reference copy; remove it (the ensemble's reference is the base model)."
+        )
+    aliased = _DefaultAliasConfigs(original)
+    model.peft_config = aliased
+    try:
+        yield
+    finally:
+        original.update({name: config for name, config in aliased.items() if name not in original})
+        model.peft_config = original
+        if "ref" in original:
+            model.delete_adapter("ref")
+
+
+
+def peft_wraps_moe_parameters(model_type: str) -> bool:
+    """Whether PEFT's ``all-linear`` on this MoE ``model_type`` also wraps router / expert parameters
+    (``ParamWrapper``), so that resolving ``all-linear`` to the linear layers leaves something out.
+
+    Internal: ``peft.utils.transformers_weight_conversion._MODEL_TO_CONVERSION_PATTERN`` (peft 0.21); ``True`` when
+    it is missing, so the ensemble then says what it leaves out rather than stay silent.
+    """
+    try:
+        module = importlib.import_module("peft.utils.transformers_weight_conversion")
+        return model_type in module._MODEL_TO_CONVERSION_PATTERN
+    except (ImportError, AttributeError):
+        return True
+
+
+# -------------------------------------------------------------------------------------------------- transformers
+def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None):
+    """The MoE load-balancing loss every transformers MoE family shares (Mixtral's, which TRL's fused head uses).
+
+    Internal: ``transformers.models.mixtral.modeling_mixtral.load_balancing_loss_func``.
+    """
+    function = _internal("transformers", "transformers.models.mixtral.modeling_mixtral", "load_balancing_loss_func")
+    return function(router_logits, num_experts, top_k, attention_mask)
+
+
 #: ``(library, object path)`` of every internal reached here or overridden by trl_renyi's trainers.
 EXPECTED_INTERNALS = [
     ("peft", "peft.LoraConfig._register_custom_module"),
     ("peft", "peft.tuners.lora.layer.Linear.update_layer"),
+    ("peft", "peft.utils.transformers_weight_conversion._MODEL_TO_CONVERSION_PATTERN"),
     ("trl", "trl.trainer.utils.create_model_from_path"),
     ("trl", "trl.trainer.utils.FusedCausalLMOutput"),
+    ("trl", "trl.trainer.utils.maybe_gather_lm_head_ctx"),
+    ("transformers", "transformers.models.mixtral.modeling_mixtral.load_balancing_loss_func"),
     ("trl", "trl.SFTTrainer._prepare_dataset"),
     ("trl", "trl.DPOTrainer._prepare_dataset"),
     ("trl", "trl.DPOTrainer.compute_ref_log_probs"),
@@ -61,8 +153,6 @@ EXPECTED_INTERNALS = [
 
 def check_internals() -> list[str]:
     """Messages for every expected internal the installed libraries lack (an empty list when all are present)."""
-    import importlib
-
     problems = []
     for library, path in EXPECTED_INTERNALS:
         parts = path.split(".")

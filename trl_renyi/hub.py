@@ -31,6 +31,8 @@ from trl_renyi import __version__
 from trl_renyi.model.loading import hub_id
 
 CARD_FILE = "README.md"
+#: The Jinja template of the card (package data), rendered by ``huggingface_hub.ModelCard.from_template``.
+CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 LIBRARY_NAME = "trl_renyi"
 BASE_TAGS = ("trl", "trl-renyi", "peft", "lora", "lora-ensemble", "uncertainty")
 _SHARE_KEY = "renyi/{name}/share"
@@ -153,78 +155,38 @@ def model_card(
         datasets=[dataset_name] if _is_hub_dataset(dataset_name) else None,
     )
     title = model_name or (repo_id.split("/")[-1] if repo_id else "trl_renyi ensemble")
-    source = repo_id or "path/or/repo-id"
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{base_name or 'unknown'}`"
     warmup = float(metadata.get("alpha_warmup_ratio", 0.0) or 0.0)
     alpha_text = f"{alpha:g}" + (f" (held at 1 for the first {warmup:.0%} of the steps)" if warmup > 0 else "")
     share = metadata.get("routing_share")
-
-    lines = [
-        f"# {title}",
-        "",
-        f"An ensemble of **K = {k} LoRA adapters** on one frozen base model, {base_link}, trained with "
-        "`trl_renyi`"
-        + (f" (`{trainer}`)" if trainer else "")
-        + " and the α-Rényi objective",
-        "",
-        "$$J_i(\\alpha) = \\frac{1}{1-\\alpha} \\log \\sum_k \\pi_k \\exp\\big((1-\\alpha)\\,\\ell_{ik}\\big)$$",
-        "",
-        "where ℓ_ik is the log-likelihood of training example i under member k. Members specialise where the data "
-        "contradicts itself, so their disagreement (mutual information) is an epistemic-uncertainty signal.",
-        "",
-        "## Ensemble",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| members K | {k} |",
-        f"| α | {alpha_text} |",
-        f"| mixture weights π | {', '.join(f'{w:.3g}' for w in weights)} |",
-        f"| responsibility floor λ | {_fmt(float(metadata.get('responsibility_floor', 0.0) or 0.0))} |",
-        f"| log-likelihood reduction | {metadata.get('loglik_reduction', 'sum')} |",
-        f"| initial LoRA B std | {_fmt(float(metadata.get('member_init_std', 0.0) or 0.0))} |",
-    ]
-    if dataset_name:
-        lines.append(f"| training data | {dataset_name} |")
-    lines += ["", "## Members", "", "| member | weight π_k | routing share |", "|---|---|---|"]
-    for index, name in enumerate(names):
-        share_text = f"{share[index]:.3f}" if share is not None and index < len(share) else "n/a"
-        lines.append(f"| `{name}` | {weights[index]:.3f} | {share_text} |")
-    lines += [
-        "",
-        "The routing share is member k's mean gradient weight over the training steps after the α warm-up — its "
-        "responsibility r_ik = softmax_k(log π_k + (1−α) ℓ_ik), mixed with λ·π_k under a responsibility floor λ: "
-        "how much of the data each member was trained on.",
-    ]
     results = metadata.get("eval_results")
-    if results:
-        lines += ["", "## Evaluation", ""] + _eval_table(results)
-    lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from trl_renyi import RenyiEnsemble",
-        "",
-        f'ensemble = RenyiEnsemble.from_pretrained("{source}")',
-        'scores = ensemble.score(["Greet Alice."], [" Ahoy, Alice!"])',
-        "print(scores.member_loglik)            # log-likelihood under each member",
-        "print(scores.mutual_information_max)   # epistemic uncertainty of the answer",
-        "```",
-        "",
-        "Every member is a plain PEFT adapter:",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "",
-        f'model = PeftModel.from_pretrained(base_model, "{source}", subfolder="{names[0]}")',
-        "```",
-        "",
-        "## Framework versions",
-        "",
-        f"- trl_renyi {metadata.get('library_version', __version__)}",
-    ]
-    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
-    return ModelCard(content)
+    return ModelCard.from_template(
+        data,
+        template_path=str(CARD_TEMPLATE),
+        title=title,
+        num_members=k,
+        base_link=base_link,
+        trainer=trainer,
+        alpha_text=alpha_text,
+        weights_text=", ".join(f"{w:.3g}" for w in weights),
+        floor_text=_fmt(float(metadata.get("responsibility_floor", 0.0) or 0.0)),
+        loglik_reduction=metadata.get("loglik_reduction", "sum"),
+        init_std_text=_fmt(float(metadata.get("member_init_std", 0.0) or 0.0)),
+        dataset_name=dataset_name,
+        members=[
+            {
+                "name": name,
+                "weight": f"{weights[index]:.3f}",
+                "share": f"{share[index]:.3f}" if share is not None and index < len(share) else "n/a",
+            }
+            for index, name in enumerate(names)
+        ],
+        eval_table="\n".join(_eval_table(results)) if results else "",
+        source=repo_id or "path/or/repo-id",
+        base_model_id=base_model or base_name or "path/to/base-model",
+        first_member=names[0],
+        library_version=metadata.get("library_version", __version__),
+    )
 
 
 def write_model_card(directory: str | os.PathLike, metadata: Mapping, **kwargs) -> Path:

@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trl-renyi: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"trl_renyi.cli.{COMMANDS[command][0]}")
-    result = module.main(rest)
-    return int(result or 0)
+    from trl_renyi.cli.parsing import run_command
+
+    return run_command(command, module.main, rest)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from trl_renyi.data.loading import load_split
 from trl_renyi.evaluation.data import training_examples
 from trl_renyi.inference.baseline import SingleModel
 from trl_renyi.inference.ensemble import RenyiEnsemble
@@ -84,20 +85,8 @@ class AuditArguments:
 
 
 def load_dataset_for_audit(args: AuditArguments):
-    """The split to audit, from a local file or folder or a Hub dataset id."""
-    from datasets import load_dataset
-
-    from trl_renyi.cli.training import load_local
-
-    path = Path(args.data).expanduser()
-    if path.is_file() and path.suffix == ".gz":
-        return load_dataset("json", data_files=str(path), split="train")
-    if path.exists():
-        dataset = load_local(path)
-        if args.split not in dataset:
-            raise ValueError(f"{path}: no split {args.split!r} (it has {list(dataset.keys())}).")
-        return dataset[args.split]
-    return load_dataset(args.data, args.dataset_config, split=args.split)
+    """The split to audit: any dataset name every command accepts (:mod:`trl_renyi.data.loading`)."""
+    return load_split(args.data, args.split, args.dataset_config)
 
 
 def score_sft(ensemble: RenyiEnsemble, columns: dict, batch_size: int) -> list[dict]:
@@ -180,7 +169,7 @@ def format_table(rows: list[dict], kind: str, sort_by: str, top: int) -> str:
 
 def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
     """Score and rank the dataset; returns ``(kind, sort_by, rows sorted by the score)`` and writes the outputs."""
-    ensemble = RenyiEnsemble.from_pretrained(args.ensemble, base_model=args.base_model, revision=args.revision, dtype=args.dtype)
+    # the data first: a wrong file, split or format fails before the ensemble's model loads
     dataset = load_dataset_for_audit(args)
     if args.max_examples is not None:
         dataset = dataset.select(range(min(args.max_examples, len(dataset))))
@@ -191,6 +180,8 @@ def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
     sort_by = (valid[0] if args.sort_by == "auto" else args.sort_by)
     if sort_by not in valid:
         raise ValueError(f"sort_by={args.sort_by!r} does not apply to {kind} data; use one of {valid}.")
+    print(f"{args.data}: {len(dataset)} {kind} examples ({'prompt/completion' if kind == 'sft' else 'preference pairs'}).")
+    ensemble = RenyiEnsemble.from_pretrained(args.ensemble, base_model=args.base_model, revision=args.revision, dtype=args.dtype)
     if kind == "sft":
         rows = score_sft(ensemble, columns, args.batch_size)
     else:
@@ -200,8 +191,7 @@ def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "audit.jsonl", "w") as handle:
-        for rank, row in enumerate(rows, start=1):
-            handle.write(json.dumps({"rank": rank, **row}) + "\n")
+        handle.writelines(json.dumps({"rank": rank, **row}) + "\n" for rank, row in enumerate(rows, start=1))
     if args.plots:
         from trl_renyi.evaluation import plots as eval_plots
 
@@ -219,9 +209,9 @@ def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
 
 
 def make_parser():
-    from trl import TrlParser
+    from trl_renyi.cli.parsing import RenyiParser
 
-    return TrlParser((AuditArguments,), prog="trl-renyi audit")
+    return RenyiParser((AuditArguments,), prog="trl-renyi audit")
 
 
 def main(argv: list[str] | None = None) -> int:

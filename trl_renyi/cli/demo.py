@@ -28,7 +28,14 @@ from pathlib import Path
 
 import torch
 
-from trl_renyi.data import DEFAULT_SYSTEM_PROMPT, FAMILIES, Item, chat_answer, chat_prompt, conflict_sft_dataset
+from trl_renyi.data import (
+    DEFAULT_SYSTEM_PROMPT,
+    FAMILIES,
+    Item,
+    chat_answer,
+    chat_prompt,
+    conflict_sft_dataset,
+)
 from trl_renyi.data import held_out_items as make_held_out_items
 from trl_renyi.model.loading import DEFAULT_MODEL
 
@@ -177,7 +184,7 @@ def evaluate_families(ensemble, items: dict[str, list[Item]], system_prompt: str
     reports = []
     for family, rows in grouped.items():
         spec = FAMILIES[family]
-        mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        mean = lambda key: sum(r[key] for r in rows) / len(rows)
         accuracy = None if spec.contradictory else sum(r["mixture_probs"][0] > 0.5 for r in rows) / len(rows)
         reports.append(
             FamilyReport(family, spec.contradictory, mean("choice_mi"), mean("token_mi_max"), mean("loglik_std"), accuracy)
@@ -523,8 +530,8 @@ def _answers_block(answers: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trl import TrlParser
+    from trl_renyi.cli.parsing import RenyiParser
 
-    (config,) = TrlParser((DemoConfig,), prog="trl-renyi demo").parse_args_and_config(argv)
+    (config,) = RenyiParser((DemoConfig,), prog="trl-renyi demo").parse_args_and_config(argv)
     run_demo(config)
     return 0

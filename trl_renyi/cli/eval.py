@@ -281,7 +281,7 @@ def format_table(report: dict) -> str:
     rows = [head]
     for name, m in report["models"].items():
         auroc = m["auroc"]
-        fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
+        fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
         rows.append(
             [name, fmt(m["accuracy"]), fmt(m["nll"]), fmt(m["ece"]), fmt(m["brier"]), fmt(auroc.get("entropy")),
              fmt(auroc.get("mutual_information"))]
@@ -295,8 +295,10 @@ def evaluate(args: EvalArguments) -> dict:
     """Run the evaluation described by ``args``; returns the report (also written to ``output_dir``)."""
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ensemble = RenyiEnsemble.from_pretrained(args.ensemble, base_model=args.base_model, revision=args.revision, dtype=args.dtype)
+    # the data first: a wrong file or format fails before the ensemble's model loads
     items, fmt = load_choice_items(args.data, args.data_format, args.first_item, args.max_items)
+    print(f"{args.data}: {len(items)} items, format {fmt}.")
+    ensemble = RenyiEnsemble.from_pretrained(args.ensemble, base_model=args.base_model, revision=args.revision, dtype=args.dtype)
     chat = {"auto": None, "yes": True, "no": False}[args.chat]
     prompts, choices = model_inputs(items, fmt, ensemble.tokenizer, chat, args.system_prompt)
     labels = [item.labels for item in items]
@@ -347,9 +349,9 @@ def evaluate(args: EvalArguments) -> dict:
 
 
 def make_parser():
-    from trl import TrlParser
+    from trl_renyi.cli.parsing import RenyiParser
 
-    return TrlParser((EvalArguments,), prog="trl-renyi eval")
+    return RenyiParser((EvalArguments,), prog="trl-renyi eval")
 
 
 def main(argv: list[str] | None = None) -> int:

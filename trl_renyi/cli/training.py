@@ -5,82 +5,43 @@ publish.
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from trl_renyi.data.formats import prepare_training_dataset
+from trl_renyi.data.loading import load_dataset_dict
 from trl_renyi.model.loading import DEFAULT_MODEL
-
-# local data files and the `datasets` builder that reads them
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
-# `--dataset_name trl_renyi:<name>` selects the bundled generator (a colon never occurs in Hub dataset ids)
-BUILTIN_PREFIX = "trl_renyi:"
-BUILTIN_DATASETS = ("conflict_sft", "conflict_preference", "conflict_sft_chat", "conflict_preference_chat")
 
 
 def make_parser(config_class, prog: str, subparsers=None, name: str | None = None):
     """A :class:`~trl.TrlParser` over ``(ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig)``, the same
     dataclasses as TRL's own scripts with the Rényi config in place of TRL's, so every ``trl sft`` / ``trl dpo`` flag
     and ``--config file.yaml`` works, plus the ensemble fields (``--num_members``, ``--alpha``, ...)."""
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
+
+    from trl_renyi.cli.parsing import RenyiParser
 
     dataclass_types = (ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig)
     if subparsers is not None:
-        return subparsers.add_parser(name, help=f"Run {prog}", dataclass_types=dataclass_types)
-    return TrlParser(dataclass_types, prog=prog)
-
-
-def builtin_dataset(name: str, seed: int = 0):
-    """The bundled conflicting data (:mod:`trl_renyi.data`) for ``trl_renyi:<name>``."""
-    from trl_renyi import data
-
-    key = name[len(BUILTIN_PREFIX) :]
-    if key not in BUILTIN_DATASETS:
-        raise ValueError(
-            f"dataset_name {name!r}: unknown bundled dataset; choose from "
-            f"{[BUILTIN_PREFIX + n for n in BUILTIN_DATASETS]}."
-        )
-    make = data.conflict_preference_dataset if key.startswith("conflict_preference") else data.conflict_sft_dataset
-    return make(seed=seed, conversational=key.endswith("_chat"))
-
-
-def load_local(path: Path, streaming: bool = False):
-    """A ``DatasetDict`` from a local data file (json/jsonl/csv/parquet/arrow) or folder (``save_to_disk`` output, or
-    data files that ``datasets.load_dataset`` can read)."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    if path.is_file():
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(
-                f"dataset_name {str(path)!r}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}."
-            )
-        return load_dataset(builder, data_files=str(path), streaming=streaming)
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        loaded = load_from_disk(str(path))
-        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
-    return load_dataset(str(path), streaming=streaming)
+        parser = subparsers.add_parser(name, help=f"Run {prog}", dataclass_types=dataclass_types)
+    else:
+        parser = RenyiParser(dataclass_types, prog=prog)
+    # what the command does anyway, shown in --help: the embedded model by default, LoRA members always
+    parser.set_defaults(model_name_or_path=DEFAULT_MODEL, use_peft=True)
+    return parser
 
 
 def load_training_data(script_args, dataset_args, seed: int = 0):
     """The ``DatasetDict`` named by ``--dataset_name`` (Hub id, local file or folder, ``trl_renyi:<name>``) or by a
     ``datasets:`` mixture in the YAML config (TRL's ``DatasetMixtureConfig``)."""
-    from datasets import load_dataset
     from trl import get_dataset
 
     if dataset_args.datasets:
         return get_dataset(dataset_args)
-    name = script_args.dataset_name
-    if not name:
+    if not script_args.dataset_name:
         raise ValueError(
             "dataset_name is required: a Hub dataset id, a local data file or folder, or trl_renyi:<name>."
         )
-    if name.startswith(BUILTIN_PREFIX):
-        return builtin_dataset(name, seed)
-    path = Path(name).expanduser()
-    if path.exists():
-        return load_local(path, script_args.dataset_streaming)
-    if path.suffix.lower() in FILE_BUILDERS:
-        raise FileNotFoundError(f"dataset_name {name!r}: no such data file.")
-    return load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+    return load_dataset_dict(
+        script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming, seed=seed
+    )
 
 
 def select_splits(dataset, script_args, training_args):
@@ -139,6 +100,13 @@ def run(trainer_class, script_args, training_args, model_args, dataset_args):
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     dataset = load_training_data(script_args, dataset_args, seed=training_args.seed)
     train_dataset, eval_dataset = select_splits(dataset, script_args, training_args)
+    # the data's format is checked (and ShareGPT converted) before the model loads, naming the dataset and split
+    kind = "dpo" if "DPO" in trainer_class.__name__ else "sft"
+    name = script_args.dataset_name or "the dataset mixture"
+    train_dataset, _ = prepare_training_dataset(
+        train_dataset, kind, f"{name} (split {script_args.dataset_train_split!r})", training_args.dataset_text_field
+        if kind == "sft" else "text",
+    )  # fmt: skip
     trainer = trainer_class(
         model=model_args.model_name_or_path,
         args=training_args,

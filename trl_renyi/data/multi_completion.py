@@ -81,11 +81,3 @@ class WeightedCollator:
         return getattr(self.collator, name)
 
 
-def weighted_sum(values: torch.Tensor, aux: dict) -> torch.Tensor:
-    """``Σ_i w_i·values_i`` with the per-example weights ``aux["example_weights"]`` (plain sum without them)."""
-    weights = aux.get("example_weights")
-    if weights is None:
-        return values.sum()
-    if weights.shape[0] != values.shape[0]:
-        raise ValueError(f"{weights.shape[0]} completion weights for {values.shape[0]} examples with completion tokens")
-    return (weights.to(device=values.device, dtype=values.dtype) * values).sum()

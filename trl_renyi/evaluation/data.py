@@ -7,14 +7,12 @@ pairs are two-choice items with the chosen response first and labelled 1).
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from trl.data_utils import extract_prompt
 
+from trl_renyi.data.loading import read_records
 from trl_renyi.inference.encoding import is_conversational
 
 FORMATS = ("mc1", "mc2", "preference")
@@ -31,31 +29,6 @@ class ChoiceItem:
     labels: list[int]
     id: str
     info: dict = field(default_factory=dict)
-
-
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """Records of a ``.json`` (a list, or an object with a ``data`` list), ``.jsonl`` or gzipped file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Data file {path} not found.")
-    opener = gzip.open if path.suffix == ".gz" else open
-    stem = path.with_suffix("") if path.suffix == ".gz" else path
-    with opener(path, "rt", encoding="utf-8") as handle:
-        text = handle.read()
-    try:
-        if stem.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-            if isinstance(records, dict) and isinstance(records.get("data"), list):
-                records = records["data"]
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON{' lines' if stem.suffix == '.jsonl' else ''} ({err}).") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ValueError(f"{path} must hold a list of JSON objects (one per item).")
-    if not records:
-        raise ValueError(f"{path} holds no items.")
-    return records
 
 
 def detect_format(records: list[dict], path: str | os.PathLike = "data") -> str:
@@ -178,30 +151,6 @@ def model_inputs(items: list[ChoiceItem], fmt: str, tokenizer, chat: bool | None
 
 
 # ---------------------------------------------------------------------------------------------- training data
-def load_training_dataset(name_or_path: str, split: str = "train", config: str | None = None):
-    """A ``datasets.Dataset`` from a local file (json/jsonl/csv/parquet, optionally gzipped), a folder written by
-    ``save_to_disk``, or a Hub dataset id."""
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-    path = Path(name_or_path)
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        dataset = load_from_disk(str(path))
-        if isinstance(dataset, DatasetDict):
-            dataset = dataset[split]
-        return dataset
-    if path.is_file():
-        suffixes = [s for s in path.suffixes if s != ".gz"]
-        kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(suffixes[-1] if suffixes else "")
-        if kind is None:
-            raise ValueError(f"{path}: unsupported file type; use .json, .jsonl, .csv or .parquet (optionally .gz).")
-        dataset = load_dataset(kind, data_files=str(path), split="train")
-    else:
-        dataset = load_dataset(name_or_path, config, split=split)
-    if not isinstance(dataset, Dataset):
-        raise ValueError(f"{name_or_path} did not load as a single dataset split.")
-    return dataset
-
-
 def training_examples(dataset, source: str = "dataset") -> tuple[str, dict[str, list]]:
     """The examples of a TRL training dataset as ``(kind, columns)``.
 

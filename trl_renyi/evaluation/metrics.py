@@ -23,7 +23,10 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from torchmetrics.functional.classification import binary_auroc, binary_calibration_error
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_calibration_error,
+)
 
 DEFAULT_COVERAGES = (0.5, 0.8)
 

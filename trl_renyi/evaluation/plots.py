@@ -16,10 +16,10 @@ from collections.abc import Mapping, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from trl_renyi.evaluation.metrics import reliability_bins, risk_coverage_curve  # noqa: E402
+from trl_renyi.evaluation.metrics import reliability_bins, risk_coverage_curve
 
 
 def _save(fig, path: str | os.PathLike) -> str:

@@ -22,7 +22,11 @@ from trl_renyi.inference.generation import generate as _generate
 from trl_renyi.inference.uncertainty import decompose
 from trl_renyi.model.layer import MEMBER_PREFIX, member_names, member_routing
 from trl_renyi.model.loading import load_causal_lm, load_tokenizer, model_name_or_path
-from trl_renyi.model.members import install_member_layers, set_members_trainable, tile_for_members
+from trl_renyi.model.members import (
+    install_member_layers,
+    set_members_trainable,
+    tile_for_members,
+)
 from trl_renyi.model.saved_format import (
     METADATA_FILE,
     check_base_model_hash,
@@ -35,7 +39,12 @@ from trl_renyi.model.saved_format import (
     write_metadata,
 )
 from trl_renyi.model.trunk import shared_trunk
-from trl_renyi.objective import DEFAULT_ALPHA, floored_renyi_bound, normalized_log_weights, renyi_bound
+from trl_renyi.objective import (
+    DEFAULT_ALPHA,
+    floored_renyi_bound,
+    normalized_log_weights,
+    renyi_bound,
+)
 
 
 @dataclass
@@ -155,7 +164,7 @@ class EnsembleScorer:
         member_loglik = token_lp.sum(-1).T.cpu()  # (B, K)
         parts = decompose(log_probs, self.log_weights.to(log_probs.device))  # each (B, T-1)
         num_tokens = mask.sum(-1).clamp(min=1)
-        mean = lambda x: ((x * mask).sum(-1) / num_tokens).cpu()  # noqa: E731
+        mean = lambda x: ((x * mask).sum(-1) / num_tokens).cpu()
         return {
             "member_loglik": member_loglik,
             "num_tokens": mask.sum(-1).cpu(),
@@ -328,10 +337,10 @@ class RenyiEnsemble(EnsembleScorer):
         ``logits_to_keep``) go to the model as they are, so a KV cache holds the K·B tiled rows.
         """
         device = self.device
-        rows = batch["input_ids"].shape[0]
+        rows, tokens = batch["input_ids"].shape[:2]
         tiled = tile_for_members({k: v.to(device) for k, v in batch.items() if k != "labels"}, self.num_members)
         # the rows are tiled here, never again inside the model (no shared trunk)
-        with member_routing(self.model, rows_per_member=rows, names=self.member_names), shared_trunk(self.model, False):
+        with member_routing(self.model, rows, self.member_names, tokens), shared_trunk(self.model, False):
             outputs = self.model(**tiled, **model_kwargs)
         outputs.logits = outputs.logits.view(self.num_members, batch["input_ids"].shape[0], *outputs.logits.shape[1:])
         return outputs

@@ -32,7 +32,12 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from trl_renyi.inference.encoding import encode_prompt

@@ -44,10 +44,13 @@ def member_names(num_members: int) -> list[str]:
 
 @dataclass
 class Routing:
-    """One routed layout: ``names`` (the members, in row-block order) and ``rows_per_member`` B."""
+    """One routed layout: ``names`` (the members, in row-block order), ``rows_per_member`` B and, when known, the
+    ``tokens_per_row`` T of the batch (layers that see the batch flattened to B·T token rows, such as the shared
+    experts of MoE blocks, then get K blocks of B·T rows)."""
 
     names: list[str]
     rows_per_member: int | None = None
+    tokens_per_row: int | None = None
 
     @property
     def num_members(self) -> int:
@@ -110,7 +113,8 @@ class MemberBatchedLinear(LoraLinear):
         names = routing.names
         num_members = len(names)
         expected = None if routing.rows_per_member is None else num_members * routing.rows_per_member
-        if (expected is not None and x.shape[0] != expected) or x.shape[0] % num_members:
+        flattened = expected is not None and x.dim() == 2 and x.shape[0] == expected * (routing.tokens_per_row or 0)
+        if (expected is not None and x.shape[0] != expected and not flattened) or x.shape[0] % num_members:
             raise ValueError(
                 f"Member-batched forward expects {num_members} blocks of {routing.rows_per_member} rows (one block "
                 f"per member, {expected} rows), got {x.shape[0]}. Tile the inputs with `tile_for_members`, or run "
@@ -141,18 +145,22 @@ def get_router(model) -> MemberRouter:
 
 
 @contextmanager
-def member_routing(model, rows_per_member: int | None = None, names: Sequence[str] | None = None):
+def member_routing(
+    model, rows_per_member: int | None = None, names: Sequence[str] | None = None, tokens_per_row: int | None = None
+):
     """Route rows to members inside the block: the input holds ``len(names)`` blocks of ``rows_per_member`` rows.
 
     ``names`` defaults to every member (or to the chunk of :func:`routed_members`); ``rows_per_member`` ``None`` keeps
-    the B of an enclosing block (the trainers open the block for the whole step and set B per forward). Outside any
+    the B of an enclosing block (the trainers open the block for the whole step and set B per forward);
+    ``tokens_per_row`` T admits layers that see the batch flattened to K blocks of B·T token rows. Outside any
     block the layers are stock PEFT. Keep the backward inside the block under gradient checkpointing.
     """
     router = get_router(model)
     previous = router.routing
     chosen = list(names) if names is not None else (previous.names if previous is not None else router.member_names)
     rows = rows_per_member if rows_per_member is not None else (previous.rows_per_member if previous else None)
-    router.routing = Routing(chosen, rows)
+    tokens = tokens_per_row if tokens_per_row is not None else (previous.tokens_per_row if previous else None)
+    router.routing = Routing(chosen, rows, tokens)
     try:
         yield router.routing
     finally:
@@ -167,7 +175,11 @@ def routed_members(model, names: Sequence[str]):
     """
     router = get_router(model)
     previous = router.routing
-    router.routing = Routing(list(names), previous.rows_per_member if previous is not None else None)
+    router.routing = Routing(
+        list(names),
+        previous.rows_per_member if previous is not None else None,
+        previous.tokens_per_row if previous is not None else None,
+    )
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ registered config; the layers share one :class:`~trl_renyi.model.layer.MemberRou
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -18,8 +19,9 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import PeftType
+from transformers.pytorch_utils import Conv1D
 
-from trl_renyi.compat import register_member_layer
+from trl_renyi.compat import peft_wraps_moe_parameters, register_member_layer
 from trl_renyi.model.layer import (
     MEMBER_PREFIX,
     MemberBatchedLinear,
@@ -27,6 +29,8 @@ from trl_renyi.model.layer import (
     member_layers,
     member_names,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _device_indices() -> list[int]:
@@ -77,9 +81,12 @@ def check_members_servable(model: PeftModel, names: Sequence[str]) -> None:
         if not held:
             continue
         if not isinstance(module, LoraLinear) or not isinstance(module, LoraLayer):
+            working = linear_target_names(model.get_base_model())
             raise ValueError(
                 f"Layer {module_name!r} ({type(module).__name__}) holds members {sorted(held)} but is not a LoRA "
-                "Linear layer; the member-batched forward serves LoRA on torch.nn.Linear modules only."
+                "Linear layer; the member-batched forward serves LoRA on torch.nn.Linear (and Conv1D) modules only "
+                f"(not target_parameters, fused MoE experts or routers). Targets that work here: "
+                f"target_modules={working}."
             )
         if held != member_set:
             raise ValueError(f"Layer {module_name!r} holds only members {sorted(held)}; every member must adapt it.")
@@ -134,6 +141,7 @@ def build_ensemble(
     if num_members < 1:
         raise ValueError(f"num_members must be >= 1, got {num_members}.")
     names = member_names(num_members)
+    lora_config = resolve_moe_all_linear(model, lora_config)
     peft_model = get_peft_model(model, member_lora_config(lora_config), adapter_name=names[0])
     for k, name in enumerate(names[1:], start=1):
         with torch.random.fork_rng(devices=_device_indices()):
@@ -159,6 +167,56 @@ def attach_ensemble(model: PeftModel, num_members: int) -> PeftModel:
     set_members_trainable(model, names)
     install_member_layers(model, names)
     return model
+
+
+def linear_target_names(model: torch.nn.Module, full: bool = False) -> list[str]:
+    """Names of the ``nn.Linear`` / ``Conv1D`` layers of ``model`` other than its output head: their last component
+    (as users write ``target_modules``), or with ``full`` their whole module paths (as PEFT's ``all-linear`` does)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found, inside_tuner = set(), []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in inside_tuner):
+            continue
+        layer = module
+        if isinstance(module, BaseTunerLayer):  # already adapted: judge the wrapped layer, skip the adapter parts
+            inside_tuner.append(name)
+            layer = module.get_base_layer()
+        if isinstance(layer, (torch.nn.Linear, Conv1D)) and module is not head and layer is not head:
+            found.add(name if full else name.rsplit(".", 1)[-1])
+    return sorted(found)
+
+
+def resolve_moe_all_linear(model: torch.nn.Module, lora_config: LoraConfig) -> LoraConfig:
+    """``target_modules="all-linear"`` on a Mixture-of-Experts model: the members adapt every ``nn.Linear`` layer.
+
+    For MoE models with fused expert weights PEFT's ``all-linear`` also wraps the router (and, with
+    ``target_parameters``, the experts) in ``ParamWrapper`` layers, which adapt a parameter rather than a linear
+    map and cannot be batched over members. Here ``all-linear`` is resolved to the model's linear layers (attention,
+    shared experts, ...), and a warning names what stays frozen; other models and explicit targets are unchanged.
+    """
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    is_moe = any(getattr(text_config, key, None) for key in ("num_experts", "num_local_experts", "n_routed_experts"))
+    if lora_config.target_modules != "all-linear" or not is_moe:
+        return lora_config
+    names = linear_target_names(model)
+    resolved = copy.deepcopy(lora_config)
+    resolved.target_modules = set(linear_target_names(model, full=True))
+    if not peft_wraps_moe_parameters(getattr(text_config, "model_type", "")):
+        return resolved  # the same layers PEFT's all-linear picks
+    frozen = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+         if name and not isinstance(module, (torch.nn.Linear, Conv1D)) and any(
+             isinstance(p, torch.nn.Parameter) for p in module.parameters(recurse=False))
+         and module is not model.get_input_embeddings() and "norm" not in name.rsplit(".", 1)[-1]}
+    )  # fmt: skip
+    logger.warning(
+        "target_modules='all-linear' on the Mixture-of-Experts model %s: the members adapt its linear layers %s; "
+        "the fused experts and routers (%s), which PEFT adapts only through parameter wrappers that cannot be "
+        "batched over members, stay frozen. Pass target_modules explicitly to choose.",
+        type(model).__name__, names, ", ".join(frozen) or "none",
+    )  # fmt: skip
+    return resolved
 
 
 def member_lora_config(lora_config: LoraConfig) -> LoraConfig:

@@ -202,7 +202,7 @@ def _same_model_name(given: str, recorded: str) -> bool:
     if not given or not recorded:
         return True
     given, recorded = canonical_name(given), canonical_name(recorded)
-    tail = lambda name: Path(str(name).rstrip("/")).name.lower()  # noqa: E731
+    tail = lambda name: Path(str(name).rstrip("/")).name.lower()
     return given == recorded or tail(given) == tail(recorded)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+
+import torch
 from dataclasses import dataclass, field
 
 from trl import DPOConfig, SFTConfig
@@ -117,6 +119,9 @@ class RenyiEnsembleArguments:
 
     def __post_init__(self):
         self._validate_renyi_fields()
+        if self.bf16 is None and not self.fp16 and not torch.accelerator.is_available():
+            # TRL defaults to bf16, which transformers refuses on a machine with no accelerator: train in float32
+            self.bf16 = False
         super().__post_init__()
 
     def renyi_metadata(self) -> dict:

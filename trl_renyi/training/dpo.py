@@ -20,25 +20,26 @@ The loss is :math:`-\sum_i J_i(\alpha) / N_\text{pairs}`, so K = 1 equals DPOTra
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from torch.utils.data import DataLoader
 from trl import DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 
-from trl_renyi.model.layer import MEMBER_PREFIX, get_router
+from trl_renyi.compat import (
+    disable_gradient_checkpointing,
+    dpo_trainer_accepts_ensemble,
+)
+from trl_renyi.data.formats import prepare_training_datasets
+from trl_renyi.model.layer import get_router
 from trl_renyi.objective import floored_renyi_bound
 from trl_renyi.training.config import RenyiDPOConfig
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config
 from trl_renyi.training.options import check_options
+from trl_renyi.training.step import PreferenceLogLik
 
 logger = logging.getLogger(__name__)
 
@@ -119,45 +120,6 @@ def check_likelihood_loss(args) -> None:
         )
 
 
-class _DefaultAliasConfigs(dict):
-    """A ``peft_config`` mapping that answers ``["default"]`` with a copy of member_0's config when there is none."""
-
-    def __missing__(self, key):
-        if key == "default":
-            return copy.deepcopy(self[f"{MEMBER_PREFIX}0"])
-        raise KeyError(key)
-
-
-@contextmanager
-def _through_trl_reference_adapter(model, ref_model) -> Iterator[None]:
-    """Let ``DPOTrainer.__init__`` accept the ensemble PeftModel, then undo its reference adapter.
-
-    Handed a ready PeftModel and no ``ref_model``, DPOTrainer reads ``peft_config["default"]`` (a KeyError for an
-    ensemble, whose adapters are ``member_*``) and adds a ``"ref"`` adapter copied from it, which it would then score
-    as π_ref, also for precomputed reference log-probs: a copy of a member, wrong as soon as a member's initial
-    B ≠ 0. The ensemble's π_ref is the base model (see :meth:`RenyiDPOTrainer.compute_ref_log_probs`), so inside
-    the block the lookup is answered with member_0's config, and afterwards TRL's ``"ref"`` adapter is deleted.
-    """
-    if ref_model is not None or not isinstance(model, PeftModel):
-        yield
-        return
-    original = model.peft_config
-    if "ref" in original:
-        raise ValueError(
-            "The PeftModel already holds an adapter named 'ref', which DPOTrainer would overwrite with its own "
-            "reference copy; remove it (the ensemble's reference is the base model)."
-        )
-    aliased = _DefaultAliasConfigs(original)
-    model.peft_config = aliased
-    try:
-        yield
-    finally:
-        original.update({name: config for name, config in aliased.items() if name not in original})
-        model.peft_config = original
-        if "ref" in original:
-            model.delete_adapter("ref")
-
-
 class PairScores(NamedTuple):
     """Per-pair, per-member scores of a preference dataset (see :meth:`RenyiDPOTrainer.score_pairs`).
 
@@ -217,6 +179,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
     ):
         args = coerce_config(args, RenyiDPOConfig, model if isinstance(model, str) else "model", "RenyiDPO")
         check_options(args)
+        train_dataset, eval_dataset, self.dataset_format = prepare_training_datasets(train_dataset, eval_dataset, "dpo")
         check_likelihood_loss(args)
         if quantization_config is not None:
             raise ValueError(
@@ -224,7 +187,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
                 "torch.nn.Linear layers only."
             )
         model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
-        with _through_trl_reference_adapter(model, ref_model):
+        with dpo_trainer_accepts_ensemble(model, ref_model):
             super().__init__(
                 model=model,
                 ref_model=ref_model,
@@ -236,10 +199,6 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
                 compute_metrics=compute_metrics,
                 callbacks=callbacks,
                 optimizers=optimizers,
-            )
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "The MoE router auxiliary loss is not supported by RenyiDPOTrainer; set router_aux_loss_coef=0.0."
             )
         self._finish_ensemble_setup()
 
@@ -290,7 +249,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
 
     # ------------------------------------------------------------------ objective (the mixin's template)
     def _member_loglik(self, model, inputs: dict):
-        """``(ℓ (B, K_routed), aux)``: one member-batched forward of the 2B chosen/rejected rows, then each member's
+        """A :class:`PreferenceLogLik` with ℓ ``(B, K_routed)``: one member-batched forward of the 2B chosen/rejected rows, then each member's
         margin against the shared reference and its per-pair log-likelihood."""
         ref_chosen, ref_rejected = self._reference_logps(inputs)
         outputs = self.member_forward(model, self._model_inputs(inputs))
@@ -304,20 +263,19 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         rejected_scores = f_divergence_scores(rejected_logratios, self.f_divergence_type, self.f_alpha_divergence_coef)
         margins = self.beta * (chosen_scores - rejected_scores)  # (K, B)
         loglik = pair_log_likelihood(margins, self.loss_types[0], self.label_smoothing).T
-        aux = {
-            "num_pairs": margins.shape[1],
-            "margins": margins.detach().T,
-            "chosen_logratios": chosen_logratios.detach().T,
-            "rejected_logratios": rejected_logratios.detach().T,
-            "chosen_logps": chosen_logps.detach().T,
-            "rejected_logps": rejected_logps.detach().T,
-            "outputs": outputs,
-        }
-        return loglik, aux
+        return PreferenceLogLik(
+            loglik=loglik,
+            outputs=outputs,
+            margins=margins.detach().T,
+            chosen_logratios=chosen_logratios.detach().T,
+            rejected_logratios=rejected_logratios.detach().T,
+            chosen_logps=chosen_logps.detach().T,
+            rejected_logps=rejected_logps.detach().T,
+        )
 
-    def _normalised_loss(self, negative_bound_sum, aux, num_items_in_batch=None):
+    def _normalised_loss(self, negative_bound_sum, step: PreferenceLogLik, num_items_in_batch=None):
         """TRL's normaliser: the number of pairs of the batch (times the single loss weight)."""
-        return negative_bound_sum / max(aux["num_pairs"], 1) * self.loss_weights[0]
+        return negative_bound_sum / max(step.num_examples, 1) * self.loss_weights[0]
 
     def _compute_loss(self, model, inputs, return_outputs):
         if return_outputs:
@@ -328,14 +286,14 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         return self._ensemble_loss(model, inputs)
 
     # ------------------------------------------------------------------ metrics
-    def _log_forward_metrics(self, auxes: list[dict], inputs: dict, mode: str) -> None:
+    def _log_forward_metrics(self, steps: list[PreferenceLogLik], inputs: dict, mode: str) -> None:
         """TRL's DPO metrics for the ensemble (rewards of the π-weighted member mean), the same per member under
         ``renyi/member_k/``, and TRL's token metrics (entropy, chosen-token accuracy) over all members' rows."""
         metrics = self._metrics[mode]
         device = inputs["input_ids"].device
         pair_stats = torch.stack(
             [
-                torch.cat([aux[key] for aux in auxes], dim=-1).float()
+                torch.cat([getattr(step, key) for step in steps], dim=-1).float()
                 for key in ("chosen_logratios", "rejected_logratios", "chosen_logps", "rejected_logps")
             ],
             dim=-1,
@@ -365,8 +323,8 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         chosen_rows = torch.zeros_like(completion)
         chosen_rows[: completion.shape[0] // 2] = True
         totals = torch.zeros(4, device=device)
-        for aux in auxes:
-            outputs = aux["outputs"]
+        for step in steps:
+            outputs = step.outputs
             copies = outputs.entropy.shape[0] // completion.shape[0]
             mask = completion.repeat(copies, 1)
             chosen_mask = mask & chosen_rows.repeat(copies, 1)
@@ -408,9 +366,9 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         margins, logliks = [], []
         try:
             for batch in loader:
-                loglik, aux = self._member_loglik(self.model, self._prepare_inputs(batch))
-                logliks.append(loglik.float().cpu())
-                margins.append(aux["margins"].float().cpu())
+                step = self._member_loglik(self.model, self._prepare_inputs(batch))
+                logliks.append(step.loglik.float().cpu())
+                margins.append(step.margins.float().cpu())
         finally:
             self.model.train(was_training)
             get_router(self.accelerator.unwrap_model(self.model)).trunk_active = False  # as after any step

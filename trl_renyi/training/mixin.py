@@ -14,25 +14,41 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
-from trl.trainer.utils import create_model_from_path
 
-from trl_renyi.data.multi_completion import weighted_sum
+from trl_renyi.compat import create_model_from_path
 from trl_renyi.inference.ensemble import RenyiEnsemble
-from trl_renyi.model.layer import base_model_only, get_router, member_names, member_routing, routed_members
+from trl_renyi.model.layer import (
+    base_model_only,
+    get_router,
+    member_names,
+    member_routing,
+    routed_members,
+)
 from trl_renyi.model.lm_head import add_completion_lm_head
 from trl_renyi.model.loading import is_embedded, load_causal_lm, load_tokenizer
-from trl_renyi.model.members import attach_ensemble, build_ensemble, register_members_with_zero3, tile_for_members
+from trl_renyi.model.members import (
+    attach_ensemble,
+    build_ensemble,
+    register_members_with_zero3,
+    tile_for_members,
+)
 from trl_renyi.model.saved_format import (
     ensemble_metadata,
     load_member_weights,
     write_metadata,
 )
 from trl_renyi.model.trunk import enable_shared_trunk
-from trl_renyi.objective import RenyiBound, alpha_at_step, floored_renyi_bound, normalized_log_weights, routing_entropy
+from trl_renyi.objective import (
+    RenyiBound,
+    alpha_at_step,
+    floored_renyi_bound,
+    normalized_log_weights,
+    routing_entropy,
+)
 from trl_renyi.training.checkpoint import AtomicCheckpointMixin
 from trl_renyi.training.config import RenyiEnsembleArguments
 from trl_renyi.training.datasets import report_dropped_examples
-from trl_renyi.training.options import check_options
+from trl_renyi.training.step import MemberLogLik
 
 
 def coerce_config(args, config_class, model_name: str, suffix: str):
@@ -64,7 +80,6 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
                 raise ValueError(
                     "Pass either a PeftModel holding the member_* adapters or a base model with peft_config, not both."
                 )
-            check_options(args, model_config=model.config)
             return attach_ensemble(model, args.num_members), processing_class
         if peft_config is None:
             raise ValueError(
@@ -87,7 +102,6 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
                     processing_class = load_tokenizer(name)
             else:  # TRL's own loader, in TRL's order, so that K = 1 by name is TRL to the bit
                 model = create_model_from_path(name, **init_kwargs)
-        check_options(args, model_config=model.config)
         peft_model = build_ensemble(model, peft_config, args.num_members, args.seed, args.member_init_std)
         return peft_model, processing_class
 
@@ -140,7 +154,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
             with self.member_routing(model):
                 return self.member_forward(model, inputs)
         copies = router.num_members
-        router.routing.rows_per_member = inputs["input_ids"].shape[0]
+        router.routing.rows_per_member, router.routing.tokens_per_row = inputs["input_ids"].shape[:2]
         # the trunk state stays set until the step's backward is done (gradient checkpointing recomputes with it)
         router.trunk_active = router.trunk_layer is not None and "cu_seq_lens_q" not in inputs
         if router.trunk_active:
@@ -148,8 +162,10 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
             tiled["labels"] = tile_for_members({"input_ids": inputs["labels"]}, copies)["input_ids"]
         else:
             tiled = tile_for_members(inputs, copies)
+        if getattr(self, "aux_loss_enabled", False):  # TRL's switch: MoE models return their router logits
+            tiled["output_router_logits"] = True
         if getattr(self, "_completion_head", False):
-            return model(**tiled, completion_head=True)
+            return model(**tiled, completion_head=True, num_members=copies)
         return model(**tiled, fused_lm_head=True)
 
     @contextlib.contextmanager
@@ -164,25 +180,48 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         finally:
             router.trunk_active = False
 
-    def _member_loglik(self, model, inputs: dict):
-        """``(loglik (N, K_routed), aux)`` of the batch under the routed members; ``aux`` feeds
-        :meth:`_normalised_loss` and :meth:`_log_forward_metrics`. Implemented by each trainer."""
+    def _member_loglik(self, model, inputs: dict) -> MemberLogLik:
+        """The batch's log-likelihoods under the routed members (one member-batched forward). Implemented by each
+        trainer; the result feeds :meth:`_normalised_loss` and :meth:`_log_forward_metrics`."""
         raise NotImplementedError
 
-    def _normalised_loss(self, negative_bound_sum: torch.Tensor, aux: dict, num_items_in_batch) -> torch.Tensor:
+    def _normalised_loss(self, negative_bound_sum: torch.Tensor, step: MemberLogLik, num_items_in_batch) -> torch.Tensor:
         """Divide ``−Σ_i J_i`` by the trainer's own normaliser. Implemented by each trainer."""
         raise NotImplementedError
 
-    def _log_forward_metrics(self, auxes: list[dict], inputs: dict, mode: str) -> None:
+    def _router_aux_steps(self, num_items_in_batch) -> int:
+        """How many micro-batches the router auxiliary loss is averaged over (TRL's DPO: 1; SFT overrides)."""
+        return 1
+
+    def _with_router_aux_loss(self, loss: torch.Tensor, step: MemberLogLik, num_items_in_batch, share: float = 1.0):
+        r"""Add TRL's MoE load-balancing term, ``router_aux_loss_coef · aux / steps``, when TRL enables it.
+
+        ``aux`` is the mean over the routed members of each member's own load-balancing loss (for K = 1 the model's
+        ``aux_loss``, so K = 1 equals TRL); ``share`` is the routed members' fraction of all K, so that a step run in
+        member chunks adds the same total as one pass.
+        """
+        aux = step.router_aux_loss
+        if not getattr(self, "aux_loss_enabled", False) or aux is None:
+            return loss
+        return loss + self.router_aux_loss_coef * aux.to(loss.device) * share / self._router_aux_steps(num_items_in_batch)
+
+    def _log_router_aux_loss(self, steps: list[MemberLogLik], mode: str) -> None:
+        if getattr(self, "aux_loss_enabled", False) and steps[0].router_aux_loss is not None:
+            value = torch.stack([s.router_aux_loss.detach().float() for s in steps]).mean()
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(value).mean().item())
+
+    def _log_forward_metrics(self, steps: list[MemberLogLik], inputs: dict, mode: str) -> None:
         """Log the trainer's own per-forward metrics from one or several (chunked) forwards."""
 
     def _ensemble_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """The α-Rényi loss of one batch in a single member-batched pass (logs all metrics)."""
         mode = "train" if self.model.training else "eval"
-        loglik, aux = self._member_loglik(model, inputs)
-        bound = self.renyi_objective(loglik, mode, per_token=aux.get("num_tokens"))
-        self._log_forward_metrics([aux], inputs, mode)
-        return self._normalised_loss(-weighted_sum(bound.value, aux), aux, num_items_in_batch)
+        step = self._member_loglik(model, inputs)
+        bound = self.renyi_objective(step.loglik, mode, per_token=step.num_tokens)
+        self._log_forward_metrics([step], inputs, mode)
+        self._log_router_aux_loss([step], mode)
+        loss = self._normalised_loss(-step.weighted_sum(bound.value), step, num_items_in_batch)
+        return self._with_router_aux_loss(loss, step, num_items_in_batch)
 
     def _member_chunks(self) -> list[list[str]] | None:
         size = getattr(self.args, "member_chunk_size", None)
@@ -197,25 +236,35 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         peft_model = self.accelerator.unwrap_model(model)
         chunks = self._member_chunks()
         with torch.no_grad():
-            parts = []
+            parts, aux_terms = [], 0.0
             for names in chunks:
                 with routed_members(peft_model, names):
-                    loglik, aux = self._member_loglik(model, inputs)
-                parts.append(loglik)
-        bound = self.renyi_objective(torch.cat(parts, dim=-1), "train", per_token=aux.get("num_tokens"))
-        loss = self._normalised_loss(-weighted_sum(bound.value, aux), aux, num_items_in_batch)
-        auxes, offset = [], 0
+                    step = self._member_loglik(model, inputs)
+                parts.append(step.loglik)
+                zero = step.loglik.new_zeros(())
+                aux_terms = aux_terms + self._with_router_aux_loss(
+                    zero, step, num_items_in_batch, len(names) / self.num_members
+                )
+        bound = self.renyi_objective(torch.cat(parts, dim=-1), "train", per_token=step.num_tokens)
+        loss = self._normalised_loss(-step.weighted_sum(bound.value), step, num_items_in_batch) + aux_terms
+        steps, offset = [], 0
         for index, names in enumerate(chunks):
             last = index == len(chunks) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
             with sync, routed_members(peft_model, names):
-                loglik, aux = self._member_loglik(model, inputs)
-                weights = bound.responsibilities[:, offset : offset + len(names)].to(loglik.dtype)
-                surrogate = self._normalised_loss(-weighted_sum((weights * loglik).sum(-1), aux), aux, num_items_in_batch)
+                step = self._member_loglik(model, inputs)
+                weights = bound.responsibilities[:, offset : offset + len(names)].to(step.loglik.dtype)
+                surrogate = self._normalised_loss(
+                    -step.weighted_sum((weights * step.loglik).sum(-1)), step, num_items_in_batch
+                )
+                surrogate = self._with_router_aux_loss(
+                    surrogate, step, num_items_in_batch, len(names) / self.num_members
+                )
                 self.accelerator.backward(surrogate * scale, **backward_kwargs)
-            auxes.append(aux)
+            steps.append(step)
             offset += len(names)
-        self._log_forward_metrics(auxes, inputs, "train")
+        self._log_forward_metrics(steps, inputs, "train")
+        self._log_router_aux_loss(steps, "train")
         return loss.detach() * scale
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -251,7 +300,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         """
         with base_model_only(self.accelerator.unwrap_model(model)):
             if getattr(self, "_completion_head", False):
-                return model(**inputs, completion_head=True)
+                return model(**inputs, completion_head=True, num_members=1)
             return model(**inputs, fused_lm_head=True)
 
     # ------------------------------------------------------------------ objective

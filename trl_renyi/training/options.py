@@ -13,9 +13,10 @@ Refused, with the reason:
 * ``compute_loss_func``: it replaces the loss of one model's logits; the ensemble's loss is the bound over K members.
 * ``use_liger_kernel``: Liger's fused loss returns one loss per batch, not the per-example, per-member ℓ_ik.
 * ``activation_offloading``: not yet verified against the member-batched backward (untested, so refused).
-* The MoE router auxiliary loss (``router_aux_loss_coef`` > 0 on a Mixture-of-Experts model, TRL's default for MoE
-  configs): the completion head does not return the router logits, so the auxiliary term would be dropped; set
-  ``router_aux_loss_coef=0.0``.
+
+Honoured as TRL honours them (K = 1 equals the stock trainer): the MoE router auxiliary loss (``router_aux_loss_coef``,
+TRL's default for MoE configs; the ensemble adds the mean over members of each member's own load-balancing loss),
+``load_best_model_at_end`` (every member restored), ``torch_empty_cache_steps``, DPO's ``label_smoothing``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _refuse(field: str, value, reason: str, remedy: str) -> ValueError:
     return ValueError(f"{field}={value!r} is not supported by the α-Rényi ensemble trainers: {reason} {remedy}")
 
 
-def check_options(args, compute_loss_func=None, model_config=None) -> None:
+def check_options(args, compute_loss_func=None) -> None:
     """Raise ``ValueError`` naming the first option in ``args`` (or the trainer's arguments) the ensemble refuses."""
     loss_type = getattr(args, "loss_type", None)
     if isinstance(loss_type, str) and loss_type == "dft":
@@ -59,14 +60,3 @@ def check_options(args, compute_loss_func=None, model_config=None) -> None:
             "it is not verified against the member-batched backward.",
             "Use gradient_checkpointing or member_chunk_size to bound activation memory.",
         )
-    if model_config is not None:
-        text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-        coef = getattr(args, "router_aux_loss_coef", None)
-        coef = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
-        if hasattr(text_config, "output_router_logits") and coef:
-            raise _refuse(
-                "router_aux_loss_coef", coef,
-                f"{type(model_config).__name__} is a Mixture-of-Experts model whose router auxiliary loss TRL adds by "
-                "default; the ensemble's completion head does not return router logits, so the term would be dropped.",
-                "Set router_aux_loss_coef=0.0 to train without it.",
-            )

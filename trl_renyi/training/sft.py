@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
-from trl_renyi.data.multi_completion import weighted_sum
+from trl_renyi.data.formats import prepare_training_datasets
 from trl_renyi.model.layer import get_router
 from trl_renyi.training.config import RenyiSFTConfig
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config
 from trl_renyi.training.options import check_options
-from trl_renyi.training.weighted_rows import enable_completion_weights, prepare_multi_completion
+from trl_renyi.training.step import MemberLogLik
+from trl_renyi.training.weighted_rows import (
+    enable_completion_weights,
+    prepare_multi_completion,
+)
 
 
 class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
@@ -53,6 +57,9 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
     ):
         args = coerce_config(args, RenyiSFTConfig, model if isinstance(model, str) else "model", "RenyiSFT")
         check_options(args, compute_loss_func=kwargs.get("compute_loss_func"))
+        train_dataset, eval_dataset, self.dataset_format = prepare_training_datasets(
+            train_dataset, eval_dataset, "sft", args.dataset_text_field
+        )
         model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
         train_dataset, eval_dataset, weighted = prepare_multi_completion(args, train_dataset, eval_dataset)
         super().__init__(
@@ -85,27 +92,31 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         )
         if self.args.loglik_reduction == "mean":
             loglik = loglik / num_tokens.unsqueeze(-1)
-        return loglik, {"num_tokens": num_tokens, "outputs": outputs, "example_weights": weights}
+        return MemberLogLik(loglik=loglik, outputs=outputs, num_tokens=num_tokens, example_weights=weights)
 
-    def _normalised_loss(self, negative_bound_sum, aux, num_items_in_batch):
+    def _router_aux_steps(self, num_items_in_batch) -> int:
+        """TRL's SFT: with ``num_items_in_batch`` the loss carries the gradient-accumulation average itself."""
+        return self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+
+    def _normalised_loss(self, negative_bound_sum, step: MemberLogLik, num_items_in_batch):
         """TRL's normaliser: completion tokens of the batch (``num_items_in_batch`` under gradient accumulation) for
         ``loglik_reduction="sum"``; the number of examples for ``"mean"``."""
         if self.args.loglik_reduction == "sum":
-            count = weighted_sum(aux["num_tokens"], aux) if num_items_in_batch is None else num_items_in_batch
+            count = step.weighted_sum(step.num_tokens) if num_items_in_batch is None else num_items_in_batch
             loss = negative_bound_sum / torch.as_tensor(count, device=negative_bound_sum.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             return loss
-        loss = negative_bound_sum / max(float(weighted_sum(torch.ones_like(aux["num_tokens"]), aux)), 1e-12)
+        loss = negative_bound_sum / max(float(step.weighted_sum(torch.ones_like(step.num_tokens))), 1e-12)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             loss = loss / self.current_gradient_accumulation_steps
         return loss
 
-    def _log_forward_metrics(self, auxes, inputs, mode: str) -> None:
+    def _log_forward_metrics(self, steps: list[MemberLogLik], inputs, mode: str) -> None:
         """TRL's own SFT metrics (entropy, token accuracy over all members' tokens, and tokens seen)."""
         totals = torch.zeros(3, device=inputs["input_ids"].device)
-        for aux in auxes:
-            outputs = aux["outputs"]
+        for step in steps:
+            outputs = step.outputs
             totals += torch.stack(
                 [outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum()]
             ).float().to(totals.device)

@@ -1,0 +1,127 @@
+"""What a new user runs into, row by row: data in the wrong format or the wrong place is refused before any model
+loads, in one line that names the file and the columns; misspelled flags get a suggestion; ShareGPT messages are
+converted; every command reads the same dataset names."""
+
+import json
+
+import pytest
+
+from trl_renyi.cli import main as cli
+from trl_renyi.data.formats import detect_format, prepare_training_dataset
+from trl_renyi.data.loading import load_split
+
+NO_MODEL = "/nonexistent/model-that-would-fail-to-load"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = cli(list(argv))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("command", "rows", "expected"),
+    [
+        ("sft", [{"conversation": "hi"}], r"has columns \['conversation'\]; the SFT trainer expects prompt \+ completions"),
+        ("sft", [{"prompt": "p", "chosen": "a", "rejected": "b"}], "These are preference data: train on them with `trl-renyi dpo`"),
+        ("dpo", [{"prompt": "p", "completion": "c"}], "These are prompt-completion data: train on them with `trl-renyi sft`"),
+    ],
+    ids=["wrong-column", "dpo-data-to-sft", "sft-data-to-dpo"],
+)
+def test_data_in_the_wrong_format_is_one_line_before_the_model_loads(tmp_path, capsys, command, rows, expected):
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    code, lines = run_cli(
+        capsys, command, "--dataset_name", str(data), "--model_name_or_path", NO_MODEL, "--output_dir", str(tmp_path / "o")
+    )
+    errors = [line for line in lines if line.startswith(f"trl-renyi {command}: error:")]
+    assert code == 1 and len(errors) == 1, lines
+    assert str(data) in errors[0]
+    assert pytest.importorskip("re").search(expected, errors[0]), errors[0]
+    assert "Traceback" not in "\n".join(lines)
+
+
+def test_a_missing_data_file_is_named_and_never_sent_to_the_hub(tmp_path, capsys):
+    code, lines = run_cli(capsys, "sft", "--dataset_name", str(tmp_path / "trian.jsonl"), "--output_dir", str(tmp_path))
+    assert code == 1 and lines[-1].startswith(f"trl-renyi sft: error: {tmp_path / 'trian.jsonl'}: no such data file.")
+
+
+def test_a_typo_in_a_folder_name_gets_a_suggestion(tmp_path, capsys):
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p", "completion": "c"}])
+    code, lines = run_cli(capsys, "sft", "--dataset_name", str(tmp_path / "trian.jsonl"), "--output_dir", str(tmp_path))
+    assert code == 1 and f"Did you mean {str(tmp_path / 'train.jsonl')!r}?" in lines[-1]
+
+
+def test_a_misspelled_flag_gets_did_you_mean(capsys):
+    code, lines = run_cli(capsys, "sft", "--num_membres", "3")
+    assert code == 1
+    assert "unrecognized arguments: --num_membres (did you mean --num_members" in lines[-1]
+
+
+def test_traceback_flag_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        cli(["sft", "--traceback", "--dataset_name", str(tmp_path / "none.jsonl"), "--output_dir", str(tmp_path)])
+
+
+def test_help_shows_the_defaults_the_command_uses(capsys):
+    with pytest.raises(SystemExit):
+        cli(["sft", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: smollm2-135m-instruct)" in text
+    assert "--use_peft [USE_PEFT], --use-peft [USE_PEFT] Whether to use PEFT for training. (default: True)" in text
+
+
+def test_sharegpt_messages_are_converted_like_trl_does():
+    from datasets import Dataset
+
+    dataset = Dataset.from_list(
+        [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}]
+    )
+    converted, fmt = prepare_training_dataset(dataset, "sft", "chat.jsonl")
+    assert fmt == "conversational"
+    assert converted[0]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+
+
+def test_messages_without_roles_name_the_row_and_column():
+    from datasets import Dataset
+
+    dataset = Dataset.from_list([{"messages": [{"speaker": "user", "text": "Hi"}]}])
+    with pytest.raises(ValueError, match=r"chat.jsonl, row 0, column 'messages': a message has keys \['speaker', 'text'\]"):
+        prepare_training_dataset(dataset, "sft", "chat.jsonl")
+
+
+def test_every_command_reads_the_same_dataset_names(tmp_path):
+    """The bundled datasets and gzipped JSON lines load through the one loader used by sft, dpo, eval and audit."""
+    import gzip
+
+    bundled = load_split("trl_renyi:conflict_sft_chat")
+    assert detect_format(bundled.column_names, "sft") == "prompt-completion" and len(bundled) > 0
+    path = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    assert load_split(str(path))[0] == {"prompt": "p", "chosen": "a", "rejected": "b"}
+    wrapped = tmp_path / "mc.json"
+    wrapped.write_text(json.dumps({"data": [{"question": "q", "mc1_targets": {"choices": ["a"], "labels": [1]}}]}))
+    assert load_split(str(wrapped))[0]["question"] == "q"
+    with pytest.raises(ValueError, match="unknown bundled dataset.*Did you mean 'trl_renyi:conflict_sft'"):
+        load_split("trl_renyi:conflict_stf")
+
+
+def test_audit_reads_a_bundled_dataset_before_loading_the_model(tmp_path, capsys):
+    code, lines = run_cli(
+        capsys, "audit", "--ensemble", str(tmp_path / "missing-ensemble"), "--data", "trl_renyi:conflict_sft_chat"
+    )
+    assert code == 1 and "Hub" not in lines[-1] and "missing-ensemble" in lines[-1], lines
+
+
+def test_bf16_defaults_off_without_an_accelerator(tmp_path):
+    import torch
+
+    from trl_renyi import RenyiSFTConfig
+
+    if torch.accelerator.is_available():
+        pytest.skip("this machine has an accelerator")
+    assert RenyiSFTConfig(output_dir=str(tmp_path)).bf16 is False

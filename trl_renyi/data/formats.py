@@ -1,0 +1,136 @@
+"""Which dataset format a training dataset is in, checked before any model loads.
+
+The formats are TRL's (https://huggingface.co/docs/trl/dataset_formats) plus the multi-annotator rows of
+:mod:`trl_renyi.data.multi_completion`:
+
+=====================  ===========================================  ====================
+format                 columns                                      trainer
+=====================  ===========================================  ====================
+language modelling     ``text`` (or ``messages``, conversational)    SFT
+prompt–completion      ``prompt`` + ``completion``                   SFT
+multi-annotator        ``prompt`` + ``completions`` (+ weights)      SFT
+preference             ``chosen`` + ``rejected`` (+ ``prompt``)      DPO
+=====================  ===========================================  ====================
+
+Conversational columns hold lists of ``{"role", "content"}`` messages. ShareGPT-style messages (``from`` /
+``value``, roles ``human`` / ``gpt``, a ``conversations`` column) are converted to that form, as TRL's
+``maybe_convert_to_chatml`` does, with the ShareGPT role names mapped to ``user`` / ``assistant``.
+"""
+
+from __future__ import annotations
+
+from trl_renyi.data.multi_completion import MULTI_COMPLETION_COLUMNS
+
+#: The columns each trainer accepts, in the order they are tried.
+SFT_FORMATS = {
+    "multi-annotator": set(MULTI_COMPLETION_COLUMNS),
+    "prompt-completion": {"prompt", "completion"},
+    "conversational": {"messages"},
+    "language-modelling": {"text"},
+}
+PREFERENCE_FORMATS = {"preference": {"chosen", "rejected"}}
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+_MESSAGE_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "conversations")
+
+
+def _column_order(column: str) -> tuple:
+    return (column not in ("prompt",), column)
+
+
+def detect_format(columns, kind: str, source: str = "dataset", dataset_text_field: str = "text") -> str:
+    """The format name of a dataset with ``columns`` for trainer ``kind`` (``"sft"`` or ``"dpo"``).
+
+    Raises ``ValueError`` naming ``source``, the columns found and those expected, and pointing to the other trainer
+    when the data fits it.
+    """
+    found = set(columns or [])
+    if {"input_ids"} <= found or {"prompt_ids", "chosen_ids"} <= found:
+        return "tokenized"
+    sft_formats = {**SFT_FORMATS, "language-modelling": {dataset_text_field}}
+    own, other = (sft_formats, PREFERENCE_FORMATS) if kind == "sft" else (PREFERENCE_FORMATS, sft_formats)
+    for name, needed in own.items():
+        if needed <= found:
+            return name
+    if "conversations" in found and kind == "sft":
+        return "conversational"  # ShareGPT, converted by to_chatml
+    expected = ", ".join(f"{' + '.join(sorted(c, key=_column_order))} ({name})" for name, c in own.items())
+    message = f"{source} has columns {sorted(found)}; the {kind.upper()} trainer expects {expected}."
+    for name, needed in other.items():
+        if needed <= found:
+            command = "dpo" if kind == "sft" else "sft"
+            message += f" These are {name} data: train on them with `trl-renyi {command}` (Renyi{command.upper()}Trainer)."
+            break
+    raise ValueError(message)
+
+
+def is_sharegpt(example: dict) -> bool:
+    """Whether a row holds ShareGPT-style messages (``from`` / ``value`` keys, or a ``conversations`` column)."""
+    for key in _MESSAGE_COLUMNS:
+        value = example.get(key)
+        if isinstance(value, list) and value and isinstance(value[0], dict) and ("from" in value[0] or "value" in value[0]):
+            return True
+    return False
+
+
+def to_chatml(example: dict) -> dict:
+    """One ShareGPT-style row as TRL's conversational row: ``role`` / ``content`` keys, ``messages`` column."""
+    converted = {}
+    for key, value in example.items():
+        if key in _MESSAGE_COLUMNS and isinstance(value, list):
+            messages = []
+            for message in value:
+                if isinstance(message, dict) and ("from" in message or "value" in message):
+                    role = str(message.get("from", message.get("role", "")))
+                    message = {"role": _SHAREGPT_ROLES.get(role.lower(), role), "content": message.get("value", "")}
+                messages.append(message)
+            value = messages
+        converted["messages" if key == "conversations" else key] = value
+    return converted
+
+
+def check_messages(example: dict, source: str, row: int) -> None:
+    """Raise ``ValueError`` naming ``source`` and ``row`` when a message lacks ``role`` / ``content``."""
+    for key in _MESSAGE_COLUMNS:
+        value = example.get(key)
+        if not isinstance(value, list):
+            continue
+        for message in value:
+            if isinstance(message, dict) and not {"role", "content"} <= set(message):
+                raise ValueError(
+                    f"{source}, row {row}, column {key!r}: a message has keys {sorted(message)}; expected 'role' and "
+                    "'content' (or ShareGPT's 'from' and 'value')."
+                )
+
+
+def prepare_training_datasets(train_dataset, eval_dataset, kind: str, dataset_text_field: str = "text"):
+    """:func:`prepare_training_dataset` for a trainer's train and eval datasets (a dict of eval datasets too)."""
+    train_dataset, fmt = prepare_training_dataset(train_dataset, kind, "train_dataset", dataset_text_field)
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {
+            name: prepare_training_dataset(data, kind, f"eval_dataset[{name!r}]", dataset_text_field)[0]
+            for name, data in eval_dataset.items()
+        }
+    else:
+        eval_dataset = prepare_training_dataset(eval_dataset, kind, "eval_dataset", dataset_text_field)[0]
+    return train_dataset, eval_dataset, fmt
+
+
+def prepare_training_dataset(dataset, kind: str, source: str = "train_dataset", dataset_text_field: str = "text"):
+    """Check ``dataset`` (a ``datasets.Dataset`` / ``IterableDataset`` or ``None``) for trainer ``kind`` and return it
+    with ShareGPT messages converted; ``(dataset, format)``."""
+    if dataset is None:
+        return None, None
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # an IterableDataset of unknown features: look at its first row
+        first = next(iter(dataset), None)
+        columns = list(first) if first else []
+    fmt = detect_format(columns, kind, source, dataset_text_field)
+    if not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return dataset, fmt
+    first = dataset[0]
+    if is_sharegpt(first):
+        renamed = [c for c in ("conversations",) if c in dataset.column_names]
+        dataset = dataset.map(to_chatml, remove_columns=renamed, desc="Converting ShareGPT messages")
+        first = dataset[0]
+    check_messages(first, source, 0)
+    return dataset, fmt

@@ -1,0 +1,59 @@
+r"""Typed results passed between the stages of one training step.
+
+A trainer's ``_member_loglik`` runs one member-batched forward and returns a :class:`MemberLogLik`; the shared mixin
+turns its ``loglik`` matrix into the α-Rényi bound, normalises it the trainer's way, adds the MoE router auxiliary
+loss and logs metrics from it. DPO extends it with the per-pair quantities TRL logs (:class:`PreferenceLogLik`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MemberLogLik:
+    r"""One member-batched forward of a batch.
+
+    Attributes:
+        loglik: ``(N, K_routed)`` log-likelihood :math:`\ell_{ik}` of example i under the k-th routed member.
+        outputs: the ``FusedCausalLMOutput`` of the K·B tiled rows (per-token log-probs, entropy, top-1, label mask
+            and, for MoE models asked for router logits, the members' mean load-balancing ``aux_loss``).
+        num_tokens: ``(N,)`` completion tokens of each example (SFT), or ``None``.
+        example_weights: ``(N,)`` weights of multi-annotator completions, or ``None`` (every example weighs 1).
+    """
+
+    loglik: torch.Tensor
+    outputs: object
+    num_tokens: torch.Tensor | None = None
+    example_weights: torch.Tensor | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.loglik.shape[0])
+
+    def weighted_sum(self, values: torch.Tensor) -> torch.Tensor:
+        r""":math:`\sum_i w_i\,v_i` with the examples' weights (a plain sum when there are none)."""
+        if self.example_weights is None:
+            return values.sum()
+        weights = self.example_weights
+        if weights.shape[0] != values.shape[0]:
+            raise ValueError(f"{weights.shape[0]} completion weights for {values.shape[0]} examples with completion tokens")
+        return (weights.to(device=values.device, dtype=values.dtype) * values).sum()
+
+    @property
+    def router_aux_loss(self) -> torch.Tensor | None:
+        return getattr(self.outputs, "aux_loss", None)
+
+
+@dataclass
+class PreferenceLogLik(MemberLogLik):
+    """A DPO forward: ``loglik`` is each member's log-likelihood of the preference label; the other fields are
+    ``(B, K_routed)``, detached, for TRL's reward metrics."""
+
+    margins: torch.Tensor | None = None
+    chosen_logratios: torch.Tensor | None = None
+    rejected_logratios: torch.Tensor | None = None
+    chosen_logps: torch.Tensor | None = None
+    rejected_logps: torch.Tensor | None = None
