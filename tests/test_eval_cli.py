@@ -81,7 +81,7 @@ def test_eval_multiple_choice_report_matches_the_api(saved, tmp_path):
         assert (out / f"{name}.png").stat().st_size > 1000
 
     # the report's figures equal the metrics of predictions recomputed through the Python API
-    ensemble = RenyiEnsemble.from_pretrained(saved / "ensemble")
+    ensemble = RenyiEnsemble.from_pretrained(saved / "ensemble", use_chat_template=False)  # as --chat no
     items, fmt = load_choice_items(saved / "mc.json")
     prompts, choices = model_inputs(items, fmt, ensemble.tokenizer, chat=False)
     assert prompts[0] == "Q: What colour is the sky?\nA:" and choices[0][0] == " It is blue."
@@ -102,7 +102,7 @@ def test_eval_multiple_choice_report_matches_the_api(saved, tmp_path):
     assert got["members"]["member_1"]["nll"] == pytest.approx(member["nll"], rel=1e-5)
     assert sum(got["routing"]["mean_responsibility"].values()) == pytest.approx(1.0)
     # baselines: the base model with adapters off, and the plain PEFT adapter folder
-    base = SingleModel.from_pretrained(saved / "base")
+    base = SingleModel.from_pretrained(saved / "base", use_chat_template=False)
     base_nll = summarize([p.probs for p in base.predict_choices(prompts, choices)], labels)["nll"]
     assert report["models"]["base"]["nll"] == pytest.approx(base_nll, rel=1e-5)
     assert report["models"]["single"]["nll"] != pytest.approx(base_nll, rel=1e-3)
@@ -162,7 +162,7 @@ def test_audit_of_preference_pairs_uses_the_implicit_reward(saved, tmp_path):
     assert mis == sorted(mis, reverse=True) and len(rows) == 3
     ensemble = RenyiEnsemble.from_pretrained(saved / "ensemble")
     base = SingleModel.base_of(ensemble)
-    pair = PAIRS[rows[0]["index"]]
+    pair = [p for p in PAIRS if "prompt" in p][rows[0]["index"]]  # prefs.jsonl holds the pairs with a prompt
     prompts, completions = [pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]]
     policy, ref = ensemble.score(prompts, completions).member_loglik, base.score(prompts, completions).member_loglik
     margin = 0.2 * ((policy[0] - ref[0]) - (policy[1] - ref[1]))

@@ -14,7 +14,8 @@ PROMPTS = ["What colour is the sky?", "Say", "What is two plus three? Five. What
 @pytest.fixture
 def ensemble(make_model, tokenizer):
     model = build_ensemble(make_model(), lora_config(), 2, seed=0, init_std=0.3)
-    return RenyiEnsemble(model, tokenizer, alpha=0.0, member_weights=[0.6, 0.4])
+    # plain-text rendering: the reference computations below tokenise the strings as they are
+    return RenyiEnsemble(model, tokenizer, alpha=0.0, member_weights=[0.6, 0.4], use_chat_template=False)
 
 
 def member_next_log_probs(ensemble, ids, name):

@@ -129,7 +129,11 @@ def test_ensemble_push_to_hub_uploads_members_metadata_card_and_tokenizer(
     capture_upload["_dir"] = tmp_path
     model = build_ensemble(make_model(), lora_config(), num_members=2, seed=0, init_std=0.05)
     ensemble = RenyiEnsemble(
-        model, tokenizer, alpha=0.0, metadata={"eval_results": {"accuracy": 0.75}, "routing_share": [0.4, 0.6]}
+        model,
+        tokenizer,
+        alpha=0.0,
+        metadata={"eval_results": {"accuracy": 0.75}, "routing_share": [0.4, 0.6]},
+        use_chat_template=False,  # the plain-PEFT check below tokenises the strings as plain text
     )
     ensemble.push_to_hub("someone/tiny-renyi", private=True, revision="v1")
 
@@ -149,7 +153,7 @@ def test_ensemble_push_to_hub_uploads_members_metadata_card_and_tokenizer(
     assert "| accuracy | 0.75 |" in card and "| `member_1` | 0.500 | 0.600 |" in card
 
     # the uploaded folder is a loadable repository: the ensemble reproduces the original scores ...
-    reloaded = RenyiEnsemble.from_pretrained(str(folder), base_model=make_model())
+    reloaded = RenyiEnsemble.from_pretrained(str(folder), base_model=make_model(), use_chat_template=False)
     expected = ensemble.score(PROMPTS, COMPLETIONS).member_loglik
     torch.testing.assert_close(reloaded.score(PROMPTS, COMPLETIONS).member_loglik, expected, rtol=1e-5, atol=1e-5)
     # ... and each member loads as a plain PEFT adapter from its subfolder, as the card says

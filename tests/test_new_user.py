@@ -125,3 +125,53 @@ def test_bf16_defaults_off_without_an_accelerator(tmp_path):
     if torch.accelerator.is_available():
         pytest.skip("this machine has an accelerator")
     assert RenyiSFTConfig(output_dir=str(tmp_path)).bf16 is False
+
+
+# ------------------------------------------------------------------------------------------ inference as a chat user
+@pytest.fixture
+def chat_ensemble(make_model, tokenizer):
+    from tests.helpers import lora_config
+    from trl_renyi import RenyiEnsemble
+    from trl_renyi.model.members import build_ensemble
+
+    assert tokenizer.chat_template, "the test tokenizer must have a chat template"
+    return RenyiEnsemble(build_ensemble(make_model(), lora_config(), 2, seed=0, init_std=0.3), tokenizer, alpha=0.0)
+
+
+def test_a_plain_string_prompt_gets_the_chat_template(chat_ensemble):
+    """generate / score / predict_choices of a plain string equal those of one user message (and one assistant
+    message); ``use_chat_template=False`` renders the plain text instead."""
+    user = [[{"role": "user", "content": "Greet Alice."}]]
+    plain = chat_ensemble.generate(["Greet Alice."], max_new_tokens=4)[0]
+    assert plain.token_ids == chat_ensemble.generate(user, max_new_tokens=4)[0].token_ids
+    scored = chat_ensemble.score(["Greet Alice."], ["Hello Alice."]).member_loglik
+    as_messages = chat_ensemble.score(user, [[{"role": "assistant", "content": "Hello Alice."}]]).member_loglik
+    assert torch_equal(scored, as_messages)
+    choices = chat_ensemble.predict_choices(["Greet Alice."], [["Hello Alice.", "Bye."]])[0].member_probs
+    assert torch_equal(choices, chat_ensemble.predict_choices(user, [["Hello Alice.", "Bye."]])[0].member_probs)
+
+    chat_ensemble.use_chat_template = False  # plain text: the template has to be applied by hand
+    rendered = chat_ensemble.tokenizer.apply_chat_template(user[0], add_generation_prompt=True, tokenize=False)
+    assert chat_ensemble.generate([rendered], max_new_tokens=4)[0].token_ids == plain.token_ids
+    assert not torch_equal(chat_ensemble.score(["Greet Alice."], ["Hello Alice."]).member_loglik, scored)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_use_chat_template_without_a_template_is_refused(make_model, tokenizer):
+    from tests.helpers import lora_config
+    from trl_renyi import RenyiEnsemble
+    from trl_renyi.model.members import build_ensemble
+
+    import copy
+
+    no_template = copy.deepcopy(tokenizer)
+    no_template.chat_template = None
+    model = build_ensemble(make_model(), lora_config(), 2, seed=0, init_std=0.3)
+    assert RenyiEnsemble(model, no_template).wraps_plain_prompts is False
+    with pytest.raises(ValueError, match="use_chat_template=True but the tokenizer has no chat template"):
+        RenyiEnsemble(model, no_template, use_chat_template=True).score(["a"], ["b"])

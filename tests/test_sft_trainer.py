@@ -231,7 +231,9 @@ def test_save_reload_and_score(make_model, tokenizer, prompt_completion_dataset,
 
     prompts = ["What colour is the sky?", "Say hello."]
     completions = [" It is blue.", " Ahoy matey!"]
-    live = trainer.ensemble.score(prompts, completions)
+    ensemble = trainer.ensemble
+    ensemble.use_chat_template = False  # as the reference below: the strings tokenised as plain text
+    live = ensemble.score(prompts, completions)
 
     # each member loads with plain PEFT and reproduces its column
     for k, name in enumerate(member_names(2)):
@@ -244,7 +246,7 @@ def test_save_reload_and_score(make_model, tokenizer, prompt_completion_dataset,
         logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)[prompt_len - 1 :].sum()
         torch.testing.assert_close(logp, live.member_loglik[0, k], rtol=1e-5, atol=1e-5)
 
-    reloaded = RenyiEnsemble.from_pretrained(str(out), base_model=make_model())
+    reloaded = RenyiEnsemble.from_pretrained(str(out), base_model=make_model(), use_chat_template=False)
     assert reloaded.num_members == 2 and reloaded.member_weights == pytest.approx([0.75, 0.25])
     scores = reloaded.score(prompts, completions)
     torch.testing.assert_close(scores.member_loglik, live.member_loglik, rtol=1e-5, atol=1e-5)

@@ -22,7 +22,8 @@ CHOICES = [[" blue", " sky"], [" two", " three", " blue"], [" sky", " two", " th
 
 def make_ensemble(make_model, tokenizer, num_members=3, init_std=0.3, weights=None, alpha=0.5):
     model = build_ensemble(make_model(), lora_config(), num_members, seed=0, init_std=init_std)
-    return RenyiEnsemble(model, tokenizer, alpha=alpha, member_weights=weights)
+    # plain-text rendering: the independent computations below tokenise the strings as they are
+    return RenyiEnsemble(model, tokenizer, alpha=alpha, member_weights=weights, use_chat_template=False)
 
 
 def make_members_identical(ensemble):

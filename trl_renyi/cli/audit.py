@@ -35,6 +35,7 @@ from trl_renyi.data.loading import load_split
 from trl_renyi.evaluation.data import training_examples
 from trl_renyi.inference.baseline import SingleModel
 from trl_renyi.inference.ensemble import RenyiEnsemble
+from trl_renyi.cli.parsing import CHAT_MODES, chat_field
 from trl_renyi.objective import routing_entropy
 
 SFT_SCORES = ("mutual_information_max", "mutual_information", "loglik_std", "routing_entropy", "nll")
@@ -73,6 +74,7 @@ class AuditArguments:
         default=None, metadata={"help": "β of the DPO implicit reward for preference data (default: recorded, else 0.1)."}
     )
     batch_size: int = field(default=8, metadata={"help": "Sequences per member-batched forward."})
+    chat: str = chat_field()
     plots: bool = field(default=True, metadata={"help": "Write the PNG plots."})
 
     def __post_init__(self):
@@ -164,7 +166,26 @@ def format_table(rows: list[dict], kind: str, sort_by: str, top: int) -> str:
              *[_preview(row[t], 40) for t in texts]]
         )
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table)
+    body = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table)
+    return body + "\n" + table_legend(kind, sort_by)
+
+
+def table_legend(kind: str, sort_by: str) -> str:
+    """What the audit table's columns mean (``*`` marks the ranking score)."""
+    parts = {
+        "MI_max": "largest per-token mutual information between members",
+        "MI": "mean per-token mutual information" if kind == "sft" else "mutual information of the preference",
+        "p(chosen)": "the ensemble's probability that the chosen response is preferred",
+        "ll_std": "spread of the members' log-likelihoods",
+        "H(r)": "entropy of the example's routing over members",
+        "NLL": "mixture negative log-likelihood of the " + ("completion" if kind == "sft" else "preference"),
+        "top": "the member the example is routed to most",
+    }
+    if kind == "sft":
+        parts.pop("p(chosen)")
+    else:
+        parts.pop("MI_max")
+    return " · ".join(f"{k}: {v}" for k, v in parts.items()) + f" · *: ranked by {sort_by}, highest first."
 
 
 def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
@@ -181,7 +202,10 @@ def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
     if sort_by not in valid:
         raise ValueError(f"sort_by={args.sort_by!r} does not apply to {kind} data; use one of {valid}.")
     print(f"{args.data}: {len(dataset)} {kind} examples ({'prompt/completion' if kind == 'sft' else 'preference pairs'}).")
-    ensemble = RenyiEnsemble.from_pretrained(args.ensemble, base_model=args.base_model, revision=args.revision, dtype=args.dtype)
+    ensemble = RenyiEnsemble.from_pretrained(
+        args.ensemble, base_model=args.base_model, revision=args.revision, dtype=args.dtype,
+        use_chat_template=CHAT_MODES[args.chat],
+    )
     if kind == "sft":
         rows = score_sft(ensemble, columns, args.batch_size)
     else:

@@ -38,6 +38,7 @@ from trl_renyi.evaluation.metrics import DEFAULT_COVERAGES, choice_outcomes, sum
 from trl_renyi.inference.baseline import SingleModel
 from trl_renyi.inference.choices import ChoicePrediction
 from trl_renyi.inference.ensemble import RenyiEnsemble
+from trl_renyi.cli.parsing import CHAT_MODES, chat_field
 from trl_renyi.objective import routing_entropy
 
 BASELINE_KINDS = ("base", "member", "adapter", "ensemble", "model", "none")
@@ -73,14 +74,7 @@ class EvalArguments:
     dtype: str = field(default="float32", metadata={"help": "Dtype to load models in (float32, bfloat16, float16)."})
     first_item: int = field(default=0, metadata={"help": "Index of the first item to evaluate (skip training items)."})
     max_items: int | None = field(default=None, metadata={"help": "Evaluate at most this many items."})
-    chat: str = field(
-        default="auto",
-        metadata={
-            "help": "Render multiple-choice questions as chat messages (yes), as 'Q: … A:' text (no), or by whether "
-            "the tokenizer has a chat template (auto).",
-            "choices": ["auto", "yes", "no"],
-        },
-    )
+    chat: str = chat_field()
     system_prompt: str | None = field(
         default=None, metadata={"help": "System message put before each chat-rendered question."}
     )
@@ -259,6 +253,7 @@ def write_plots(out: Path, results, labels, report, ensemble) -> list[str]:
 
 def load_baseline(kind: str, argument: str, label: str, ensemble: RenyiEnsemble, args: EvalArguments):
     """The scorer of a ``--baselines`` entry (``member`` entries need none: they come from the ensemble's pass)."""
+    chat = CHAT_MODES[args.chat]
     if kind == "base":
         return SingleModel.base_of(ensemble)
     if kind == "adapter":
@@ -266,11 +261,13 @@ def load_baseline(kind: str, argument: str, label: str, ensemble: RenyiEnsemble,
         config = Path(argument, "adapter_config.json")
         if base is None and config.is_file() and not json.loads(config.read_text()).get("base_model_name_or_path"):
             base = ensemble.metadata.get("base_model_name_or_path") or None
-        return SingleModel.from_pretrained(argument, base_model=base, tokenizer=ensemble.tokenizer, name=label, dtype=args.dtype)
+        return SingleModel.from_pretrained(
+            argument, base_model=base, tokenizer=ensemble.tokenizer, name=label, dtype=args.dtype, use_chat_template=chat
+        )
     if kind == "ensemble":
-        return RenyiEnsemble.from_pretrained(argument, dtype=args.dtype)
+        return RenyiEnsemble.from_pretrained(argument, dtype=args.dtype, use_chat_template=chat)
     if kind == "model":
-        return SingleModel.from_pretrained(argument, name=label, dtype=args.dtype)
+        return SingleModel.from_pretrained(argument, name=label, dtype=args.dtype, use_chat_template=chat)
     raise ValueError(f"Cannot load a baseline of kind {kind!r}.")
 
 
@@ -288,7 +285,17 @@ def format_table(report: dict) -> str:
             + [fmt(m["selective_accuracy"]["entropy"][f"{c:g}"]) for c in coverages]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows)
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return table + "\n" + TABLE_LEGEND
+
+
+TABLE_LEGEND = (
+    "acc: accuracy of the most probable choice · NLL: mean −log p(correct choice) · ECE: expected calibration error "
+    "(confidence bins) · Brier: mean squared error of the choice probabilities · AUROC(H) / AUROC(MI): how well the "
+    "predictive entropy / the mutual information between members separates wrong answers from right ones (0.5 = "
+    "chance; '-' for a single model, whose MI is 0) · acc@c: accuracy on the fraction c of items with the lowest "
+    "entropy."
+)
 
 
 def evaluate(args: EvalArguments) -> dict:
@@ -298,8 +305,10 @@ def evaluate(args: EvalArguments) -> dict:
     # the data first: a wrong file or format fails before the ensemble's model loads
     items, fmt = load_choice_items(args.data, args.data_format, args.first_item, args.max_items)
     print(f"{args.data}: {len(items)} items, format {fmt}.")
-    ensemble = RenyiEnsemble.from_pretrained(args.ensemble, base_model=args.base_model, revision=args.revision, dtype=args.dtype)
-    chat = {"auto": None, "yes": True, "no": False}[args.chat]
+    chat = CHAT_MODES[args.chat]
+    ensemble = RenyiEnsemble.from_pretrained(
+        args.ensemble, base_model=args.base_model, revision=args.revision, dtype=args.dtype, use_chat_template=chat
+    )
     prompts, choices = model_inputs(items, fmt, ensemble.tokenizer, chat, args.system_prompt)
     labels = [item.labels for item in items]
     reward = fmt == "preference" and args.preference_scoring == "reward"

@@ -12,6 +12,7 @@ import difflib
 import os
 import re
 import sys
+from dataclasses import field
 
 from trl import TrlParser
 
@@ -19,6 +20,23 @@ from trl import TrlParser
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "TRL_RENYI_TRACEBACK"
+
+
+#: ``--chat`` values: render plain-string prompts with the tokenizer's chat template or not (auto: when it has one).
+CHAT_MODES = {"auto": None, "yes": True, "no": False}
+
+
+def chat_field():
+    """The ``--chat`` flag of ``eval`` and ``audit`` (the scorers' ``use_chat_template``)."""
+    return field(
+        default="auto",
+        metadata={
+            "help": "Render plain-string prompts (and questions) as chat messages with the tokenizer's chat template "
+            "(yes), as plain text — multiple-choice questions as 'Q: … A:' — (no), or by whether the tokenizer has a "
+            "chat template (auto). Message lists always use the template.",
+            "choices": list(CHAT_MODES),
+        },
+    )
 
 
 class RenyiParser(TrlParser):

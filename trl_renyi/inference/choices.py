@@ -212,7 +212,8 @@ def choice_log_likelihoods(
     flat_prompts, flat_completions, sizes = _flatten(prompts, choices)
     tokenizer = scorer.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode_prompt_completion(tokenizer, p, c) for p, c in zip(flat_prompts, flat_completions, strict=True)]
+    chat = scorer.wraps_plain_prompts
+    encoded = [encode_prompt_completion(tokenizer, p, c, chat) for p, c in zip(flat_prompts, flat_completions, strict=True)]
     questions, start = [], 0
     for size in sizes:
         questions.append(encoded[start : start + size])

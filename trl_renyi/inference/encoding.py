@@ -19,8 +19,25 @@ def _ids(tokenizer, value, **chat_kwargs) -> list[int]:
     return list(tokenizer(text=value)["input_ids"])
 
 
-def encode_prompt(tokenizer, prompt) -> list[int]:
-    """Token ids of a prompt to continue: plain text as is, chat messages with the generation prompt appended."""
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def as_chat(prompt, completion=None):
+    """A plain-string prompt as one user message (and a plain-string completion as one assistant message), the way a
+    chat user means them; message lists are returned unchanged."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(completion, str):
+        completion = [{"role": "assistant", "content": completion}]
+    return prompt, completion
+
+
+def encode_prompt(tokenizer, prompt, chat: bool = False) -> list[int]:
+    """Token ids of a prompt to continue: plain text as is (or, with ``chat``, as one user message in the tokenizer's
+    chat template), chat messages with the generation prompt appended."""
+    if chat and isinstance(prompt, str):
+        prompt, _ = as_chat(prompt)
     if is_conversational(prompt):
         return _ids(tokenizer, prompt, add_generation_prompt=True)
     if not isinstance(prompt, str):
@@ -28,8 +45,11 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
     return _ids(tokenizer, prompt)
 
 
-def encode_prompt_completion(tokenizer, prompt, completion) -> tuple[list[int], int]:
+def encode_prompt_completion(tokenizer, prompt, completion, chat: bool = False) -> tuple[list[int], int]:
     """Token ids of prompt + completion and the index where the completion starts.
+
+    With ``chat``, a plain-string prompt becomes one user message and a plain-string completion one assistant message
+    (:func:`as_chat`) before rendering; otherwise plain strings are rendered as plain text, as TRL trains them.
 
     Plain strings: the completion gets the eos token appended when it lacks one (as SFTTrainer does).
     Conversational message lists: the prompt is rendered with the generation prompt and the full conversation with
@@ -37,6 +57,8 @@ def encode_prompt_completion(tokenizer, prompt, completion) -> tuple[list[int], 
     """
     if is_conversational(prompt) != is_conversational(completion):
         raise ValueError("prompt and completion must both be plain strings or both be lists of chat messages.")
+    if chat and isinstance(prompt, str):
+        prompt, completion = as_chat(prompt, completion)
     if is_conversational(prompt):
         prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
         full_ids = _ids(tokenizer, list(prompt) + list(completion))

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from trl_renyi.inference.choices import predict_choices as _predict_choices
 from trl_renyi.inference.choices import predict_preferences as _predict_preferences
-from trl_renyi.inference.encoding import collate_scoring_batch, encode_prompt_completion
+from trl_renyi.inference.encoding import collate_scoring_batch, encode_prompt_completion, has_chat_template
 from trl_renyi.inference.generation import generate as _generate
 from trl_renyi.inference.uncertainty import decompose
 from trl_renyi.model.layer import MEMBER_PREFIX, member_names, member_routing
@@ -34,6 +34,7 @@ from trl_renyi.model.saved_format import (
     check_member_weights,
     check_saved_members,
     ensemble_metadata,
+    members_for_saving,
     read_metadata,
     resolve_ensemble_folder,
     write_metadata,
@@ -86,10 +87,22 @@ class EnsembleScorer:
         member_weights: mixture weights π_k (normalised); uniform when ``None``.
         responsibility_floor: λ of the reported responsibilities ``(1−λ)·r_ik + λ·π_k``.
         metadata: settings recorded with the model.
+        use_chat_template: wrap plain-string prompts (and completions) in the tokenizer's chat template, as one user
+            message (and one assistant message), in :meth:`score`, :meth:`predict_choices` and :meth:`generate`.
+            ``None`` (default): when the tokenizer has a chat template. ``False`` scores plain strings as plain text,
+            which is how TRL trains on plain-text prompt/completion rows. Message lists always use the template.
     """
 
     def __init__(
-        self, model, tokenizer, names, alpha: float, member_weights=None, responsibility_floor=0.0, metadata=None
+        self,
+        model,
+        tokenizer,
+        names,
+        alpha: float,
+        member_weights=None,
+        responsibility_floor=0.0,
+        metadata=None,
+        use_chat_template: bool | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -98,6 +111,16 @@ class EnsembleScorer:
         self.log_weights = normalized_log_weights(len(self.member_names), member_weights)
         self.responsibility_floor = float(responsibility_floor)
         self.metadata = dict(metadata or {})
+        self.use_chat_template = use_chat_template
+
+    @property
+    def wraps_plain_prompts(self) -> bool:
+        """Whether plain-string prompts are rendered with the chat template (see ``use_chat_template``)."""
+        if self.use_chat_template is None:
+            return self.tokenizer is not None and has_chat_template(self.tokenizer)
+        if self.use_chat_template and not has_chat_template(self.tokenizer):
+            raise ValueError("use_chat_template=True but the tokenizer has no chat template.")
+        return bool(self.use_chat_template)
 
     @property
     def num_members(self) -> int:
@@ -124,7 +147,8 @@ class EnsembleScorer:
         """Score completions under every member in member-batched forwards (no gradients).
 
         ``prompts`` / ``completions`` are plain strings or conversational message lists (rendered with the
-        tokenizer's chat template exactly as SFTTrainer renders them).
+        tokenizer's chat template exactly as SFTTrainer renders them). Plain strings are wrapped as one user and one
+        assistant message when :attr:`wraps_plain_prompts` (see ``use_chat_template``).
         """
         if self.tokenizer is None:
             raise ValueError("This ensemble has no tokenizer; pass one to RenyiEnsemble or from_pretrained.")
@@ -132,7 +156,8 @@ class EnsembleScorer:
             raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions.")
         was_training = self.model.training
         self.model.eval()
-        encoded = [encode_prompt_completion(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+        chat = self.wraps_plain_prompts
+        encoded = [encode_prompt_completion(self.tokenizer, p, c, chat) for p, c in zip(prompts, completions, strict=True)]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         starts = range(0, len(encoded), batch_size)
         if show_progress is None:
@@ -206,6 +231,8 @@ class RenyiEnsemble(EnsembleScorer):
         metadata: extra settings recorded in ``renyi_ensemble.json``.
         responsibility_floor: λ of the reported responsibilities ``(1−λ)·r_ik + λ·π_k``, as in training; by default
             the one recorded in ``metadata`` (0 when none is).
+        use_chat_template: render plain-string prompts with the tokenizer's chat template (``None``: when it has
+            one; see :class:`EnsembleScorer`).
 
     The constructor changes nothing on ``model`` but routing state: members keep their ``requires_grad`` flags.
     """
@@ -218,6 +245,7 @@ class RenyiEnsemble(EnsembleScorer):
         member_weights=None,
         metadata=None,
         responsibility_floor: float | None = None,
+        use_chat_template: bool | None = None,
     ):
         num_members = sum(1 for n in model.peft_config if n.startswith(MEMBER_PREFIX))
         names = member_names(num_members)
@@ -225,7 +253,7 @@ class RenyiEnsemble(EnsembleScorer):
         metadata = dict(metadata or {})
         alpha = metadata.get("alpha", DEFAULT_ALPHA) if alpha is None else alpha
         floor = metadata.get("responsibility_floor", 0.0) if responsibility_floor is None else responsibility_floor
-        super().__init__(model, tokenizer, names, alpha, member_weights, floor, metadata)
+        super().__init__(model, tokenizer, names, alpha, member_weights, floor, metadata, use_chat_template)
 
     def __repr__(self) -> str:
         base = self.metadata.get("base_model_name_or_path") or model_name_or_path(self.model.get_base_model())
@@ -249,7 +277,8 @@ class RenyiEnsemble(EnsembleScorer):
         from trl_renyi.hub import CARD_FIELDS, write_model_card
 
         directory = Path(directory)
-        self.model.save_pretrained(str(directory), selected_adapters=self.member_names, safe_serialization=True)
+        with members_for_saving(self.model, self.member_names):
+            self.model.save_pretrained(str(directory), selected_adapters=self.member_names, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
         extra = {**{key: self.metadata[key] for key in CARD_FIELDS if key in self.metadata}, **extra}
@@ -277,6 +306,7 @@ class RenyiEnsemble(EnsembleScorer):
         check_base_model: bool = True,
         base_model_revision: str | None = None,
         is_trainable: bool = False,
+        use_chat_template: bool | None = None,
     ) -> RenyiEnsemble:
         """Rebuild a saved ensemble from a local folder (or a Hub repo id, downloaded at ``revision``).
 
@@ -292,6 +322,8 @@ class RenyiEnsemble(EnsembleScorer):
             base_model_revision: Hub revision of a base model (and its tokenizer) loaded by name.
             is_trainable: leave the members' LoRA weights trainable (to continue training them); by default they are
                 frozen and in inference mode, as with PEFT's ``PeftModel.from_pretrained``.
+            use_chat_template: render plain-string prompts with the chat template (``None``: when the tokenizer has
+                one).
 
         Member weights are read from safetensors only; the folder is validated (``renyi_ensemble.json``, every member
         folder, the members' LoRA configs, the base model) before any weight is loaded.
@@ -326,7 +358,14 @@ class RenyiEnsemble(EnsembleScorer):
             model.load_adapter(str(folder / name), adapter_name=name)
         model.eval()
         set_members_trainable(model, names, trainable=is_trainable)
-        return cls(model, tokenizer, alpha=meta["alpha"], member_weights=meta["member_weights"], metadata=meta)
+        return cls(
+            model,
+            tokenizer,
+            alpha=meta["alpha"],
+            member_weights=meta["member_weights"],
+            metadata=meta,
+            use_chat_template=use_chat_template,
+        )
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

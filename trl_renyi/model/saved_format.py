@@ -13,6 +13,8 @@ import json
 import math
 import os
 import re
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from safetensors.torch import load_file
 
 from trl_renyi import __version__
 from trl_renyi.model.layer import member_names
-from trl_renyi.model.loading import canonical_name, model_name_or_path
+from trl_renyi.model.loading import canonical_name, hub_id, is_embedded, loaded_vocab_size, model_name_or_path
 
 METADATA_FILE = "renyi_ensemble.json"
 
@@ -92,13 +94,44 @@ def ensemble_metadata(peft_model: PeftModel, settings: dict, extra: dict | None 
         "loglik_reduction": settings.get("loglik_reduction", "sum"),
         "alpha_warmup_ratio": float(settings.get("alpha_warmup_ratio", 0.0)),
         "member_init_std": float(settings.get("member_init_std", 0.0)),
-        "base_model_name_or_path": peft_model.peft_config[names[0]].base_model_name_or_path
-        or model_name_or_path(base),
+        # the name the base was loaded by (an embedded alias stays an alias: those are the weights trained on)
+        "base_model_name_or_path": model_name_or_path(base) or peft_model.peft_config[names[0]].base_model_name_or_path,
         "base_model_config_hash": base_config_hash(base.config),
     }
     if extra:
         meta.update(extra)
     return meta
+
+
+@contextmanager
+def members_for_saving(peft_model: PeftModel, names):
+    """The state PEFT saves the member folders in: every ``adapter_config.json`` records the base model's Hub id.
+
+    For the embedded model the recorded name is the Hub id of its original (``HuggingFaceTB/SmolLM2-135M-Instruct``),
+    so ``AutoPeftModelForCausalLM`` and ``PeftModel.from_pretrained`` resolve the base as for any Hub model (the
+    members were trained on its Q4_1 GGUF dequantised to float32; ``renyi_ensemble.json`` keeps the alias, so
+    ``RenyiEnsemble.from_pretrained`` loads exactly those weights). PEFT's save asks the Hub whether the embeddings
+    were resized, which cannot be answered offline and warns "Could not find a config file"; for the embedded model
+    the answer is known here (the loaded vocabulary size equals the model's), and that one warning is not shown.
+    """
+    configs = {name: peft_model.peft_config[name] for name in names}
+    recorded = {name: config.base_model_name_or_path for name, config in configs.items()}
+    quiet = []
+    for name, config in configs.items():
+        base = config.base_model_name_or_path or model_name_or_path(peft_model.get_base_model())
+        if base and is_embedded(base):
+            vocab = loaded_vocab_size(base)
+            if vocab is not None and vocab == peft_model.get_base_model().config.vocab_size:
+                quiet.append(re.escape(f"Could not find a config file in {hub_id(base)}"))
+            config.base_model_name_or_path = hub_id(base)
+    try:
+        with warnings.catch_warnings():
+            for message in quiet:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for name, config in configs.items():
+            config.base_model_name_or_path = recorded[name]
 
 
 def write_metadata(directory: str | os.PathLike, metadata: dict) -> None:

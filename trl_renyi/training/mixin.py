@@ -35,6 +35,7 @@ from trl_renyi.model.members import (
 from trl_renyi.model.saved_format import (
     ensemble_metadata,
     load_member_weights,
+    members_for_saving,
     write_metadata,
 )
 from trl_renyi.model.trunk import enable_shared_trunk
@@ -389,9 +390,10 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
 
     # ------------------------------------------------------------------ saving and resuming
     def _save(self, output_dir: str | None = None, state_dict=None):
-        super()._save(output_dir, state_dict)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
+        with members_for_saving(model, self.member_names):
+            super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
         write_metadata(output_dir, self._ensemble_metadata(model))
         if self.args.should_save:  # TRL convention: a model card with every save (replaces PEFT's adapter card)
             self._write_ensemble_card(output_dir)
