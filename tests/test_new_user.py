@@ -175,3 +175,64 @@ def test_use_chat_template_without_a_template_is_refused(make_model, tokenizer):
     assert RenyiEnsemble(model, no_template).wraps_plain_prompts is False
     with pytest.raises(ValueError, match="use_chat_template=True but the tokenizer has no chat template"):
         RenyiEnsemble(model, no_template, use_chat_template=True).score(["a"], ["b"])
+
+
+# ------------------------------------------------------------------------------------------ quiet, truthful output
+def test_a_run_prints_no_false_warning_and_reports_the_alpha_in_force(make_model, tokenizer, prompt_completion_dataset, tmp_path, caplog):
+    """No "model_init_kwargs … ignored" (they were used), no deprecation warning from gradient checkpointing, no
+    pin-memory warning without an accelerator, no "Could not find a config file" at the save; with logging_steps
+    larger than the run the summary's renyi/alpha is the α in force at the end, not a mean over the steps."""
+    import logging
+    import warnings
+
+    from peft import LoraConfig
+
+    from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
+
+    base_dir = tmp_path / "base"
+    make_model().save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    args = RenyiSFTConfig(
+        output_dir=str(tmp_path / "out"), max_steps=4, logging_steps=50, per_device_train_batch_size=4, num_members=2,
+        alpha=-1.0, alpha_warmup_ratio=0.5, report_to="none", save_strategy="no", model_init_kwargs={"dtype": "float32"},
+        use_cpu=True,
+    )
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        trainer = RenyiSFTTrainer(
+            str(base_dir), args=args, train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        )
+        trainer.train()
+        trainer.save_model()
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    for phrase in ("model_init_kwargs", "gradient_checkpointing", "pin_memory", "Could not find a config file"):
+        assert not [m for m in messages if phrase in m], (phrase, messages)
+    summary = [e for e in trainer.state.log_history if "renyi/alpha" in e]
+    assert summary and summary[-1]["renyi/alpha"] == -1.0
+
+
+def test_the_config_docstring_lists_the_ensemble_fields():
+    from trl_renyi import RenyiDPOConfig, RenyiSFTConfig
+    from trl_renyi.training.config import RenyiEnsembleArguments
+
+    for config in (RenyiSFTConfig, RenyiDPOConfig):
+        doc = config.__doc__
+        assert "Parameters of the ensemble" in doc and "num_members (`int`, defaults to `4`)" in doc
+        for name in RenyiEnsembleArguments.__dataclass_fields__:
+            if name != "gradient_checkpointing":
+                assert f"    {name} (" in doc, name
+        assert doc.index("num_members (") < doc.index("Parameters of [`~trl.")  # then TRL's own parameters
+    assert RenyiSFTConfig(output_dir="x").gradient_checkpointing is True  # TRL's default, without the warning
+
+
+def test_eval_and_audit_say_what_they_read_and_explain_their_tables():
+    from trl_renyi.cli.audit import format_table as audit_table
+    from trl_renyi.cli.eval import TABLE_LEGEND
+
+    assert "AUROC(MI)" in TABLE_LEGEND and "acc@c" in TABLE_LEGEND
+    row = {"index": 0, "mutual_information_max": 0.5, "mutual_information": 0.1, "loglik_std": 1.0,
+           "routing_entropy": 0.6, "nll": 2.0, "top_member": 1, "prompt": "p", "completion": "c"}
+    table = audit_table([row], "sft", "mutual_information_max", 5)
+    assert "MI_max*" in table and "MI_max: largest per-token mutual information" in table
+    assert "*: ranked by mutual_information_max" in table

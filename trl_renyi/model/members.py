@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -142,7 +143,10 @@ def build_ensemble(
         raise ValueError(f"num_members must be >= 1, got {num_members}.")
     names = member_names(num_members)
     lora_config = resolve_moe_all_linear(model, lora_config)
-    peft_model = get_peft_model(model, member_lora_config(lora_config), adapter_name=names[0])
+    with warnings.catch_warnings():
+        # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing`; nothing a user can change
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, member_lora_config(lora_config), adapter_name=names[0])
     for k, name in enumerate(names[1:], start=1):
         with torch.random.fork_rng(devices=_device_indices()):
             torch.manual_seed(seed + k)

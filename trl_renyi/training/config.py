@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import textwrap
 
 import torch
 from dataclasses import dataclass, field
@@ -16,6 +18,13 @@ from trl_renyi.objective import DEFAULT_ALPHA
 class RenyiEnsembleArguments:
     """Fields of the α-Rényi LoRA ensemble, mixed into TRL's SFT and DPO configs (one definition, not two)."""
 
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in the backward pass to save memory (TRL's default: on). transformers 5 "
+            "calls this option activation_checkpointing; either name works."
+        },
+    )
     num_members: int = field(
         default=4,
         metadata={"help": "Number K of LoRA members in the ensemble (>= 1). K = 1 reproduces plain TRL training."},
@@ -119,9 +128,17 @@ class RenyiEnsembleArguments:
 
     def __post_init__(self):
         self._validate_renyi_fields()
-        if self.bf16 is None and not self.fp16 and not torch.accelerator.is_available():
+        no_accelerator = not torch.accelerator.is_available()
+        if self.bf16 is None and not self.fp16 and no_accelerator:
             # TRL defaults to bf16, which transformers refuses on a machine with no accelerator: train in float32
             self.bf16 = False
+        if no_accelerator:
+            self.dataloader_pin_memory = False  # nothing to pin memory for (torch warns at every epoch otherwise)
+        if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", False) is None:
+            # TRL's default (checkpointing on), set through the current name: transformers warns on the deprecated one
+            self.activation_checkpointing = True
+        elif self.gradient_checkpointing is None:
+            self.gradient_checkpointing = True
         super().__post_init__()
 
     def renyi_metadata(self) -> dict:
@@ -137,11 +154,39 @@ class RenyiEnsembleArguments:
         }
 
 
+#: TrainingArguments fields redefined here (same meaning, a default that does not trip a deprecation warning)
+TRAINING_ARGUMENT_OVERRIDES = ("gradient_checkpointing",)
+
+
+def ensemble_fields_doc(trl_config) -> str:
+    """The docstring of a Rényi config: its ensemble fields listed as TRL's configs list theirs (from the fields'
+    ``help``, so the two never disagree), then the TRL config's own parameters."""
+    lines = [
+        f"Configuration of the α-Rényi LoRA ensemble trainer: every field of [`~trl.{trl_config.__name__}`] plus the "
+        "ensemble's fields.",
+        "",
+        "Parameters:",
+        "",
+        "    > Parameters of the ensemble",
+        "",
+    ]
+    for f in RenyiEnsembleArguments.__dataclass_fields__.values():
+        if f.name in TRAINING_ARGUMENT_OVERRIDES:
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        lines.append(f"    {f.name} (`{kind}`, defaults to `{default!r}`):")
+        lines.extend("        " + line for line in textwrap.wrap(f.metadata.get("help", ""), 108))
+    lines += ["", f"    > Parameters of [`~trl.{trl_config.__name__}`]", ""]
+    lines += [textwrap.indent(textwrap.dedent(trl_config.__doc__ or ""), "    ")]
+    return "\n".join(lines)
+
+
 @dataclass
 class RenyiSFTConfig(RenyiEnsembleArguments, SFTConfig):
-    """[`~trl.SFTConfig`] plus the α-Rényi ensemble fields of :class:`RenyiEnsembleArguments`."""
+    __doc__ = ensemble_fields_doc(SFTConfig)
 
 
 @dataclass
 class RenyiDPOConfig(RenyiEnsembleArguments, DPOConfig):
-    """[`~trl.DPOConfig`] plus the α-Rényi ensemble fields of :class:`RenyiEnsembleArguments`."""
+    __doc__ = ensemble_fields_doc(DPOConfig)

@@ -186,8 +186,9 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
                 "quantization_config is not supported: the member-batched forward serves LoRA on plain "
                 "torch.nn.Linear layers only."
             )
+        loaded_here = isinstance(model, str) and not isinstance(ref_model, str)  # a ref model by name uses them
         model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
-        with dpo_trainer_accepts_ensemble(model, ref_model):
+        with dpo_trainer_accepts_ensemble(model, ref_model), self._model_init_kwargs_applied(args, loaded_here):
             super().__init__(
                 model=model,
                 ref_model=ref_model,

@@ -69,10 +69,31 @@ def coerce_config(args, config_class, model_name: str, suffix: str):
 logger = logging.getLogger(__name__)
 
 
+def is_activation_checkpointing(model) -> bool:
+    """Whether the model recomputes activations in backward (transformers 5 renamed ``is_gradient_checkpointing``)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model.get_base_model() if isinstance(model, PeftModel) else model), name):
+            return bool(getattr(model, name))
+    return False
+
+
 class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
     """Mixed into TRL trainers, before the TRL class in the bases. Checkpoints are published atomically."""
 
     # ------------------------------------------------------------------ construction
+    @staticmethod
+    @contextlib.contextmanager
+    def _model_init_kwargs_applied(args, loaded_here: bool):
+        """Around TRL's constructor: a model this trainer loaded by name has already used ``args.model_init_kwargs``,
+        so TRL, which only sees the instance, must not warn that they "will be ignored". They are restored after."""
+        kwargs = args.model_init_kwargs
+        if loaded_here:
+            args.model_init_kwargs = None
+        try:
+            yield
+        finally:
+            args.model_init_kwargs = kwargs
+
     @staticmethod
     def _prepare_ensemble_model(model, args: RenyiEnsembleArguments, peft_config, processing_class):
         """Return ``(ensemble PeftModel, processing_class)`` to hand to TRL's constructor (with no peft_config)."""
@@ -146,7 +167,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         peft_model = self.accelerator.unwrap_model(model)
         router = get_router(peft_model)
         if router.routing is None:  # called outside a training or prediction step
-            if torch.is_grad_enabled() and getattr(peft_model, "is_gradient_checkpointing", False):
+            if torch.is_grad_enabled() and is_activation_checkpointing(peft_model):
                 raise RuntimeError(
                     "member_forward with gradients under gradient checkpointing must run inside "
                     "`trainer.member_routing(model)` together with its backward (the backward recomputes the forward); "
@@ -367,7 +388,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         k = self.num_members
         shares, nll = stats[4 : 4 + k], stats[4 + k : 4 + 2 * k]
         metrics = self._metrics[mode]
-        metrics["renyi/alpha"].append(alpha)
+        metrics["renyi/alpha"] = [alpha]  # the α in force at the last step logged, not a mean over the window
         metrics["renyi/routing_entropy"].append(entropy_sum / max(count, 1.0))
         metrics["renyi/loglik_std"].append(std_sum / max(count, 1.0))
         for index, name in enumerate(self.member_names):

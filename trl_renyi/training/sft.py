@@ -60,17 +60,19 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         train_dataset, eval_dataset, self.dataset_format = prepare_training_datasets(
             train_dataset, eval_dataset, "sft", args.dataset_text_field
         )
+        loaded_here = isinstance(model, str)
         model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
         train_dataset, eval_dataset, weighted = prepare_multi_completion(args, train_dataset, eval_dataset)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
+        with self._model_init_kwargs_applied(args, loaded_here):
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                **kwargs,
+            )
         self._finish_ensemble_setup()
         if weighted:
             enable_completion_weights(self)
