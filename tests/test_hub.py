@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
 import torch
 import yaml
@@ -109,6 +110,7 @@ def capture_upload(monkeypatch):
         calls["upload_folder"] = (repo_id, kwargs)
         return SimpleNamespace(commit_url="https://example.invalid/commit", done=lambda: True, cancel=lambda: None)
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the recorders stand in for the Hub
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_branch", create_branch)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
@@ -222,6 +224,22 @@ def test_trainer_save_and_push_to_hub_write_the_ensemble_card(
     assert f"| `member_0` | 0.500 | {expected[0]:.3f} |" in card
     assert 'from_pretrained("someone/renyi-sft")' in card and "| training data | toy-data |" in card
     assert "sft" in front_matter(card)["tags"]
+
+
+def test_trainer_push_to_hub_offline_saves_first_and_says_why(make_model, tokenizer, prompt_completion_dataset, tmp_path):
+    """The README's DPO snippet offline: push_to_hub without a save_model first leaves the ensemble on disk and
+    says in one line that the Hub is switched off (no raw OfflineModeIsEnabled)."""
+    output_dir = tmp_path / "run"
+    args = RenyiSFTConfig(output_dir=str(output_dir), num_members=2, max_steps=1, per_device_train_batch_size=4, **CPU_ARGS)
+    trainer = RenyiSFTTrainer(
+        model=make_model(), args=args, train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+    trainer.train()
+    with pytest.raises(RuntimeError, match=r"push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set\. The ensemble is saved in"):
+        trainer.push_to_hub()
+    assert member_files(2) | {"renyi_ensemble.json", "README.md"} <= uploaded_files(output_dir)
+    RenyiEnsemble.from_pretrained(output_dir, base_model=make_model(), tokenizer=tokenizer)
 
 
 def test_pushes_during_training_carry_every_member(

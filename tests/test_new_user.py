@@ -3,12 +3,16 @@ loads, in one line that names the file and the columns; misspelled flags get a s
 converted; every command reads the same dataset names."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from trl_renyi.cli import main as cli
 from trl_renyi.data.formats import detect_format, prepare_training_dataset
 from trl_renyi.data.loading import load_split
+
+REPO = Path(__file__).resolve().parents[1]
 
 NO_MODEL = "/nonexistent/model-that-would-fail-to-load"
 
@@ -236,3 +240,34 @@ def test_eval_and_audit_say_what_they_read_and_explain_their_tables():
     table = audit_table([row], "sft", "mutual_information_max", 5)
     assert "MI_max*" in table and "MI_max: largest per-token mutual information" in table
     assert "*: ranked by mutual_information_max" in table
+
+
+def test_tensorboard_is_an_extra_that_make_install_can_include():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert any(req.startswith("tensorboard") for req in project["optional-dependencies"]["tensorboard"])
+    dry_run = subprocess.run(
+        ["make", "-n", "-B", "install", "EXTRAS=dev,tensorboard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    assert '-e ".[dev,tensorboard]"' in dry_run
+
+
+def test_report_to_tensorboard_logs_the_renyi_metrics(make_model, tokenizer, prompt_completion_dataset, tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (make install EXTRAS=dev,tensorboard)")
+    from peft import LoraConfig
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
+
+    args = RenyiSFTConfig(
+        output_dir=str(tmp_path / "out"), max_steps=2, logging_steps=1, per_device_train_batch_size=4, num_members=2,
+        report_to="tensorboard", save_strategy="no", use_cpu=True,
+    )
+    RenyiSFTTrainer(
+        make_model(), args=args, train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    ).train()
+    (events,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"train/renyi/alpha", "train/renyi/member_0/share", "train/renyi/member_1/share"} <= set(tags)

@@ -209,6 +209,16 @@ def copy_ensemble_files(source: str | os.PathLike, target: str | os.PathLike, na
         shutil.copy2(source / "renyi_ensemble.json", target / "renyi_ensemble.json")
 
 
+def require_hub_access(what: str, saved_in: str | os.PathLike | None = None) -> None:
+    """Refuse ``what`` (an upload) by name when the Hub is switched off (``HF_HUB_OFFLINE=1``), saying where the
+    ensemble was saved instead, rather than failing inside ``huggingface_hub`` with ``OfflineModeIsEnabled``."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        where = f" The ensemble is saved in {saved_in}; push it later with RenyiEnsemble.from_pretrained(...).push_to_hub(repo_id)." if saved_in else ""
+        raise RuntimeError(f"{what} needs the Hugging Face Hub, but HF_HUB_OFFLINE is set.{where}")
+
+
 def upload_ensemble_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -223,6 +233,7 @@ def upload_ensemble_folder(
     for required in ("renyi_ensemble.json", CARD_FILE):
         if not (folder / required).is_file():
             raise FileNotFoundError(f"{folder / required} is missing: save the ensemble before uploading it.")
+    require_hub_access(f"Uploading {folder} to {repo_id}")
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and revision != "main" and not create_pr:

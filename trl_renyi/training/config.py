@@ -134,11 +134,12 @@ class RenyiEnsembleArguments:
             self.bf16 = False
         if no_accelerator:
             self.dataloader_pin_memory = False  # nothing to pin memory for (torch warns at every epoch otherwise)
-        if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", False) is None:
-            # TRL's default (checkpointing on), set through the current name: transformers warns on the deprecated one
-            self.activation_checkpointing = True
+        if getattr(self, "activation_checkpointing", False) is None:
+            # TRL's default (checkpointing on) or the user's gradient_checkpointing, set through the current name:
+            # transformers warns on the deprecated one, which this config documents as an equal alternative
+            self.activation_checkpointing = True if self.gradient_checkpointing is None else self.gradient_checkpointing
         elif self.gradient_checkpointing is None:
-            self.gradient_checkpointing = True
+            self.gradient_checkpointing = self.activation_checkpointing
         super().__post_init__()
 
     def renyi_metadata(self) -> dict:

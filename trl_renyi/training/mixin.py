@@ -443,6 +443,15 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         self._write_ensemble_card(self.args.output_dir, model_name, dataset_name, tags)
 
+    def push_to_hub(self, *args, **kwargs):
+        """Save the ensemble to ``args.output_dir`` first, so that the members are on disk whatever happens to the
+        upload (transformers creates the Hub repository before it saves), then upload as transformers does."""
+        from trl_renyi.hub import require_hub_access
+
+        self.save_model()
+        require_hub_access("push_to_hub", saved_in=self.args.output_dir)
+        return super().push_to_hub(*args, **kwargs)
+
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Before transformers uploads ``output_dir`` during training (``push_to_hub`` with a save-time
         ``hub_strategy``), copy the checkpoint's member folders and ``renyi_ensemble.json`` there: transformers copies
