@@ -39,6 +39,7 @@ from runs import (  # noqa: E402
     REPO,
     Stopwatch,
     fmt,
+    library_defaults,
     load_base,
     save_json,
     train_ensemble,
@@ -53,23 +54,6 @@ from truthfulqa_eval import sft_dataset as truthfulqa_sft_dataset  # noqa: E402
 from truthfulqa_eval import split_questions  # noqa: E402
 
 TQA_FILE = "truthfulqa-en-validation.json"
-
-
-def library_defaults() -> dict:
-    """A run with the library's default ensemble settings (``RenyiEnsembleArguments``)."""
-    from dataclasses import fields
-
-    from trl_renyi.training.config import RenyiEnsembleArguments
-
-    d = {f.name: f.default for f in fields(RenyiEnsembleArguments)}
-    label = f"defaults (α = {d['alpha']:g}, warm-up {d['alpha_warmup_ratio']:g}, floor {d['responsibility_floor']:g})"
-    return {
-        "label": label,
-        "alpha": d["alpha"],
-        "warmup": d["alpha_warmup_ratio"],
-        "floor": d["responsibility_floor"],
-        "init_std": d["member_init_std"],
-    }
 
 
 SINGLE = {"label": "single LoRA (K = 1)", "num_members": 1, "alpha": 1.0}

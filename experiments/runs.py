@@ -42,6 +42,23 @@ def load_base(quick: bool, model: str):
     return load_causal_lm(model, dtype="float32"), load_tokenizer(model)
 
 
+def library_defaults() -> dict:
+    """A run with the library's default ensemble settings (``RenyiEnsembleArguments``)."""
+    from dataclasses import fields
+
+    from trl_renyi.training.config import RenyiEnsembleArguments
+
+    d = {f.name: f.default for f in fields(RenyiEnsembleArguments)}
+    label = f"defaults (α = {d['alpha']:g}, warm-up {d['alpha_warmup_ratio']:g}, floor {d['responsibility_floor']:g})"
+    return {
+        "label": label,
+        "alpha": d["alpha"],
+        "warmup": d["alpha_warmup_ratio"],
+        "floor": d["responsibility_floor"],
+        "init_std": d["member_init_std"],
+    }
+
+
 def lora_config(rank: int) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
 
@@ -178,5 +195,8 @@ class Stopwatch:
     def __init__(self):
         self.start = time.perf_counter()
 
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
     def __str__(self) -> str:
-        return f"{time.perf_counter() - self.start:.0f} s"
+        return f"{self.seconds():.0f} s"

@@ -51,3 +51,13 @@ def test_missing_folder_is_reported_as_a_folder_with_a_suggestion(saved):
 def test_hub_id_offline_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match=r"no local folder, and the Hub repository 'someone/some-ensemble'"):
         RenyiEnsemble.from_pretrained("someone/some-ensemble")
+
+
+def test_an_unrelated_file_with_the_same_suffix_is_not_suggested(tmp_path):
+    from trl_renyi.paths import did_you_mean
+
+    (tmp_path / "dpo_sft.jsonl").write_text("")
+    (tmp_path / "train.jsonl").write_text("")
+    assert did_you_mean(tmp_path / "nonexistent.jsonl") == ""
+    assert did_you_mean(tmp_path / "trian.jsonl") == f" Did you mean {str(tmp_path / 'train.jsonl')!r}?"
+    assert did_you_mean(tmp_path / "train", folders_only=True) == ""  # a file is no ensemble folder

@@ -75,3 +75,23 @@ def test_real_data_study_skips_without_data(studies, tmp_path, capsys):
     assert real.main(["--data-dir", str(tmp_path / "absent"), "--output-dir", str(tmp_path / "out")]) == 0
     assert "not found; skipping truthfulqa" in capsys.readouterr().out
     assert not (tmp_path / "out" / "real_data.json").exists()
+
+
+def test_multi_annotator_benchmark_quick(tmp_path):
+    import runpy
+    import sys
+
+    out = tmp_path / "multi.json"
+    argv = ["bench_multi_annotator.py", "--quick", "--output", str(out), "--data", str(tmp_path / "absent.jsonl")]
+    saved, sys.argv = sys.argv, argv
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(EXPERIMENTS.parent / "benchmarks" / "bench_multi_annotator.py"), run_name="__main__")
+    finally:
+        sys.argv = saved
+    assert exit_info.value.code == 0
+    payload = json.loads(out.read_text())
+    assert payload["data"].startswith("generated") and len(payload["step_times"]["expanded"]) == 3
+    assert payload["multi_annotator_step_s"] > 0 and payload["ratio"] == pytest.approx(
+        payload["multi_annotator_step_s"] / payload["expanded_step_s"]
+    )

@@ -108,6 +108,7 @@ def test_ensemble_constructor_changes_no_trainable_flag(tokenizer, make_model):
     ensemble = RenyiEnsemble(peft_model, tokenizer)
     assert before == {n: p.requires_grad for n, p in peft_model.named_parameters()}
     assert "num_members=3" in repr(ensemble) and "alpha=-1.0" in repr(ensemble)
+    assert "base_model='<LlamaForCausalLM in memory>'" in repr(ensemble)  # no name to show: say what it is
 
 
 def test_saved_member_loads_as_stock_peft(tmp_path, tokenizer, ensemble_and_reference, make_model):

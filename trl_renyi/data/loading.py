@@ -119,13 +119,9 @@ def load_dataset_dict(name: str, config: str | None = None, streaming: bool = Fa
     if path.exists():
         return load_local(path, streaming)
     if not looks_like_hub_id(name):
-        parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
-        hint = ""
-        if parent.is_dir():
-            from difflib import get_close_matches
+        from trl_renyi.paths import did_you_mean
 
-            close = get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1)
-            hint = f" Did you mean {str(parent / close[0])!r}?" if close else ""
+        hint = did_you_mean(path)
         kind = "data file" if file_type(path) else "file or folder"
         raise FileNotFoundError(f"{name}: no such {kind}.{hint}")
     try:

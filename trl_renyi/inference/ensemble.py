@@ -256,7 +256,9 @@ class RenyiEnsemble(EnsembleScorer):
         super().__init__(model, tokenizer, names, alpha, member_weights, floor, metadata, use_chat_template)
 
     def __repr__(self) -> str:
-        base = self.metadata.get("base_model_name_or_path") or model_name_or_path(self.model.get_base_model())
+        base_model = self.model.get_base_model()
+        base = self.metadata.get("base_model_name_or_path") or model_name_or_path(base_model)
+        base = base or f"<{type(base_model).__name__} in memory>"
         return (
             f"{type(self).__name__}(num_members={self.num_members}, base_model={base!r}, alpha={self.alpha}, "
             f"responsibility_floor={self.responsibility_floor}, member_weights={[round(w, 4) for w in self.member_weights]})"

@@ -7,7 +7,6 @@ and ``renyi_ensemble.json`` with the ensemble's settings. This module writes, re
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -344,10 +343,7 @@ def resolve_ensemble_folder(path: str | os.PathLike, revision: str | None = None
                 f"{text!r} is no local folder, and the Hub repository {text!r} could not be fetched "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
             ) from None
-    parent = folder.parent if str(folder.parent) else Path(".")
-    hint = ""
-    if parent.is_dir():
-        close = difflib.get_close_matches(folder.name, [p.name for p in parent.iterdir() if p.is_dir()], n=1)
-        if close:
-            hint = f" Did you mean {str(parent / close[0])!r}?"
+    from trl_renyi.paths import did_you_mean
+
+    hint = did_you_mean(folder, folders_only=True)
     raise FileNotFoundError(f"Ensemble folder {str(folder)!r} does not exist.{hint}")
