@@ -53,6 +53,14 @@ def parse_args(argv=None):
     return args
 
 
+def _relative(path: Path) -> str:
+    """The path as the docs write it (relative to the repository when it lies beside it)."""
+    try:
+        return str(Path("..") / path.resolve().relative_to(REPO.parent))
+    except ValueError:
+        return str(path)
+
+
 def two_label_items(path: Path, count: int) -> tuple[list[dict], str]:
     """``count`` ChaosNLI items whose 5 original votes fall on exactly two labels (from the file, or generated)."""
     from trl_renyi.data.chaosnli import vote_counts
@@ -61,7 +69,7 @@ def two_label_items(path: Path, count: int) -> tuple[list[dict], str]:
         rows = [json.loads(line) for line in path.open() if line.strip()]
         picked = [r for r in rows if sorted(c for c in vote_counts(r) if c) == [2, 3]][:count]
         if len(picked) == count:
-            return picked, str(path)
+            return picked, _relative(path)
     generated = []
     for i in range(count):
         generated.append({
