@@ -95,3 +95,20 @@ def test_multi_annotator_benchmark_quick(tmp_path):
     assert payload["multi_annotator_step_s"] > 0 and payload["ratio"] == pytest.approx(
         payload["multi_annotator_step_s"] / payload["expanded_step_s"]
     )
+
+
+def test_step_profile_quick(tmp_path):
+    import runpy
+    import sys
+
+    out = tmp_path / "profile.json"
+    saved, sys.argv = sys.argv, ["profile_step.py", "--quick", "--output", str(out)]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(EXPERIMENTS.parent / "benchmarks" / "profile_step.py"), run_name="__main__")
+    finally:
+        sys.argv = saved
+    assert exit_info.value.code == 0
+    payload = json.loads(out.read_text())
+    for side in ("single", "ensemble"):
+        assert payload[side]["matmul"] > 0 and payload[side]["wall clock of the step"] > 0
