@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import StepTimer, machine_description, median_after_warmup, quiet_transformers, replace_section, write_json  # noqa: E402
+from bench_utils import StepTimer, machine_description, median_after_warmup, quiet_transformers, update_benchmarks_page, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "chaosnli-snli.jsonl"
@@ -150,9 +150,7 @@ def main(argv=None) -> int:
         f"step, median of {args.repeats} steps after {args.warmup} warm-up; data: {source})."
     )
     print(table)
-    docs = None if (args.quick and args.docs is None) else Path(args.docs or REPO / "docs" / "benchmarks.md")
-    if docs is not None:
-        replace_section(docs, "multi-annotator", table)
+    update_benchmarks_page("multi-annotator", table, args.docs, args.quick)
     return 0
 
 

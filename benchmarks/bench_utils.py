@@ -144,6 +144,14 @@ def replace_section(doc: Path, marker: str, content: str) -> None:
     doc.write_text(text)
 
 
+def update_benchmarks_page(marker: str, table: str, docs: str | None, quick: bool) -> None:
+    """Replace section ``marker`` of ``docs`` (default ``docs/benchmarks.md``); a ``--quick`` run updates no page
+    unless one is named."""
+    if quick and docs is None:
+        return
+    replace_section(Path(docs or Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"), marker, table)
+
+
 @contextmanager
 def quiet_transformers():
     from transformers.utils import logging as hf_logging

@@ -35,7 +35,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import sft_dataset  # noqa: E402
-from bench_utils import quiet_transformers, replace_section, write_json  # noqa: E402
+from bench_utils import quiet_transformers, update_benchmarks_page, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ("matmul", "attention", "softmax & loss", "copies & tiling", "optimizer", "other")
@@ -155,9 +155,7 @@ def main(argv=None) -> int:
     )
     print(table)
     write_json(args.output, {"model": model_name, "num_members": args.num_members, "single": single, "ensemble": ensemble})
-    docs = None if (args.quick and args.docs is None) else Path(args.docs or REPO / "docs" / "benchmarks.md")
-    if docs is not None:
-        replace_section(docs, "profile-step", table)
+    update_benchmarks_page("profile-step", table, args.docs, args.quick)
     return 0
 
 

@@ -111,3 +111,18 @@ def step_grads(trainer, checkpointing=True):
     batch = first_batch(trainer)
     loss = trainer.training_step(model, batch)
     return loss.detach(), {name: lora_grads(model, name) for name in member_names(trainer.args.num_members)}
+
+
+def run_script(path, *argv) -> int:
+    """Run a script's ``__main__`` (``python path argv…``) in this process and return its exit code."""
+    import runpy
+    import sys
+
+    saved, sys.argv = sys.argv, [str(path), *map(str, argv)]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exit_info:
+        return int(exit_info.code or 0)
+    finally:
+        sys.argv = saved
+    return 0

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_script
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
@@ -78,18 +80,9 @@ def test_real_data_study_skips_without_data(studies, tmp_path, capsys):
 
 
 def test_multi_annotator_benchmark_quick(tmp_path):
-    import runpy
-    import sys
-
     out = tmp_path / "multi.json"
-    argv = ["bench_multi_annotator.py", "--quick", "--output", str(out), "--data", str(tmp_path / "absent.jsonl")]
-    saved, sys.argv = sys.argv, argv
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(EXPERIMENTS.parent / "benchmarks" / "bench_multi_annotator.py"), run_name="__main__")
-    finally:
-        sys.argv = saved
-    assert exit_info.value.code == 0
+    script = EXPERIMENTS.parent / "benchmarks" / "bench_multi_annotator.py"
+    assert run_script(script, "--quick", "--output", out, "--data", tmp_path / "absent.jsonl") == 0
     payload = json.loads(out.read_text())
     assert payload["data"].startswith("generated") and len(payload["step_times"]["expanded"]) == 3
     assert payload["multi_annotator_step_s"] > 0 and payload["ratio"] == pytest.approx(
@@ -98,17 +91,8 @@ def test_multi_annotator_benchmark_quick(tmp_path):
 
 
 def test_step_profile_quick(tmp_path):
-    import runpy
-    import sys
-
     out = tmp_path / "profile.json"
-    saved, sys.argv = sys.argv, ["profile_step.py", "--quick", "--output", str(out)]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(EXPERIMENTS.parent / "benchmarks" / "profile_step.py"), run_name="__main__")
-    finally:
-        sys.argv = saved
-    assert exit_info.value.code == 0
+    assert run_script(EXPERIMENTS.parent / "benchmarks" / "profile_step.py", "--quick", "--output", out) == 0
     payload = json.loads(out.read_text())
     for side in ("single", "ensemble"):
         assert payload[side]["matmul"] > 0 and payload[side]["wall clock of the step"] > 0

@@ -2,11 +2,12 @@
 
 import json
 import random
-import runpy
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SNLI = REPO.parent / "shared" / "data" / "chaosnli-snli.jsonl"
@@ -43,15 +44,8 @@ def anli_row(i, rng):
 
 
 def run_study(data, out, *extra):
-    argv = ["human_disagreement.py", "--data", str(data), "--output_dir", str(out), "--quick", *extra]
-    saved = sys.argv
-    sys.argv = argv
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(REPO / "experiments" / "human_disagreement.py"), run_name="__main__")
-    finally:
-        sys.argv = saved
-    assert exit_info.value.code == 0
+    script = REPO / "experiments" / "human_disagreement.py"
+    assert run_script(script, "--data", data, "--output_dir", out, "--quick", *extra) == 0
     return json.loads((out / "human_disagreement.json").read_text())
 
 
