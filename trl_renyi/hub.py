@@ -215,7 +215,9 @@ def require_hub_access(what: str, saved_in: str | os.PathLike | None = None) -> 
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        where = f" The ensemble is saved in {saved_in}; push it later with RenyiEnsemble.from_pretrained(...).push_to_hub(repo_id)." if saved_in else ""
+        where = ""
+        if saved_in:
+            where = f" The ensemble is saved in {saved_in}; push it later with RenyiEnsemble.from_pretrained(...).push_to_hub(repo_id)."
         raise RuntimeError(f"{what} needs the Hugging Face Hub, but HF_HUB_OFFLINE is set.{where}")
 
 

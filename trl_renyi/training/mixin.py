@@ -444,13 +444,17 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         self._write_ensemble_card(self.args.output_dir, model_name, dataset_name, tags)
 
     def push_to_hub(self, *args, **kwargs):
-        """Save the ensemble to ``args.output_dir`` first, so that the members are on disk whatever happens to the
-        upload (transformers creates the Hub repository before it saves), then upload as transformers does."""
+        """Upload as transformers does (it saves to ``args.output_dir`` once the Hub repository exists). When the Hub is
+        switched off or the push fails (creating the repository comes before transformers' save), the ensemble is
+        saved to ``args.output_dir`` before the error propagates, so the members are never lost with the upload."""
         from trl_renyi.hub import require_hub_access
 
-        self.save_model()
-        require_hub_access("push_to_hub", saved_in=self.args.output_dir)
-        return super().push_to_hub(*args, **kwargs)
+        try:
+            require_hub_access("push_to_hub", saved_in=self.args.output_dir)
+            return super().push_to_hub(*args, **kwargs)
+        except Exception:
+            self.save_model()  # the failure path only: the members must not be lost with the upload
+            raise
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Before transformers uploads ``output_dir`` during training (``push_to_hub`` with a save-time
