@@ -32,8 +32,10 @@ KINDS = [
     ),
 ]
 # two processes of 2 rows each against one process of 4 rows: the same global batch (gradient checkpointing on, as
-# by default, since it interacts with DDP's gradient hooks)
-DISTRIBUTED = {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_checkpointing": True}
+# by default, since it interacts with DDP's gradient hooks). Adam's default ε = 1e-8 turns a gradient entry that is
+# zero up to rounding into a ±lr step whose sign is the rounding's; a larger ε keeps the update proportional to the
+# gradient there, so the weights compare the two processes' reduced gradients, not the sign of float noise.
+DISTRIBUTED = {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_checkpointing": True, "adam_epsilon": 1e-4}
 
 
 def free_port() -> int:

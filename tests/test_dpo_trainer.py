@@ -141,10 +141,11 @@ def test_reference_forward_runs_once_per_step(make_model, tokenizer, preference_
     trainer.train()
     handle.remove()
     pairs = trainer.args.per_device_train_batch_size
+    assert trainer.share_prompt  # the default on a model that allows it: one packed row per pair
     reference = [rows for base_only, rows in calls if base_only]
     policy = [rows for base_only, rows in calls if not base_only]
-    assert policy == [num_members * 2 * pairs] * 2  # chosen and rejected of all K members in one forward per step
-    assert reference == ([] if precompute else [2 * pairs] * 2)  # once per step, untiled, whatever K
+    assert policy == [num_members * pairs] * 2  # chosen and rejected of all K members in one forward per step
+    assert reference == ([] if precompute else [pairs] * 2)  # once per step, untiled, whatever K
 
 
 @pytest.mark.parametrize("variant", ["shared_trunk", "member_chunks"])
@@ -168,7 +169,7 @@ def test_shared_trunk_and_member_chunks_match_one_pass(make_model, tokenizer, pr
     for name in grads_ref:
         assert_close_dicts(grads[name], grads_ref[name], rtol=1e-5, scaled=True)
     # the reference pass is untiled (no trunk tiling) and runs once per step, also across member chunks
-    assert [rows for base_only, rows in calls if base_only] == [2 * other.args.per_device_train_batch_size]
+    assert [rows for base_only, rows in calls if base_only] == [other.args.per_device_train_batch_size]  # a row a pair
     assert get_router(other.model).trunk_active is False
 
 

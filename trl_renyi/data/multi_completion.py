@@ -27,6 +27,10 @@ from datasets import Dataset
 
 MULTI_COMPLETION_COLUMNS = ("prompt", "completions")
 WEIGHT_COLUMN = "completion_weight"
+#: the multi-annotator row an expanded row came from (kept when the trainer shares each prompt's pass)
+GROUP_COLUMN = "completion_group"
+#: columns of a prepared dataset regrouped into one row per prompt (see :func:`group_completions`)
+GROUPED_COLUMNS = ("group_input_ids", "group_labels", "group_weights")
 
 
 def is_multi_completion(dataset) -> bool:
@@ -35,14 +39,17 @@ def is_multi_completion(dataset) -> bool:
     return all(c in names for c in MULTI_COMPLETION_COLUMNS)
 
 
-def expand_multi_completion(dataset: Dataset, keep_weights: bool = True) -> Dataset:
+def expand_multi_completion(dataset: Dataset, keep_weights: bool = True, keep_groups: bool = False) -> Dataset:
     """One row per (prompt, completion) with its weight in ``completion_weight`` (``keep_weights``), or TRL's plain
-    prompt/completion rows with each completion repeated ``w_j`` times (``keep_weights=False``; integer weights)."""
+    prompt/completion rows with each completion repeated ``w_j`` times (``keep_weights=False``; integer weights).
+    With ``keep_groups`` each row also records the index of the row it came from in ``completion_group``."""
     rows = {"prompt": [], "completion": []}
     if keep_weights:
         rows[WEIGHT_COLUMN] = []
+    if keep_groups:
+        rows[GROUP_COLUMN] = []
     has_weights = "completion_weights" in dataset.column_names
-    for row in dataset:
+    for index, row in enumerate(dataset):
         completions = row["completions"]
         weights = row["completion_weights"] if has_weights else [1.0] * len(completions)
         if len(weights) != len(completions):
@@ -55,13 +62,32 @@ def expand_multi_completion(dataset: Dataset, keep_weights: bool = True) -> Data
                     rows["prompt"].append(row["prompt"])
                     rows["completion"].append(completion)
                     rows[WEIGHT_COLUMN].append(float(weight))
+                    if keep_groups:
+                        rows[GROUP_COLUMN].append(index)
             else:
                 if float(weight) != int(weight):
                     raise ValueError("expanding into repeated rows needs integer completion_weights")
                 for _ in range(int(weight)):
                     rows["prompt"].append(row["prompt"])
                     rows["completion"].append(completion)
+                    if keep_groups:
+                        rows[GROUP_COLUMN].append(index)
     return Dataset.from_dict(rows)
+
+
+def group_completions(dataset: Dataset) -> Dataset:
+    """Regroup a prepared (tokenised) expansion into one row per multi-annotator row: ``group_input_ids`` and
+    ``group_labels`` hold the prepared ``input_ids`` / ``labels`` of its completions, ``group_weights`` their weights.
+    Rows keep the order of their first completion; completions TRL dropped (no completion token left) stay dropped."""
+    groups: dict[int, tuple[list, list, list]] = {}
+    weights = dataset[WEIGHT_COLUMN] if WEIGHT_COLUMN in dataset.column_names else [1.0] * len(dataset)
+    for ids, labels, weight, group in zip(dataset["input_ids"], dataset["labels"], weights, dataset[GROUP_COLUMN]):
+        entry = groups.setdefault(int(group), ([], [], []))
+        entry[0].append(list(ids))
+        entry[1].append(list(labels))
+        entry[2].append(float(weight))
+    columns = list(zip(*groups.values())) if groups else [[], [], []]
+    return Dataset.from_dict({name: list(values) for name, values in zip(GROUPED_COLUMNS, columns)})
 
 
 class WeightedCollator:

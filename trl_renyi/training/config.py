@@ -91,6 +91,17 @@ class RenyiEnsembleArguments:
         },
     )
 
+    share_prompt: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Run each prompt once for all of its completions (DPO's chosen and rejected answers, the "
+            "completions of a multi-annotator SFT row): one packed row per prompt in which every completion attends "
+            "to the shared prompt and to itself, so loss and gradients equal the unshared computation. Unset: on "
+            "wherever the model allows it (sdpa or eager attention, no sliding window, position ids); True: refuse "
+            "by name where it cannot be honoured; False: every sequence runs on its own."
+        },
+    )
+
     def _validate_renyi_fields(self) -> None:
         if isinstance(self.num_members, bool) or not isinstance(self.num_members, int) or self.num_members < 1:
             raise ValueError(f"num_members must be an integer >= 1, got {self.num_members!r}.")
@@ -123,6 +134,8 @@ class RenyiEnsembleArguments:
             or self.member_chunk_size < 1
         ):
             raise ValueError(f"member_chunk_size must be an integer >= 1 or None, got {self.member_chunk_size!r}.")
+        if self.share_prompt is not None and not isinstance(self.share_prompt, bool):
+            raise ValueError(f"share_prompt must be True, False or None (automatic), got {self.share_prompt!r}.")
         if not (math.isfinite(float(self.member_init_std)) and float(self.member_init_std) >= 0.0):
             raise ValueError(f"member_init_std must be a finite number >= 0, got {self.member_init_std!r}.")
 

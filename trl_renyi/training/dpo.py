@@ -35,6 +35,7 @@ from trl_renyi.compat import (
 )
 from trl_renyi.data.formats import prepare_training_datasets
 from trl_renyi.model.layer import get_router
+from trl_renyi.model.shared_prompt import attention_implementation, pack_preference_pairs
 from trl_renyi.objective import floored_renyi_bound
 from trl_renyi.training.config import RenyiDPOConfig
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config
@@ -49,6 +50,8 @@ LIKELIHOOD_LOSS_TYPES = ("sigmoid", "robust")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 # where the reference log-probs of a batch are kept once computed, so chunked member passes reuse them
 _REF_CACHE_KEY = "_renyi_ref_logps"
+# where the shared-prompt layout of a batch is kept once built (reference and member passes use it)
+_LAYOUT_CACHE_KEY = "_renyi_shared_layout"
 
 
 def pair_log_likelihood(margins: torch.Tensor, loss_type: str, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -188,6 +191,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
             )
         loaded_here = isinstance(model, str) and not isinstance(ref_model, str)  # a ref model by name uses them
         model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
+        self.share_prompt = self._resolve_share_prompt(args, model, {})
         with dpo_trainer_accepts_ensemble(model, ref_model), self._model_init_kwargs_applied(args, loaded_here):
             super().__init__(
                 model=model,
@@ -224,6 +228,22 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         tail_mask = comp_pos > shared_lens
         return (per_token_logps * shared_mask).sum(dim=-1) + self.ld_alpha * (per_token_logps * tail_mask).sum(dim=-1)
 
+    def _completion_outputs(self, model, inputs: dict, forward, num_members: int):
+        """``forward(model, model_inputs)`` over the batch's 2B chosen/rejected rows, in the layout TRL's collator
+        made; with ``share_prompt`` the rows run as one packed row per pair (the prompt once, see
+        :mod:`trl_renyi.model.shared_prompt`) and the outputs are moved back to the 2B rows."""
+        if not self.share_prompt:
+            return forward(model, self._model_inputs(inputs))
+        if _LAYOUT_CACHE_KEY not in inputs:
+            inputs[_LAYOUT_CACHE_KEY] = pack_preference_pairs(
+                inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], self._tokenizer.pad_token_id or 0
+            )
+        layout = inputs[_LAYOUT_CACHE_KEY]
+        base = self.accelerator.unwrap_model(model).get_base_model()
+        packed = layout.model_inputs(attention_implementation(base), base.dtype)
+        packed["use_cache"] = False
+        return layout.unpack(forward(model, packed), num_members)
+
     def compute_ref_log_probs(self, model, inputs):
         """π_ref log-probs ``(chosen (B,), rejected (B,))`` of one batch: the base model with every member switched
         off (or ``ref_model`` when one was given), one no-grad pass serving all K members. TRL calls this hook for
@@ -238,7 +258,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
             if self.ref_model is not None:
                 log_probs = self.ref_model(**kwargs, fused_lm_head=True).log_probs
             else:
-                log_probs = self.base_forward(model, kwargs).log_probs
+                log_probs = self._completion_outputs(model, inputs, self.base_forward, 1).log_probs
         return self._sequence_logps(log_probs, inputs["completion_mask"]).chunk(2, dim=0)
 
     def _reference_logps(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,8 +273,8 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         """A :class:`PreferenceLogLik` with ℓ ``(B, K_routed)``: one member-batched forward of the 2B chosen/rejected rows, then each member's
         margin against the shared reference and its per-pair log-likelihood."""
         ref_chosen, ref_rejected = self._reference_logps(inputs)
-        outputs = self.member_forward(model, self._model_inputs(inputs))
         num_members = get_router(self.accelerator.unwrap_model(model)).num_members
+        outputs = self._completion_outputs(model, inputs, self.member_forward, num_members)
         rows = inputs["input_ids"].shape[0]
         per_token = outputs.log_probs.reshape(num_members, rows, -1)
         chosen_logps, rejected_logps = self._sequence_logps(per_token, inputs["completion_mask"]).chunk(2, dim=1)

@@ -38,6 +38,7 @@ from trl_renyi.model.saved_format import (
     members_for_saving,
     write_metadata,
 )
+from trl_renyi.model.shared_prompt import model_inputs_only, shared_prompt_refusal
 from trl_renyi.model.trunk import enable_shared_trunk
 from trl_renyi.objective import (
     RenyiBound,
@@ -127,6 +128,20 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         peft_model = build_ensemble(model, peft_config, args.num_members, args.seed, args.member_init_std)
         return peft_model, processing_class
 
+    @staticmethod
+    def _resolve_share_prompt(args: RenyiEnsembleArguments, model, blockers: dict[str, bool]) -> bool:
+        """Whether to run one prompt pass for all completions of a prompt (``args.share_prompt``; ``None``: wherever it
+        is exact). ``blockers`` maps a reason to whether it applies; ``share_prompt=True`` with a reason is refused."""
+        if args.share_prompt is False:
+            return False
+        reason = shared_prompt_refusal(model) or next((why for why, applies in blockers.items() if applies), None)
+        if reason is None:
+            return True
+        if args.share_prompt:
+            raise ValueError(f"share_prompt=True cannot be honoured: {reason}. Set share_prompt=False or leave it unset.")
+        logger.info("share_prompt is off: %s.", reason)
+        return False
+
     def _finish_ensemble_setup(self) -> None:
         args: RenyiEnsembleArguments = self.args
         self.member_names = member_names(args.num_members)
@@ -164,6 +179,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         belonging to the k-th routed member. With a shared trunk the model receives the untiled batch and tiles at
         the first adapted layer; only the labels are tiled here.
         """
+        inputs = model_inputs_only(inputs)
         peft_model = self.accelerator.unwrap_model(model)
         router = get_router(peft_model)
         if router.routing is None:  # called outside a training or prediction step
@@ -320,6 +336,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         with no ``requires_grad`` or active-adapter change. E.g. DPO's reference π_ref, one pass for all K members.
         Call it under ``torch.no_grad()``. Returns a ``FusedCausalLMOutput`` with ``log_probs`` ``(B, T−1)``.
         """
+        inputs = model_inputs_only(inputs)
         with base_model_only(self.accelerator.unwrap_model(model)):
             if getattr(self, "_completion_head", False):
                 return model(**inputs, completion_head=True, num_members=1)

@@ -13,7 +13,9 @@ from trl_renyi.training.options import check_options
 from trl_renyi.training.step import MemberLogLik
 from trl_renyi.training.weighted_rows import (
     enable_completion_weights,
+    has_multi_completion,
     prepare_multi_completion,
+    share_prompt_blockers,
 )
 
 
@@ -62,7 +64,12 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         )
         loaded_here = isinstance(model, str)
         model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
-        train_dataset, eval_dataset, weighted = prepare_multi_completion(args, train_dataset, eval_dataset)
+        self.share_prompt = has_multi_completion(train_dataset, eval_dataset) and self._resolve_share_prompt(
+            args, model, share_prompt_blockers(args, train_dataset, data_collator)
+        )
+        train_dataset, eval_dataset, weighted = prepare_multi_completion(
+            args, train_dataset, eval_dataset, self.share_prompt
+        )
         with self._model_init_kwargs_applied(args, loaded_here):
             super().__init__(
                 model=model,
@@ -75,7 +82,7 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
             )
         self._finish_ensemble_setup()
         if weighted:
-            enable_completion_weights(self)
+            enable_completion_weights(self, self.share_prompt)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs["use_cache"] = False
@@ -87,7 +94,7 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
     def _member_loglik(self, model, inputs):
         inputs["use_cache"] = False
         weights = inputs.get("completion_weights")
-        outputs = self.member_forward(model, {k: v for k, v in inputs.items() if k != "completion_weights"})
+        outputs = self.member_forward(model, inputs)
         routed = get_router(self.accelerator.unwrap_model(model)).num_members
         loglik, num_tokens = sequence_log_likelihood(
             outputs.log_probs, inputs["labels"], routed, padding_free_segments(inputs)
@@ -126,7 +133,9 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
         if mode == "train":
-            if "attention_mask" in inputs:
+            if "num_sequence_tokens" in inputs:  # shared prompts: the tokens of the sequences, as unshared
+                local = inputs["num_sequence_tokens"].reshape(())
+            elif "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
             else:
                 local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
@@ -169,7 +178,9 @@ def sequence_log_likelihood(log_probs: torch.Tensor, labels: torch.Tensor, num_m
 
 
 def padding_free_segments(inputs: dict) -> torch.Tensor | None:
-    """Example index of every token of a padding-free batch, or ``None`` for padded batches."""
+    """Example index of every token of a padding-free or shared-prompt batch, or ``None`` for padded batches."""
+    if "example_index" in inputs:
+        return inputs["example_index"]
     if "seq_idx" in inputs and inputs["seq_idx"] is not None:
         return inputs["seq_idx"]
     if "position_ids" in inputs and "attention_mask" not in inputs:
