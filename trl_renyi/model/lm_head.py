@@ -11,17 +11,19 @@ tokens. A K-tiled batch multiplies the tokens by K, so this head:
 
        \log p(y_t) = z_{t, y_t} - \operatorname{logsumexp}_v z_{t,v}, \qquad z_t = W h_t,
 
-   in float32, saving only ``h``, the labels and the log-normaliser; the backward pass recomputes each chunk's
-   logits and returns :math:`\partial/\partial h_t = g_t\,(e_{y_t} - p_t)^\top W` (and the weight gradient only when
-   the head itself is trainable).
+   in float32. With a frozen head (LoRA) the forward also computes each position's gradient direction
+   :math:`d_t = W_{y_t} - p_t^\top W` and saves only that, so the backward is :math:`\partial/\partial h_t = g_t\,d_t`:
+   two vocabulary matmuls per position in all, as in a plain LM head's forward and backward. A trainable head saves
+   ``h``, the labels and the log-normaliser instead, and its backward recomputes each chunk's logits for
+   :math:`g_t\,(e_{y_t} - p_t)^\top W` and the weight gradient.
 
 Memory for the logits is bounded by the chunk, cost is linear in the completion tokens. The output has the same
 fields as TRL's ``FusedCausalLMOutput`` (``log_probs``, ``entropy``, ``is_top1``, ``label_mask``, ``aux_loss``), so
 the two are interchangeable; models with logit soft-capping, logit scaling or an LM-head bias keep TRL's head.
 
 The head's weight is read outside the head module's own forward, so it is made whole wherever an engine splits it,
-as TRL's fused head does: a ZeRO-3-partitioned weight is all-gathered for the forward and again for the recomputing
-backward (:func:`~trl_renyi.compat.gather_partitioned_parameters`), an FSDP2 ``DTensor`` is turned into the full
+as TRL's fused head does: a ZeRO-3-partitioned weight is all-gathered for the forward (and again for the recomputing
+backward of a trainable head; :func:`~trl_renyi.compat.gather_partitioned_parameters`), an FSDP2 ``DTensor`` is turned into the full
 tensor (differentiably), and under ``device_map`` the hidden states move to the head's device.
 
 For MoE models called with ``output_router_logits=True`` the output's ``aux_loss`` is the mean over the K members of
@@ -61,6 +63,11 @@ class _CompletionLogProbs(torch.autograd.Function):
         log_norm = torch.empty_like(log_probs)
         entropy = torch.empty_like(log_probs)
         is_top1 = torch.empty(count, device=hidden.device, dtype=torch.bool)
+        # With a frozen head (the LoRA case) the gradient is known up to the upstream scalar of each token:
+        # ∂ log p(y_t)/∂h_t = W_{y_t} − p_tᵀW. Computing that direction here costs the one matmul the backward would
+        # otherwise spend, and saves recomputing the logits there (and gathering a partitioned head again).
+        direct = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        direction = torch.empty_like(hidden) if direct else None
         for start in range(0, count, rows_per_chunk):
             end = min(start + rows_per_chunk, count)
             logits = (hidden[start:end] @ weight.T).float()
@@ -70,7 +77,13 @@ class _CompletionLogProbs(torch.autograd.Function):
             probs = torch.exp(logits - lse[:, None])
             entropy[start:end] = lse - (probs * logits).sum(-1)
             is_top1[start:end] = logits.argmax(-1) == labels[start:end]
-        ctx.save_for_backward(hidden, weight, labels, log_norm)
+            if direct:
+                direction[start:end] = weight[labels[start:end]] - probs.to(hidden.dtype) @ weight
+        if direct:
+            ctx.save_for_backward(direction)
+        else:
+            ctx.save_for_backward(hidden, weight, labels, log_norm)
+        ctx.direct = direct
         ctx.weight_parameter = weight  # the parameter itself: a partitioned one is gathered again in the backward
         ctx.rows_per_chunk = rows_per_chunk
         ctx.mark_non_differentiable(entropy, is_top1)
@@ -78,6 +91,9 @@ class _CompletionLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_probs, _grad_entropy, _grad_top1):
+        if ctx.direct:
+            (direction,) = ctx.saved_tensors
+            return grad_log_probs.to(direction.dtype)[:, None] * direction, None, None, None
         hidden, weight, labels, log_norm = ctx.saved_tensors
         with gather_partitioned_parameters(ctx.weight_parameter):
             return _CompletionLogProbs._backward(ctx, grad_log_probs, hidden, ctx.weight_parameter, labels, log_norm)
