@@ -52,14 +52,28 @@ def _internal(library: str, module: str, name: str):
 
 
 # ----------------------------------------------------------------------------------------------------------- TRL
-#: TRL's loader for a model given by name (``model_init_kwargs`` handling, TRL's order), so K = 1 by name is TRL.
-create_model_from_path = _internal("trl", "trl.trainer.utils", "create_model_from_path")
-#: The output type of TRL's fused LM head, which the completion head returns too.
-FusedCausalLMOutput = _internal("trl", "trl.trainer.utils", "FusedCausalLMOutput")
-#: Context that all-gathers ZeRO-3-partitioned head parameters (a null context without ZeRO-3).
-gather_partitioned_parameters = _internal("trl", "trl.trainer.utils", "maybe_gather_lm_head_ctx")
-#: Context that switches gradient checkpointing off (DPO's reference pass).
-disable_gradient_checkpointing = _internal("trl", "trl.models.utils", "disable_gradient_checkpointing")
+#: TRL internals, resolved on first use (so that the model-level modules import without TRL, e.g. on a GPU machine
+#: that has only torch, transformers and peft): name -> (module, attribute).
+#:
+#: * ``create_model_from_path``: TRL's loader for a model given by name (``model_init_kwargs``, TRL's order), so
+#:   K = 1 by name is TRL;
+#: * ``FusedCausalLMOutput``: the output type of TRL's fused LM head, which the completion head returns too;
+#: * ``gather_partitioned_parameters``: all-gathers ZeRO-3-partitioned head parameters (a null context otherwise);
+#: * ``disable_gradient_checkpointing``: switches gradient checkpointing off (DPO's reference pass).
+_TRL_INTERNALS = {
+    "create_model_from_path": ("trl.trainer.utils", "create_model_from_path"),
+    "FusedCausalLMOutput": ("trl.trainer.utils", "FusedCausalLMOutput"),
+    "gather_partitioned_parameters": ("trl.trainer.utils", "maybe_gather_lm_head_ctx"),
+    "disable_gradient_checkpointing": ("trl.models.utils", "disable_gradient_checkpointing"),
+}
+
+
+def __getattr__(name: str):
+    if name in _TRL_INTERNALS:
+        value = _internal("trl", *_TRL_INTERNALS[name])
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _DefaultAliasConfigs(dict):
