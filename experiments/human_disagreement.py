@@ -15,7 +15,9 @@ Settings (``--settings``, comma-separated):
 * ``alpha1`` — the in-library K-member ensemble at α = 1 (every member fits every vote);
 * ``alpha0`` — α = 0 (the predictive mixture is fitted);
 * ``default`` — the library's defaults (α = −1 after a warm-up of half the steps, responsibility floor 0.1);
-* ``default_nofloor`` — the defaults without the floor.
+* ``default_nofloor`` — the defaults without the floor;
+* ``default_row`` — the defaults with ``multi_annotator_routing="row"``: each item, with all its votes, is one example
+  of the bound (ℓ_ik = Σ_j w_ij ℓ_ijk), so members are routed items rather than votes.
 
 Metrics per setting, over held-out items: ``jsd`` and ``kl`` (ChaosNLI's definitions, mixture vs the 100 votes),
 ``accuracy`` (vs the 100-vote majority), ``spearman_mi_human_entropy`` and ``spearman_entropy_human_entropy``
@@ -63,6 +65,7 @@ SETTINGS = {
     "alpha0": {"label": "ensemble α = 0", "alpha": 0.0},
     "default": None,  # filled from the library's defaults at run time
     "default_nofloor": None,
+    "default_row": None,
 }
 CONTESTED_BELOW, AGREED_FROM = 0.6, 0.8
 
@@ -83,7 +86,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded alias, local path or Hub id")
     parser.add_argument("--num_members", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per trained run (default 48; quick 3)")
-    parser.add_argument("--batch_size", type=int, default=8, help="rows (item, label) per step")
+    parser.add_argument("--batch_size", type=int, default=8, help="items (multi-annotator rows, all their votes) per step")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--skip_audit", action="store_true", help="leave out audit_precision_at_100 (saves K passes over the training items)")
@@ -237,8 +240,11 @@ def run_setting(name: str, args, base, tokenizer, dataset, budget: dict):
     run = dict(SETTINGS[name] or {})
     if name.startswith("default"):
         run = runs.library_defaults()
+        run["label"] = setting_label(name)
         if name == "default_nofloor":
-            run["floor"], run["label"] = 0.0, run["label"].replace("floor 0.1", "floor 0")
+            run["floor"] = 0.0
+        if name == "default_row":
+            run["config"] = {"multi_annotator_routing": "row"}
     run.setdefault("num_members", args.num_members)
     if name == "independent":
         singles = [
@@ -256,7 +262,9 @@ def run_setting(name: str, args, base, tokenizer, dataset, budget: dict):
 def setting_label(name: str) -> str:
     if name.startswith("default"):
         label = runs.library_defaults()["label"]
-        return label.replace("floor 0.1", "floor 0") if name == "default_nofloor" else label
+        if name == "default_nofloor":
+            return label.replace("floor 0.1", "floor 0")
+        return label + ", row routing" if name == "default_row" else label
     return SETTINGS[name]["label"]
 
 

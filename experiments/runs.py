@@ -101,7 +101,7 @@ def train_ensemble(trainer_cls, config_cls, base, tokenizer, dataset, settings: 
         alpha_warmup_ratio=run.get("warmup", 0.0),
         member_init_std=run.get("init_std", settings["member_init_std"]),
         responsibility_floor=run.get("floor", 0.0),
-        **settings.get("extra_config", {}),
+        **{**settings.get("extra_config", {}), **run.get("config", {})},
     )
     trainer = trainer_cls(
         model=copy.deepcopy(base),

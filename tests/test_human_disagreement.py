@@ -54,9 +54,10 @@ def test_the_study_runs_unchanged_on_every_chaosnli_part(part, make_row, tmp_pat
     rng = random.Random(0)
     data = tmp_path / f"chaosnli-{part}.jsonl"
     data.write_text("".join(json.dumps(make_row(i, rng)) + "\n" for i in range(24)))
-    payload = run_study(data, tmp_path / "out", "--settings", "base,single,alpha1,default", "--train_labels", "sampled:5")
+    settings = "base,single,alpha1,default,default_row"
+    payload = run_study(data, tmp_path / "out", "--settings", settings, "--train_labels", "sampled:5")
     assert payload["part"] == ("nli" if part == "mnli" else "anli")
-    assert set(payload["settings"]) == {"base", "single", "alpha1", "default"}
+    assert set(payload["settings"]) == set(settings.split(","))
     for name, metrics in payload["settings"].items():
         assert set(METRICS) <= set(metrics), name
         assert 0.0 <= metrics["jsd"] <= 1.0 and metrics["kl"] >= 0.0 and 0.0 <= metrics["accuracy"] <= 1.0

@@ -4,7 +4,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.helpers import CPU_ARGS, PLAIN_OBJECTIVE, assert_close_dicts, lora_config, lora_grads, step_grads
+from tests.helpers import CPU_ARGS, PLAIN_OBJECTIVE, assert_close_dicts, first_batch, lora_config, lora_grads, step_grads
 from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
 from trl_renyi.data.chaosnli import chaosnli_to_multi_completion, chaosnli_to_prompt_completion
 from trl_renyi.data.multi_completion import expand_multi_completion
@@ -109,3 +109,60 @@ def test_chaosnli_converter_sampled_votes():
     torch.testing.assert_close(totals / totals.sum(), torch.tensor([0.1, 0.6, 0.3]), atol=0.03, rtol=0)
     with pytest.raises(ValueError, match="labels"):
         chaosnli_to_multi_completion([SNLI], labels="bogus")
+
+
+# ------------------------------------------------------------------------------------- routing a row as one example
+def make_routed(model, tokenizer, tmp_path, routing, **overrides):
+    return make(model, Dataset.from_dict(ROWS), tokenizer, tmp_path, multi_annotator_routing=routing, **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(alpha=1.0), dict(alpha=1.0, responsibility_floor=0.2, gradient_checkpointing=True), dict(alpha=-1.0, num_members=1)],
+    ids=["alpha1", "alpha1_floor_checkpointing", "k1"],
+)
+def test_row_routing_equals_completion_routing_where_the_bound_is_linear(make_model, tokenizer, tmp_path, overrides):
+    """At α = 1 the bound is linear in ℓ and with K = 1 it is ℓ itself: routing a row or its completions is the same."""
+    results = []
+    for routing in ("row", "completion"):
+        trainer = make_routed(make_model(), tokenizer, tmp_path, routing, **overrides)
+        randomise_members(trainer.model)
+        results.append(step_grads(trainer, checkpointing=overrides.get("gradient_checkpointing", False)))
+    (loss_r, grads_r), (loss_c, grads_c) = results
+    torch.testing.assert_close(loss_r, loss_c, rtol=1e-5, atol=0)
+    for name in grads_c:
+        assert_close_dicts(grads_r[name], grads_c[name], rtol=1e-5, scaled=True)
+
+
+def test_row_routing_is_the_bound_of_each_rows_summed_annotations(make_model, tokenizer, tmp_path):
+    """α = −1, K = 2: the loss is −Σ_i J(Σ_j w_ij ℓ_ij·) / Σ_ij w_ij n_ij, from the completions' own ℓ (float64)."""
+    from trl_renyi.objective import renyi_bound
+
+    completion = make_routed(make_model(), tokenizer, tmp_path, "completion", alpha=-1.0)
+    routed = make_routed(make_model(), tokenizer, tmp_path, "row", alpha=-1.0)
+    randomise_members(completion.model)
+    randomise_members(routed.model)
+    batch, routed_batch = first_batch(completion), first_batch(routed)
+    assert "row_index" not in batch
+    rows = routed_batch["row_index"]
+    assert sorted(rows.tolist()) == [0, 0, 1, 1]  # two rows, two completions with a positive weight each
+    torch.testing.assert_close(batch["completion_weights"], routed_batch["completion_weights"])
+    with torch.no_grad(), completion.member_routing(completion.model):
+        step = completion._member_loglik(completion.model, batch)
+    assert step.loglik.shape == (4, 2)
+    weights = batch["completion_weights"].double()
+    row_loglik = torch.zeros(2, 2, dtype=torch.float64).index_add(0, rows, weights[:, None] * step.loglik.double())
+    tokens = (weights * step.num_tokens.double()).sum()
+    expected = -renyi_bound(row_loglik, -1.0).value.sum() / tokens
+    with torch.no_grad(), routed.member_routing(routed.model):
+        loss = routed.compute_loss(routed.model, routed_batch)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+    per_completion = -step.weighted_sum(renyi_bound(step.loglik, -1.0).value) / tokens
+    assert abs(float(loss) - float(per_completion)) > 1e-4  # the two routings differ at α < 1
+
+
+def test_row_routing_needs_shared_prompts_and_summed_logliks(make_model, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="multi_annotator_routing='row'.*share_prompt"):
+        make_routed(make_model(), tokenizer, tmp_path, "row", share_prompt=False)
+    with pytest.raises(ValueError, match="loglik_reduction='sum'"):
+        make_routed(make_model(), tokenizer, tmp_path, "row", loglik_reduction="mean")

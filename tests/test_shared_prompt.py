@@ -200,8 +200,9 @@ def test_unset_share_prompt_falls_back_where_it_cannot_share(make_model, tokeniz
     model.config._attn_implementation = "flex_attention"
     trainer = make_trainer(RenyiDPOTrainer, RenyiDPOConfig, model, long_prompt_pairs(), tokenizer, tmp_path)
     assert trainer.share_prompt is False
-    plain = sft_trainer(make_model(), Dataset.from_dict({"prompt": ["a"], "completion": [" b"]}), tokenizer, tmp_path)
-    assert plain.share_prompt is False  # nothing to share without multi-annotator rows
+    other = sft_trainer(make_model(), Dataset.from_dict(ROWS), tokenizer, tmp_path,
+                        train_sampling_strategy="group_by_length")
+    assert other.share_prompt is False  # multi-annotator rows cannot be sampled by the length of single sequences
 
 
 def test_share_prompt_must_be_a_boolean(tmp_path):
@@ -215,3 +216,46 @@ def test_mixture_of_experts_models_do_not_share(tokenizer, family):
     from tests.test_options import _tiny_moe
 
     assert "mixture of experts" in shared_prompt_refusal(_tiny_moe(tokenizer, family))
+
+
+# ------------------------------------------------------------------------------- a prefix shared by a batch's rows
+SYSTEM = "You are a terse assistant. Answer in as few words as you can, and never explain yourself."
+
+
+def system_prompt_rows():
+    from tests.conftest import COMPLETIONS, PROMPTS
+
+    return Dataset.from_dict({
+        "prompt": [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": p}] for p in PROMPTS],
+        "completion": [[{"role": "assistant", "content": c.strip()}] for c in COMPLETIONS],
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sft_batches_share_their_common_system_prompt_exactly(make_model, tokenizer, tmp_path, checkpointing):
+    from trl_renyi.training.prompt_sharing import SharedPrefixCollator
+
+    results = []
+    for share in (True, False):
+        trainer = sft_trainer(make_model(), system_prompt_rows(), tokenizer, tmp_path, share_prompt=share,
+                              gradient_checkpointing=checkpointing)
+        assert isinstance(trainer.data_collator, SharedPrefixCollator) is share
+        randomise_members(trainer.model)
+        if share:
+            examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+            batch = trainer.data_collator(examples)
+            assert batch["input_ids"].shape[0] == 1  # one packed row: the system prompt once
+            assert batch["input_ids"].numel() < 0.75 * sum(len(e["input_ids"]) for e in examples)
+        results.append(step_grads(trainer, checkpointing=checkpointing))
+    (loss_s, grads_s), (loss_u, grads_u) = results
+    torch.testing.assert_close(loss_s, loss_u, rtol=1e-5, atol=0)
+    for name in member_names(2):
+        assert_close_dicts(grads_s[name], grads_u[name], rtol=1e-5, scaled=True)
+
+
+def test_batches_without_a_long_common_prefix_keep_trls_layout(make_model, tokenizer, tmp_path, prompt_completion_dataset):
+    trainer = sft_trainer(make_model(), prompt_completion_dataset, tokenizer, tmp_path)
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer.data_collator(examples)
+    assert batch["input_ids"].shape[0] == len(examples) and "example_index" not in batch
+    assert batch["attention_mask"].dim() == 2  # TRL's own collation

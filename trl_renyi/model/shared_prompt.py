@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 #: Batch keys that describe the layout and are not model inputs (removed before every forward).
-LAYOUT_KEYS = ("completion_weights", "example_index", "num_sequence_tokens")
+LAYOUT_KEYS = ("completion_weights", "example_index", "num_sequence_tokens", "row_index")
 
 _MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 

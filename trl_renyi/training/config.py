@@ -94,11 +94,13 @@ class RenyiEnsembleArguments:
     share_prompt: bool | None = field(
         default=None,
         metadata={
-            "help": "Run each prompt once for all of its completions (DPO's chosen and rejected answers, the "
-            "completions of a multi-annotator SFT row): one packed row per prompt in which every completion attends "
-            "to the shared prompt and to itself, so loss and gradients equal the unshared computation. Unset: on "
-            "wherever the model allows it (sdpa or eager attention, no sliding window, position ids); True: refuse "
-            "by name where it cannot be honoured; False: every sequence runs on its own."
+            "help": "Run a prompt once for all the sequences that start with it (DPO's chosen and rejected answers; "
+            "the completions of a multi-annotator SFT row; in other SFT batches, a prefix such as a system prompt "
+            "common to every row, when that saves at least a quarter of the batch's tokens): packed rows in which "
+            "every completion attends to the shared prompt and to itself, so loss and gradients equal the unshared "
+            "computation. Unset: on wherever the model allows it (sdpa or eager attention, no sliding window, "
+            "position ids, no mixture of experts); True: refuse by name where it cannot be honoured; False: every "
+            "sequence runs on its own."
         },
     )
 
@@ -172,7 +174,36 @@ class RenyiEnsembleArguments:
 TRAINING_ARGUMENT_OVERRIDES = ("gradient_checkpointing",)
 
 
-def ensemble_fields_doc(trl_config) -> str:
+@dataclass
+class RenyiSFTArguments:
+    """Ensemble fields that only the SFT trainer has (multi-annotator rows)."""
+
+    multi_annotator_routing: str = field(
+        default="completion",
+        metadata={
+            "help": "How the bound treats a multi-annotator row (prompt + weighted completions): 'completion' makes "
+            "each completion its own example, routed on its own (the loss of the expanded one-completion rows); "
+            "'row' makes the row one example whose log-likelihood under member k is that of all its annotations, "
+            "ℓ_ik = Σ_j w_ij ℓ_ijk, so a member is responsible for an item's whole vote distribution, not for one "
+            "label across items. Equal at α = 1 or K = 1. 'row' needs share_prompt and loglik_reduction='sum'.",
+            "choices": ["completion", "row"],
+        },
+    )
+
+    def __post_init__(self):
+        if self.multi_annotator_routing not in ("completion", "row"):
+            raise ValueError(
+                f"multi_annotator_routing must be 'completion' or 'row', got {self.multi_annotator_routing!r}."
+            )
+        if self.multi_annotator_routing == "row" and self.loglik_reduction != "sum":
+            raise ValueError(
+                "multi_annotator_routing='row' sums the log-likelihoods of a row's annotations and needs "
+                f"loglik_reduction='sum', got {self.loglik_reduction!r}."
+            )
+        super().__post_init__()
+
+
+def ensemble_fields_doc(trl_config, *extra_fields) -> str:
     """The docstring of a Rényi config: its ensemble fields listed as TRL's configs list theirs (from the fields'
     ``help``, so the two never disagree), then the TRL config's own parameters."""
     lines = [
@@ -184,7 +215,10 @@ def ensemble_fields_doc(trl_config) -> str:
         "    > Parameters of the ensemble",
         "",
     ]
-    for f in RenyiEnsembleArguments.__dataclass_fields__.values():
+    fields = [*RenyiEnsembleArguments.__dataclass_fields__.values()]
+    for arguments in extra_fields:
+        fields += [arguments.__dataclass_fields__[name] for name in arguments.__annotations__]
+    for f in fields:
         if f.name in TRAINING_ARGUMENT_OVERRIDES:
             continue
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
@@ -197,8 +231,8 @@ def ensemble_fields_doc(trl_config) -> str:
 
 
 @dataclass
-class RenyiSFTConfig(RenyiEnsembleArguments, SFTConfig):
-    __doc__ = ensemble_fields_doc(SFTConfig)
+class RenyiSFTConfig(RenyiSFTArguments, RenyiEnsembleArguments, SFTConfig):
+    __doc__ = ensemble_fields_doc(SFTConfig, RenyiSFTArguments)
 
 
 @dataclass

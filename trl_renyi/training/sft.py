@@ -7,14 +7,18 @@ from trl import SFTTrainer
 
 from trl_renyi.data.formats import prepare_training_datasets
 from trl_renyi.model.layer import get_router
+from trl_renyi.model.shared_prompt import attention_implementation
 from trl_renyi.training.config import RenyiSFTConfig
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config
 from trl_renyi.training.options import check_options
+from trl_renyi.training.prompt_sharing import SharedPrefixCollator
 from trl_renyi.training.step import MemberLogLik
 from trl_renyi.training.weighted_rows import (
+    check_row_routing,
     enable_completion_weights,
     has_multi_completion,
     prepare_multi_completion,
+    row_log_likelihood,
     share_prompt_blockers,
 )
 
@@ -64,12 +68,14 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         )
         loaded_here = isinstance(model, str)
         model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
-        self.share_prompt = has_multi_completion(train_dataset, eval_dataset) and self._resolve_share_prompt(
-            args, model, share_prompt_blockers(args, train_dataset, data_collator)
+        multi = has_multi_completion(train_dataset, eval_dataset)
+        self.share_prompt = self._resolve_share_prompt(
+            args, model, share_prompt_blockers(args, train_dataset, data_collator, regroup=multi)
         )
         train_dataset, eval_dataset, weighted = prepare_multi_completion(
             args, train_dataset, eval_dataset, self.share_prompt
         )
+        check_row_routing(args, weighted, self.share_prompt)
         with self._model_init_kwargs_applied(args, loaded_here):
             super().__init__(
                 model=model,
@@ -83,6 +89,9 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         self._finish_ensemble_setup()
         if weighted:
             enable_completion_weights(self, self.share_prompt)
+        elif self.share_prompt:  # a prefix common to a batch's rows (system prompt, template header) runs once
+            base = self.accelerator.unwrap_model(self.model).get_base_model()
+            self.data_collator = SharedPrefixCollator(self.data_collator, attention_implementation(base), base.dtype)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs["use_cache"] = False
@@ -101,6 +110,9 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         )
         if self.args.loglik_reduction == "mean":
             loglik = loglik / num_tokens.unsqueeze(-1)
+        if "row_index" in inputs:  # multi_annotator_routing="row": one example per row, its annotations summed
+            loglik, num_tokens = row_log_likelihood(loglik, num_tokens, weights, inputs["row_index"])
+            weights = None
         return MemberLogLik(loglik=loglik, outputs=outputs, num_tokens=num_tokens, example_weights=weights)
 
     def _router_aux_steps(self, num_items_in_batch) -> int:

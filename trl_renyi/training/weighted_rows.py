@@ -13,11 +13,21 @@ that TRL tokenises and truncates every completion exactly as it would a plain pr
   as the batch's ``completion_weights``; a batch then holds ``per_device_train_batch_size`` completions.
 
 Either way the weights scale both the bound and the token normaliser, and the loss equals that of the expanded rows.
+
+With ``multi_annotator_routing="row"`` (shared prompts only) the collator also gives each completion the index of its
+row in the batch (``row_index``), and the trainer turns the completions' log-likelihoods into one per row,
+
+.. math::
+
+    \ell_{ik} = \sum_j w_{ij}\, \ell_{ijk}, \qquad
+    \mathcal{L} = -\frac{\sum_i J(\ell_{i\cdot})}{\sum_i \sum_j w_{ij}\, n_{ij}},
+
+the log-likelihood of all of the row's annotations under member k: the row, not each vote, is routed to members.
+At α = 1 (J linear in ℓ) and for K = 1 this is the expanded rows' loss.
 """
 
 from __future__ import annotations
 
-import torch
 from datasets import IterableDataset
 
 from trl_renyi.data.multi_completion import (
@@ -28,7 +38,8 @@ from trl_renyi.data.multi_completion import (
     group_completions,
     is_multi_completion,
 )
-from trl_renyi.model.shared_prompt import attention_implementation, pack_shared_prompts
+from trl_renyi.model.shared_prompt import attention_implementation
+from trl_renyi.training.prompt_sharing import SharedPromptCollator
 
 
 def _map_datasets(function, dataset):
@@ -42,17 +53,45 @@ def has_multi_completion(train_dataset, eval_dataset) -> bool:
     return any(is_multi_completion(d) for d in datasets)
 
 
-def share_prompt_blockers(args, train_dataset, data_collator) -> dict[str, bool]:
-    """The reasons, beside the model's, why multi-annotator rows cannot share their prompt pass."""
-    return {
+def check_row_routing(args, weighted: bool, share_prompt: bool) -> None:
+    """``multi_annotator_routing="row"`` needs every completion of a row in the same batch (the shared layout)."""
+    if args.multi_annotator_routing == "row" and weighted and not share_prompt:
+        raise ValueError(
+            "multi_annotator_routing='row' routes a multi-annotator row as one example, so all its completions must be "
+            "in one batch: that is the shared-prompt layout, which is off here (share_prompt=False, or the model or "
+            "the options do not allow it; see the log). Use multi_annotator_routing='completion'."
+        )
+
+
+def row_log_likelihood(loglik, num_tokens, weights, row_index):
+    """``(loglik (R, K), num_tokens (R,))`` of the R rows from their completions' ``(N, K)`` and ``(N,)``, weighted:
+    ℓ_ik = Σ_j w_ij ℓ_ijk, n_i = Σ_j w_ij n_ij."""
+    if row_index.shape[0] != loglik.shape[0]:
+        raise ValueError(f"{row_index.shape[0]} row indices for {loglik.shape[0]} completions with completion tokens")
+    rows = int(row_index.max()) + 1 if row_index.numel() else 0
+    weights = weights.to(device=loglik.device, dtype=loglik.dtype)
+    index = row_index.to(loglik.device)
+    row_loglik = loglik.new_zeros(rows, loglik.shape[1]).index_add(0, index, weights[:, None] * loglik)
+    row_tokens = num_tokens.new_zeros(rows).index_add(0, index, weights.to(num_tokens.dtype) * num_tokens)
+    return row_loglik, row_tokens
+
+
+def share_prompt_blockers(args, train_dataset, data_collator, regroup: bool) -> dict[str, bool]:
+    """The reasons, beside the model's, why SFT batches cannot share their prompt pass (``regroup``: multi-annotator
+    rows, which are regrouped by prompt; otherwise a prefix common to a batch's rows)."""
+    blockers = {
         "a custom data_collator builds the batches (the shared layout needs the trainer's own collator)": (
             data_collator is not None
         ),
-        "an IterableDataset cannot be regrouped by prompt": isinstance(train_dataset, IterableDataset),
-        "group_by_length sorts single sequences, not prompts with their completions": bool(
-            getattr(args, "group_by_length", False)
-        ),
+        "packing=True already packs several sequences into each row": bool(getattr(args, "packing", False)),
     }
+    if regroup:
+        blockers["an IterableDataset cannot be regrouped by prompt"] = isinstance(train_dataset, IterableDataset)
+        blockers[
+            f"train_sampling_strategy={args.train_sampling_strategy!r} samples by the length of single sequences, not of "
+            "prompts with their completions"
+        ] = args.train_sampling_strategy in ("group_by_length", "batch_rebalance")
+    return blockers
 
 
 def prepare_multi_completion(args, train_dataset, eval_dataset, share_prompt: bool = False):
@@ -91,32 +130,10 @@ def enable_completion_weights(trainer, share_prompt: bool = False) -> None:
             pad_to_multiple_of=trainer.args.pad_to_multiple_of,
             attention_implementation=attention_implementation(base),
             dtype=base.dtype,
+            row_index=trainer.args.multi_annotator_routing == "row",
         )
         return
     trainer._set_signature_columns_if_needed()
     if WEIGHT_COLUMN not in trainer._signature_columns:
         trainer._signature_columns = [*trainer._signature_columns, WEIGHT_COLUMN]
     trainer.data_collator = WeightedCollator(trainer.data_collator)
-
-
-class SharedPromptCollator:
-    """Collate regrouped multi-annotator rows (``group_input_ids``, ``group_labels``, ``group_weights``) into the
-    shared-prompt layout: model inputs (``input_ids``, ``position_ids``, the 4-D ``attention_mask``, ``labels``) plus
-    ``example_index`` (the completion each scored token belongs to), ``completion_weights`` (one per completion, in
-    that order) and ``num_sequence_tokens`` (the tokens of the unshared sequences, for TRL's ``num_tokens``)."""
-
-    def __init__(self, pad_token_id: int, padding_free: bool, pad_to_multiple_of, attention_implementation, dtype):
-        self.pad_token_id = pad_token_id
-        self.padding_free = padding_free
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.attention_implementation = attention_implementation
-        self.dtype = dtype
-
-    def __call__(self, examples: list[dict]) -> dict:
-        groups = [list(zip(e["group_input_ids"], e["group_labels"])) for e in examples]
-        layout = pack_shared_prompts(groups, self.pad_token_id, self.padding_free, self.pad_to_multiple_of)
-        batch = layout.model_inputs(self.attention_implementation, self.dtype)
-        batch["example_index"] = layout.example_index
-        batch["completion_weights"] = torch.tensor([w for e in examples for w in e["group_weights"]], dtype=torch.float32)
-        batch["num_sequence_tokens"] = torch.tensor(layout.num_sequence_tokens)
-        return batch

@@ -1,0 +1,74 @@
+"""Collators that run a prompt once for all the sequences that start with it (see :mod:`trl_renyi.model.shared_prompt`).
+
+* :class:`SharedPromptCollator`: regrouped multi-annotator rows, one packed row per prompt with all its completions.
+* :class:`SharedPrefixCollator`: ordinary SFT batches whose rows all start with the same unscored prefix (a system
+  prompt, a chat template's header, a few-shot preamble): when sharing it saves at least ``min_saving`` of the
+  batch's tokens, the batch becomes one packed row in which that prefix runs once; otherwise TRL's own collator
+  builds the batch as usual. Either way the loss and the gradients are those of the unshared batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trl_renyi.model.shared_prompt import pack_shared_prompts, shared_prefix_length
+
+
+class SharedPromptCollator:
+    """Collate regrouped multi-annotator rows (``group_input_ids``, ``group_labels``, ``group_weights``) into the
+    shared-prompt layout: model inputs (``input_ids``, ``position_ids``, the 4-D ``attention_mask``, ``labels``) plus
+    ``example_index`` (the completion each scored token belongs to), ``completion_weights`` (one per completion, in
+    that order), ``num_sequence_tokens`` (the tokens of the unshared sequences, for TRL's ``num_tokens``) and, with
+    ``row_index``, the batch row of every completion."""
+
+    def __init__(
+        self, pad_token_id: int, padding_free: bool, pad_to_multiple_of, attention_implementation, dtype,
+        row_index: bool = False,
+    ):  # fmt: skip
+        self.row_index = row_index
+        self.pad_token_id = pad_token_id
+        self.padding_free = padding_free
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.attention_implementation = attention_implementation
+        self.dtype = dtype
+
+    def __call__(self, examples: list[dict]) -> dict:
+        groups = [list(zip(e["group_input_ids"], e["group_labels"])) for e in examples]
+        layout = pack_shared_prompts(groups, self.pad_token_id, self.padding_free, self.pad_to_multiple_of)
+        batch = layout.model_inputs(self.attention_implementation, self.dtype)
+        batch["example_index"] = layout.example_index
+        batch["completion_weights"] = torch.tensor([w for e in examples for w in e["group_weights"]], dtype=torch.float32)
+        batch["num_sequence_tokens"] = torch.tensor(layout.num_sequence_tokens)
+        if self.row_index:
+            batch["row_index"] = torch.tensor([i for i, e in enumerate(examples) for _ in e["group_weights"]])
+        return batch
+
+
+class SharedPrefixCollator:
+    """Wraps TRL's SFT collator: a batch whose rows share an unscored prefix saving at least ``min_saving`` of its
+    tokens (and packing into at most ``max_packed_tokens``) is packed into one row that runs the prefix once."""
+
+    def __init__(self, collator, attention_implementation, dtype, min_saving: float = 0.25, max_packed_tokens=4096):
+        self.collator = collator
+        self.attention_implementation = attention_implementation
+        self.dtype = dtype
+        self.min_saving = min_saving
+        self.max_packed_tokens = max_packed_tokens
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if not all(isinstance(e, dict) and "input_ids" in e for e in examples):  # not tokenised here (e.g. vision)
+            return self.collator(examples)
+        sequences = [(e["input_ids"], e.get("labels", e["input_ids"])) for e in examples]
+        total = sum(len(ids) for ids, _ in sequences)
+        shared = shared_prefix_length([list(ids) for ids, _ in sequences], [list(lab) for _, lab in sequences])
+        saving = (shared - 1) * (len(sequences) - 1) if shared > 1 else 0
+        if len(sequences) < 2 or saving < self.min_saving * total or total - saving > self.max_packed_tokens:
+            return self.collator(examples)
+        layout = pack_shared_prompts([sequences], self.collator.pad_token_id or 0, padding_free=True)
+        batch = layout.model_inputs(self.attention_implementation, self.dtype)
+        batch["example_index"] = layout.example_index
+        batch["num_sequence_tokens"] = torch.tensor(layout.num_sequence_tokens)
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.collator, name)
