@@ -1,11 +1,11 @@
 """Step time of multi-annotator rows against their expansion into one row per vote.
 
 A ChaosNLI item with five original votes split 3 / 2 between two labels is one multi-annotator row (prompt, the two
-label words, weights 3 and 2), which the trainer turns into two weighted rows; TRL's plain prompt/completion form of
-the same votes is five rows. Both train the same objective (tests/test_multi_annotator.py checks loss and gradients).
-This measures, in one process, the median ``RenyiSFTTrainer`` step time for the same number of items per step in
-both forms, and the cost per item: about (distinct labels) / (votes) = 2 / 5 of the expansion while the prompt is
-still run once per completion (no prompt sharing yet); with one prompt pass per item it would approach 1 / 5.
+label words, weights 3 and 2); TRL's plain prompt/completion form of the same votes is five rows. All train the same
+objective (tests/test_multi_annotator.py and tests/test_shared_prompt.py check loss and gradients). This measures,
+in one process, the median ``RenyiSFTTrainer`` step time for the same items per step in three forms: the rows with
+one prompt pass per item (``share_prompt``, the default), the same rows with ``share_prompt=False`` (one pass per
+distinct label: about 2 / 5 of the expansion) and the expansion into one row per vote.
 
 Items come from ``--data`` (default ``../shared/data/chaosnli-snli.jsonl``; only items whose 5 votes fall on exactly
 two labels, so every item is two weighted rows); without the file, generated items of the same shape are used and
@@ -80,7 +80,7 @@ def two_label_items(path: Path, count: int) -> tuple[list[dict], str]:
     return generated, f"generated (no {path})"
 
 
-def time_steps(base, tokenizer, dataset, rows_per_step: int, args) -> list[float]:
+def time_steps(base, tokenizer, dataset, rows_per_step: int, args, share_prompt: bool) -> list[float]:
     from peft import LoraConfig
 
     from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
@@ -90,6 +90,7 @@ def time_steps(base, tokenizer, dataset, rows_per_step: int, args) -> list[float
         max_steps=args.warmup + args.repeats, learning_rate=1e-4, report_to="none", save_strategy="no",
         logging_steps=10_000, disable_tqdm=True, use_cpu=not torch.cuda.is_available(), seed=0, max_length=256,
         activation_checkpointing=False, num_members=args.num_members, alpha=-1.0, alpha_warmup_ratio=0.0,
+        share_prompt=share_prompt,
     )  # fmt: skip
     timer = StepTimer()
     trainer = RenyiSFTTrainer(
@@ -124,10 +125,13 @@ def main(argv=None) -> int:
         base, tokenizer = load_causal_lm(args.model, dtype="float32"), load_tokenizer(args.model)
     print(f"{len(items)} items from {source}; K = {args.num_members}, {args.items_per_step} items per step", flush=True)
     with quiet_transformers():
-        print("  multi-annotator rows (2 weighted rows per item) ...", flush=True)
-        weighted_times = time_steps(base, tokenizer, weighted, 2 * args.items_per_step, args)
+        print("  multi-annotator rows, one prompt pass per item ...", flush=True)
+        shared_times = time_steps(base, tokenizer, weighted, args.items_per_step, args, share_prompt=True)
+        print("  multi-annotator rows, share_prompt=False (2 weighted rows per item) ...", flush=True)
+        weighted_times = time_steps(base, tokenizer, weighted, 2 * args.items_per_step, args, share_prompt=False)
         print("  expanded rows (5 rows per item, one per vote) ...", flush=True)
-        expanded_times = time_steps(base, tokenizer, expanded, 5 * args.items_per_step, args)
+        expanded_times = time_steps(base, tokenizer, expanded, 5 * args.items_per_step, args, share_prompt=False)
+    shared_s = median_after_warmup(shared_times, args.warmup)
     weighted_s = median_after_warmup(weighted_times, args.warmup)
     expanded_s = median_after_warmup(expanded_times, args.warmup)
     payload = {
@@ -136,18 +140,24 @@ def main(argv=None) -> int:
         "data": source,
         "num_members": args.num_members,
         "items_per_step": args.items_per_step,
+        "shared_prompt_step_s": shared_s,
         "multi_annotator_step_s": weighted_s,
         "expanded_step_s": expanded_s,
-        "ratio": weighted_s / expanded_s,
-        "step_times": {"multi_annotator": weighted_times, "expanded": expanded_times},
+        "ratio": shared_s / expanded_s,
+        "ratio_unshared": weighted_s / expanded_s,
+        "step_times": {"shared_prompt": shared_times, "multi_annotator": weighted_times, "expanded": expanded_times},
     }
     write_json(args.output, payload)
     table = (
-        "| form of the same items | rows per item | median K-member step (s) | per item (s) |\n|---|---|---|---|\n"
-        f"| multi-annotator rows (weighted) | 2 | {weighted_s:.2f} | {weighted_s / args.items_per_step:.2f} |\n"
+        "| form of the same items | prompt passes per item | median K-member step (s) | per item (s) |\n"
+        "|---|---|---|---|\n"
+        f"| multi-annotator rows, one prompt pass (`share_prompt`, default) | 1 | {shared_s:.2f} | "
+        f"{shared_s / args.items_per_step:.2f} |\n"
+        f"| multi-annotator rows, `share_prompt=False` | 2 | {weighted_s:.2f} | {weighted_s / args.items_per_step:.2f} |\n"
         f"| expanded, one row per vote | 5 | {expanded_s:.2f} | {expanded_s / args.items_per_step:.2f} |\n\n"
-        f"Ratio {payload['ratio']:.2f} ({payload['model']}, K = {args.num_members}, {args.items_per_step} items per "
-        f"step, median of {args.repeats} steps after {args.warmup} warm-up; data: {source})."
+        f"Against the expansion: {payload['ratio']:.2f} with one prompt pass per item, {payload['ratio_unshared']:.2f} "
+        f"without ({payload['model']}, K = {args.num_members}, {args.items_per_step} items per step, median of "
+        f"{args.repeats} steps after {args.warmup} warm-up; data: {source})."
     )
     print(table)
     update_benchmarks_page("multi-annotator", table, args.docs, args.quick)

@@ -85,9 +85,10 @@ def test_multi_annotator_benchmark_quick(tmp_path):
     assert run_script(script, "--quick", "--output", out, "--data", tmp_path / "absent.jsonl") == 0
     payload = json.loads(out.read_text())
     assert payload["data"].startswith("generated") and len(payload["step_times"]["expanded"]) == 3
-    assert payload["multi_annotator_step_s"] > 0 and payload["ratio"] == pytest.approx(
-        payload["multi_annotator_step_s"] / payload["expanded_step_s"]
+    assert payload["shared_prompt_step_s"] > 0 and payload["ratio"] == pytest.approx(
+        payload["shared_prompt_step_s"] / payload["expanded_step_s"]
     )
+    assert payload["ratio_unshared"] == pytest.approx(payload["multi_annotator_step_s"] / payload["expanded_step_s"])
 
 
 def test_step_profile_quick(tmp_path):
