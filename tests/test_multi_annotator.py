@@ -166,3 +166,16 @@ def test_row_routing_needs_shared_prompts_and_summed_logliks(make_model, tokeniz
         make_routed(make_model(), tokenizer, tmp_path, "row", share_prompt=False)
     with pytest.raises(ValueError, match="loglik_reduction='sum'"):
         make_routed(make_model(), tokenizer, tmp_path, "row", loglik_reduction="mean")
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_trainer_train_logs_the_expanded_rows_loss(make_model, tokenizer, tmp_path, share_prompt):
+    """Through Trainer.train() the Trainer passes num_items_in_batch, its unweighted count of label tokens: weighted
+    rows must still be normalised by their weighted count, as their expansion is."""
+    losses = []
+    for dataset in (Dataset.from_dict(ROWS), expand_multi_completion(Dataset.from_dict(ROWS), keep_weights=False)):
+        trainer = make(make_model(), dataset, tokenizer, tmp_path, alpha=-1.0, share_prompt=share_prompt)
+        randomise_members(trainer.model)
+        trainer.train()
+        losses.append(trainer.state.log_history[0]["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -110,10 +110,13 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         )
         if self.args.loglik_reduction == "mean":
             loglik = loglik / num_tokens.unsqueeze(-1)
+        weighted = weights is not None
         if "row_index" in inputs:  # multi_annotator_routing="row": one example per row, its annotations summed
             loglik, num_tokens = row_log_likelihood(loglik, num_tokens, weights, inputs["row_index"])
             weights = None
-        return MemberLogLik(loglik=loglik, outputs=outputs, num_tokens=num_tokens, example_weights=weights)
+        return MemberLogLik(
+            loglik=loglik, outputs=outputs, num_tokens=num_tokens, example_weights=weights, weighted=weighted
+        )
 
     def _router_aux_steps(self, num_items_in_batch) -> int:
         """TRL's SFT: with ``num_items_in_batch`` the loss carries the gradient-accumulation average itself."""
@@ -123,8 +126,14 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         """TRL's normaliser: completion tokens of the batch (``num_items_in_batch`` under gradient accumulation) for
         ``loglik_reduction="sum"``; the number of examples for ``"mean"``."""
         if self.args.loglik_reduction == "sum":
+            if step.weighted and num_items_in_batch is not None:
+                # the Trainer counts the labels' tokens, unweighted; weighted rows train with one micro-batch per
+                # step, so this batch's weighted count (summed over processes, as the Trainer sums its count) is it
+                num_items_in_batch = step.weighted_sum(step.num_tokens).detach()
+                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                    num_items_in_batch = self.accelerator.reduce(num_items_in_batch.clone(), reduction="sum")
             count = step.weighted_sum(step.num_tokens) if num_items_in_batch is None else num_items_in_batch
-            loss = negative_bound_sum / torch.as_tensor(count, device=negative_bound_sum.device).clamp(min=1)
+            loss = negative_bound_sum / torch.as_tensor(count, device=negative_bound_sum.device).clamp(min=1e-12)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             return loss

@@ -22,12 +22,15 @@ class MemberLogLik:
             and, for MoE models asked for router logits, the members' mean load-balancing ``aux_loss``).
         num_tokens: ``(N,)`` completion tokens of each example (SFT), or ``None``.
         example_weights: ``(N,)`` weights of multi-annotator completions, or ``None`` (every example weighs 1).
+        weighted: the batch held multi-annotator weights (folded into ``loglik`` and ``num_tokens`` when rows are
+            routed whole), so a token count taken from the labels alone is not its normaliser.
     """
 
     loglik: torch.Tensor
     outputs: object
     num_tokens: torch.Tensor | None = None
     example_weights: torch.Tensor | None = None
+    weighted: bool = False
 
     @property
     def num_examples(self) -> int:
