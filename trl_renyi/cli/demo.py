@@ -71,7 +71,7 @@ class DemoConfig:
     )
     member_init_std: float = field(default=0.01, metadata={"help": "Std of each member's random initial LoRA B."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the LoRA weights."})
-    max_steps: int = field(default=60, metadata={"help": "Optimizer steps."})
+    max_steps: int = field(default=36, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=8, metadata={"help": "Examples per step (every member sees all of them)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of every member (all linear layers)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
