@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from trl_renyi.model.shared_prompt import pack_shared_prompts, shared_prefix_length
+from trl_renyi.model.shared_prompt import SharedPromptBatch, pack_shared_prompts, shared_prefix_length
+
+
+def layout_batch(layout: SharedPromptBatch, attention_implementation: str, dtype) -> dict:
+    """The model inputs of a packed layout plus what the trainer reads besides: ``example_index`` (the sequence of
+    every scored token) and ``num_sequence_tokens`` (the unshared sequences' tokens, for TRL's ``num_tokens``)."""
+    batch = layout.model_inputs(attention_implementation, dtype)
+    batch["example_index"] = layout.example_index
+    batch["num_sequence_tokens"] = torch.tensor(layout.num_sequence_tokens)
+    return batch
 
 
 class SharedPromptCollator:
@@ -35,10 +44,8 @@ class SharedPromptCollator:
     def __call__(self, examples: list[dict]) -> dict:
         groups = [list(zip(e["group_input_ids"], e["group_labels"])) for e in examples]
         layout = pack_shared_prompts(groups, self.pad_token_id, self.padding_free, self.pad_to_multiple_of)
-        batch = layout.model_inputs(self.attention_implementation, self.dtype)
-        batch["example_index"] = layout.example_index
+        batch = layout_batch(layout, self.attention_implementation, self.dtype)
         batch["completion_weights"] = torch.tensor([w for e in examples for w in e["group_weights"]], dtype=torch.float32)
-        batch["num_sequence_tokens"] = torch.tensor(layout.num_sequence_tokens)
         if self.row_index:
             batch["row_index"] = torch.tensor([i for i, e in enumerate(examples) for _ in e["group_weights"]])
         return batch
@@ -65,10 +72,7 @@ class SharedPrefixCollator:
         if len(sequences) < 2 or saving < self.min_saving * total or total - saving > self.max_packed_tokens:
             return self.collator(examples)
         layout = pack_shared_prompts([sequences], self.collator.pad_token_id or 0, padding_free=True)
-        batch = layout.model_inputs(self.attention_implementation, self.dtype)
-        batch["example_index"] = layout.example_index
-        batch["num_sequence_tokens"] = torch.tensor(layout.num_sequence_tokens)
-        return batch
+        return layout_batch(layout, self.attention_implementation, self.dtype)
 
     def __getattr__(self, name):
         return getattr(self.collator, name)
