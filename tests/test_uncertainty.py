@@ -120,6 +120,19 @@ def test_scores_match_independent_member_forwards(make_model, tokenizer, convers
     torch.testing.assert_close(scores.entropy, scores.aleatoric + scores.mutual_information, rtol=1e-5, atol=1e-6)
 
 
+def test_scores_come_back_in_the_order_given(make_model, tokenizer):
+    # batches are formed by length (shortest first); every field must still follow the caller's order
+    ensemble = make_ensemble(make_model, tokenizer)
+    prompts = [PROMPTS[i] for i in (2, 0, 1, 2, 1)]
+    completions = [COMPLETIONS[i] for i in (0, 2, 1, 1, 0)]
+    one_by_one = [ensemble.score([p], [c]) for p, c in zip(prompts, completions)]
+    for batch_size in (2, 5):
+        scores = ensemble.score(prompts, completions, batch_size=batch_size)
+        for field in ("member_loglik", "num_tokens", "mutual_information", "mutual_information_max", "responsibilities"):
+            expected = torch.cat([getattr(single, field) for single in one_by_one])
+            torch.testing.assert_close(getattr(scores, field), expected, rtol=1e-5, atol=1e-5, msg=field)
+
+
 @pytest.mark.parametrize("conversational", [False, True])
 def test_shared_prompt_choice_scores_equal_whole_sequence_scores(make_model, tokenizer, conversational):
     ensemble = make_ensemble(make_model, tokenizer)

@@ -136,15 +136,22 @@ def _shared_prefix(encoded: list[tuple[list[int], int]]) -> int:
     return length
 
 
-def _question_groups(sizes: list[int], batch_size: int) -> list[range]:
-    """Consecutive questions whose choices together stay within ``batch_size`` rows (at least one question)."""
-    groups, start, rows = [], 0, 0
-    for q, size in enumerate(sizes):
-        if q > start and rows + size > batch_size:
-            groups.append(range(start, q))
-            start, rows = q, 0
+def _question_groups(questions: list[list[tuple[list[int], int]]], batch_size: int) -> list[list[int]]:
+    """Questions in groups whose choices together stay within ``batch_size`` rows (at least one question per group).
+
+    Questions are taken in order of their shared prefix's length (then their longest choice), so a group's prefixes
+    need little left padding and its choices little right padding.
+    """
+    order = sorted(range(len(questions)), key=lambda q: (_shared_prefix(questions[q]), max(len(ids) for ids, _ in questions[q])))
+    groups, group, rows = [], [], 0
+    for q in order:
+        size = len(questions[q])
+        if group and rows + size > batch_size:
+            groups.append(group)
+            group, rows = [], 0
+        group.append(q)
         rows += size
-    groups.append(range(start, len(sizes)))
+    groups.append(group)
     return groups
 
 
@@ -221,21 +228,26 @@ def choice_log_likelihoods(
     if any(_shared_prefix(q) == 0 for q in questions):  # nothing to share (e.g. empty prompts): score the pairs whole
         scores = scorer.score(flat_prompts, flat_completions, batch_size=batch_size, show_progress=show_progress)
         return scores.member_loglik, scores.num_tokens, sizes
-    groups = _question_groups(sizes, batch_size)
+    groups = _question_groups(questions, batch_size)
     if show_progress is None:
         show_progress = len(groups) > 4
     was_training = scorer.model.training
     scorer.model.eval()
-    loglik, num_tokens = [], []
+    first_row = [0]
+    for size in sizes:
+        first_row.append(first_row[-1] + size)
+    loglik, num_tokens, rows = [], [], []
     try:
         for group in tqdm(groups, desc="scoring choices", disable=not show_progress):
             ll, n = _score_group(scorer, [questions[q] for q in group], pad_id)
             loglik.append(ll)
             num_tokens.append(n)
+            rows.extend(row for q in group for row in range(first_row[q], first_row[q + 1]))
     finally:
         if was_training:
             scorer.model.train()
-    return torch.cat(loglik), torch.cat(num_tokens), sizes
+    inverse = torch.argsort(torch.tensor(rows))  # back to the order of the choices given
+    return torch.cat(loglik)[inverse], torch.cat(num_tokens)[inverse], sizes
 
 
 def predict_choices(

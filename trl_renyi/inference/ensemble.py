@@ -159,17 +159,21 @@ class EnsembleScorer:
         chat = self.wraps_plain_prompts
         encoded = [encode_prompt_completion(self.tokenizer, p, c, chat) for p, c in zip(prompts, completions, strict=True)]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        # batches of similar lengths: little padding, and the completions' columns (the only ones that go through the
+        # LM head) line up; results come back in the caller's order
+        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), encoded[i][1]))
         starts = range(0, len(encoded), batch_size)
         if show_progress is None:
             show_progress = len(encoded) > 4 * batch_size
         fields: dict[str, list[torch.Tensor]] = {}
         for start in tqdm(starts, desc="scoring", disable=not show_progress):
-            batch = collate_scoring_batch(encoded[start : start + batch_size], pad)
+            batch = collate_scoring_batch([encoded[i] for i in order[start : start + batch_size]], pad)
             for key, value in self._score_batch(batch).items():
                 fields.setdefault(key, []).append(value)
         if was_training:
             self.model.train()
-        out = {key: torch.cat(values) for key, values in fields.items()}
+        inverse = torch.argsort(torch.tensor(order))
+        out = {key: torch.cat(values)[inverse] for key, values in fields.items()}
         bound = floored_renyi_bound(out["member_loglik"], self.alpha, self.log_weights, self.responsibility_floor)
         out["responsibilities"] = bound.responsibilities
         out["loglik"] = renyi_bound(out["member_loglik"], 0.0, self.log_weights).value

@@ -122,18 +122,20 @@ class MemberBatchedLinear(LoraLinear):
             )
         result = self.base_layer(x, *args, **kwargs)
         weight_a = torch.stack([self.lora_A[n].weight for n in names])  # (K, r, d_in)
-        weight_b = torch.stack([self.lora_B[n].weight for n in names])  # (K, d_out, r)
+        # s_k B_k, the scaling folded into the small (d_out, r) factor rather than applied to the (N, d_out) output
+        weight_b = torch.stack([self.lora_B[n].weight * self.scaling[n] for n in names])  # (K, d_out, r)
         xk = x.to(weight_a.dtype).reshape(num_members, -1, x.shape[-1])
         dropouts = [self.lora_dropout[n] for n in names]
         if not all(isinstance(d, torch.nn.Identity) for d in dropouts):
             xk = torch.stack([dropout(xk[k]) for k, dropout in enumerate(dropouts)])
-        delta = torch.bmm(torch.bmm(xk, weight_a.transpose(1, 2)), weight_b.transpose(1, 2))
-        scalings = [self.scaling[n] for n in names]
-        if all(s == scalings[0] for s in scalings):
-            delta = delta * scalings[0]
-        else:
-            delta = delta * torch.tensor(scalings, device=delta.device, dtype=delta.dtype).view(-1, 1, 1)
-        return result + delta.reshape(*x.shape[:-1], delta.shape[-1]).to(result.dtype)
+        low_rank = torch.bmm(xk, weight_a.transpose(1, 2))  # (K, N, r)
+        blocks = result.reshape(num_members, -1, result.shape[-1])  # (K, N, d_out), member k's rows in block k
+        if blocks.dtype == low_rank.dtype:
+            # W x + s_k B_k A_k x: one batched GEMM accumulating onto W x in place (a linear layer's backward needs its
+            # input and weight, never its output; autograd's version check refuses a base layer that would)
+            return blocks.baddbmm_(low_rank, weight_b.to(low_rank.dtype).transpose(1, 2)).reshape(result.shape)
+        delta = torch.bmm(low_rank, weight_b.transpose(1, 2))
+        return result + delta.reshape(result.shape).to(result.dtype)
 
 
 def get_router(model) -> MemberRouter:
