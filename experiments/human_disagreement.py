@@ -7,6 +7,11 @@ training item becomes one multi-annotator row: the prompt, every label word as a
 100 (``sampled:K``). Each setting is trained with the same budget and scored on the held-out items' label words
 (``predict_choices``: members mixed with π) against their 100-vote distribution.
 
+Budget (every trained setting): ``--steps`` optimizer steps of ``--batch_size`` items, over ``--steps × --batch_size``
+training items by default (one epoch: every item is trained on once, and the audit ranks only items trained on);
+padding-free batches (exact, see the shared-prompt layout); bf16 mixed precision where the machine multiplies bfloat16
+natively (``--precision``; TRL's ``bf16=True``, float32 master weights), scoring always in float32.
+
 Settings (``--settings``, comma-separated):
 
 * ``base`` — the base model, zero-shot (adapters off);
@@ -76,7 +81,10 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True, help="folder for human_disagreement.json and the plots")
     parser.add_argument("--quick", action="store_true", help="tiny offline model and few items: a smoke test")
     parser.add_argument("--settings", default="base,single,alpha1,default,independent", help="comma-separated: " + ",".join(SETTINGS))
-    parser.add_argument("--train_items", type=int, default=None, help="training items (default 480; quick 12)")
+    parser.add_argument(
+        "--train_items", type=int, default=None,
+        help="training items (default: --steps × --batch_size, one epoch, so that the audit ranks only items trained on)",
+    )  # fmt: skip
     parser.add_argument("--eval_items", type=int, default=None, help="held-out items (default 300; quick 8)")
     parser.add_argument(
         "--train_labels", default="original",
@@ -89,6 +97,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="items (multi-annotator rows, all their votes) per step")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument(
+        "--precision", default="auto", choices=("auto", "bf16", "fp32"),
+        help="training precision: bf16 mixed precision (TRL's bf16=True: float32 weights, bfloat16 matmuls) or fp32; "
+        "auto: bf16 where the machine multiplies bfloat16 natively. Scoring is always float32.",
+    )  # fmt: skip
     parser.add_argument("--skip_audit", action="store_true", help="leave out audit_precision_at_100 (saves K passes over the training items)")
     parser.add_argument("--docs", default=None, help="results page to update (default: none; e.g. docs/results.md)")
     args = parser.parse_args(argv)
@@ -98,12 +111,12 @@ def parse_args(argv=None):
         parser.error(f"unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
     if not (args.train_labels == "original" or args.train_labels.startswith("sampled:")):
         parser.error(f"--train_labels must be 'original' or 'sampled:K', got {args.train_labels!r}")
-    args.train_items = args.train_items or (12 if args.quick else 480)
     args.eval_items = args.eval_items or (8 if args.quick else 300)
     args.steps = args.steps or (3 if args.quick else 48)
     if args.quick:
         args.batch_size = min(args.batch_size, 4)
         args.num_members = min(args.num_members, 2)
+    args.train_items = args.train_items or args.steps * args.batch_size
     return args
 
 
@@ -350,24 +363,32 @@ def main(argv=None) -> int:
         flush=True,
     )
     base, tokenizer = runs.load_base(args.quick, args.model)
+    # padding-free batches (exact: each row's prompt and completions are kept apart by the shared layout's mask) and
+    # no truncation, which could cut a label word off a long premise
     budget = {
         "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate, "lora_r": args.lora_r,
-        "member_init_std": 1e-3, "seed": args.seed, "max_length": 256,
+        "member_init_std": 1e-3, "seed": args.seed, "max_length": None, "bf16": runs.resolve_precision(args.precision),
+        "extra_config": {"padding_free": True},
     }  # fmt: skip
     results = {}
     for index, name in enumerate(args.settings, start=1):
         run_clock = runs.Stopwatch()
         print(f"[{index}/{len(args.settings)}] {name}: {setting_label(name)} ...", flush=True)
         model = run_setting(name, args, base, tokenizer, dataset, budget)
+        phases = {"train_seconds": run_clock.seconds()}
         metrics = evaluate(model, held_out)
+        phases["eval_seconds"] = run_clock.seconds() - phases["train_seconds"]
         if getattr(model, "num_members", 1) > 1 and not args.skip_audit:
             metrics.update(audit_precision(model, train))
+            phases["audit_seconds"] = run_clock.seconds() - phases["train_seconds"] - phases["eval_seconds"]
         metrics["label"] = setting_label(name)
+        metrics.update(phases)
         metrics["seconds"] = run_clock.seconds()
         results[name] = metrics
         print(
             f"    {run_clock}: JSD {metrics['jsd']:.3f}, KL {metrics['kl']:.3f}, accuracy {metrics['accuracy']:.3f}, "
-            f"ρ(MI, H_human) {runs.fmt(metrics['spearman_mi_human_entropy'], 3)}, mean MI {metrics['mean_mi']:.3f}",
+            f"ρ(MI, H_human) {runs.fmt(metrics['spearman_mi_human_entropy'], 3)}, mean MI {metrics['mean_mi']:.3f} "
+            f"(s: " + ", ".join(f"{k.removesuffix('_seconds')} {v:.0f}" for k, v in phases.items()) + ")",
             flush=True,
         )
         del model

@@ -63,7 +63,27 @@ def lora_config(rank: int) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
-def training_arguments(output_dir: str, steps: int, batch_size: int, learning_rate: float, seed: int, max_length: int):
+def native_bf16() -> bool:
+    """Whether this machine multiplies bfloat16 natively (a CUDA device that supports it, or a CPU with AVX512-BF16
+    or AMX, where oneDNN's bf16 matmuls run about twice as fast as float32 ones)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
+def resolve_precision(precision: str) -> bool:
+    """``--precision`` of a study as TRL's ``bf16`` flag: ``"auto"`` is bf16 mixed precision where it is native."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    return native_bf16() if precision == "auto" else precision == "bf16"
+
+
+def training_arguments(
+    output_dir: str, steps: int, batch_size: int, learning_rate: float, seed: int, max_length: int | None, bf16: bool = False
+):
     return dict(
         output_dir=output_dir,
         max_steps=steps,
@@ -76,7 +96,7 @@ def training_arguments(output_dir: str, steps: int, batch_size: int, learning_ra
         save_strategy="no",
         logging_steps=max(1, steps // 4),
         disable_tqdm=steps < 20,
-        bf16=False,
+        bf16=bf16,  # mixed precision: float32 master weights, bfloat16 matmuls under autocast
         use_cpu=not torch.cuda.is_available(),
         seed=seed,
         max_length=max_length,
@@ -95,6 +115,7 @@ def train_ensemble(trainer_cls, config_cls, base, tokenizer, dataset, settings: 
             settings["learning_rate"],
             run.get("seed", settings["seed"]),
             settings["max_length"],
+            settings.get("bf16", False),
         ),
         num_members=run["num_members"],
         alpha=run["alpha"],
