@@ -1,9 +1,9 @@
 """Efficacy study 4: does the ensemble's uncertainty track real human disagreement? (ChaosNLI)
 
 ChaosNLI gives 100 human labels for each NLI item (SNLI and MNLI: entailment / neutral / contradiction; αNLI: which
-of two hypotheses explains the ending). Items are shuffled (seeded) and split into training and held-out items. Each
-training item becomes one multi-annotator row: the prompt, every label word as a completion, and the votes as
-``completion_weights`` — the 5 original votes (``--train_labels original``, the default) or K votes sampled from the
+of two hypotheses explains the ending). Items are shuffled (seeded) and split into held-out items (the first
+``--eval_items``, the same whatever the training size) and training items. Each training item becomes one
+multi-annotator row: the prompt, every label word as a completion, and the votes as ``completion_weights`` — the 5 original votes (``--train_labels original``, the default) or K votes sampled from the
 100 (``sampled:K``). Each setting is trained with the same budget and scored on the held-out items' label words
 (``predict_choices``: members mixed with π) against their 100-vote distribution.
 
@@ -150,7 +150,8 @@ def split_items(rows: list[dict], train: int, held_out: int, seed: int) -> tuple
         raise ValueError(f"--train_items {train} + --eval_items {held_out} exceed the file's {len(rows)} items")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    return [rows[i] for i in order[:train]], [rows[i] for i in order[train : train + held_out]]
+    # the held-out items first: they stay the same whatever --train_items is
+    return [rows[i] for i in order[held_out : held_out + train]], [rows[i] for i in order[:held_out]]
 
 
 def majority_share(row: dict) -> float:
