@@ -3,8 +3,8 @@
 ChaosNLI gives 100 human labels for each NLI item (SNLI and MNLI: entailment / neutral / contradiction; αNLI: which
 of two hypotheses explains the ending). Items are shuffled (seeded) and split into held-out items (the first
 ``--eval_items``, the same whatever the training size) and training items. Each training item becomes one
-multi-annotator row: the prompt, every label word as a completion, and the votes as ``completion_weights`` — the 5 original votes (``--train_labels original``, the default) or K votes sampled from the
-100 (``sampled:K``). Each setting is trained with the same budget and scored on the held-out items' label words
+multi-annotator row: the prompt, every label word as a completion, and the votes as ``completion_weights`` — the 5
+original votes (``--train_labels original``, the default) or K votes sampled from the 100 (``sampled:K``). Each setting is trained with the same budget and scored on the held-out items' label words
 (``predict_choices``: members mixed with π) against their 100-vote distribution.
 
 Budget (every trained setting): ``--steps`` optimizer steps of ``--batch_size`` items, over ``--steps × --batch_size``

@@ -136,13 +136,13 @@ def _shared_prefix(encoded: list[tuple[list[int], int]]) -> int:
     return length
 
 
-def _question_groups(questions: list[list[tuple[list[int], int]]], batch_size: int) -> list[list[int]]:
+def _question_groups(questions: list[list[tuple[list[int], int]]], prefixes: list[int], batch_size: int) -> list[list[int]]:
     """Questions in groups whose choices together stay within ``batch_size`` rows (at least one question per group).
 
     Questions are taken in order of their shared prefix's length (then their longest choice), so a group's prefixes
     need little left padding and its choices little right padding.
     """
-    order = sorted(range(len(questions)), key=lambda q: (_shared_prefix(questions[q]), max(len(ids) for ids, _ in questions[q])))
+    order = sorted(range(len(questions)), key=lambda q: (prefixes[q], max(len(ids) for ids, _ in questions[q])))
     groups, group, rows = [], [], 0
     for q in order:
         size = len(questions[q])
@@ -156,10 +156,12 @@ def _question_groups(questions: list[list[tuple[list[int], int]]], batch_size: i
 
 
 @torch.no_grad()
-def _score_group(scorer, questions: list[list[tuple[list[int], int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(member_loglik (M, K), num_tokens (M,))`` of the M choices of a few questions, their prompts computed once."""
+def _score_group(
+    scorer, questions: list[list[tuple[list[int], int]]], prefixes: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(member_loglik (M, K), num_tokens (M,))`` of the M choices of a few questions (``prefixes``: the length of
+    each question's shared prefix), their prompts computed once."""
     device = scorer.device
-    prefixes = [_shared_prefix(encoded) for encoded in questions]
     rows = [(q, ids, start) for q, encoded in enumerate(questions) for ids, start in encoded]
     # 1. every question's shared prefix, left-padded, through all members: KV cache of K·Q rows
     width = max(prefixes)
@@ -225,10 +227,11 @@ def choice_log_likelihoods(
     for size in sizes:
         questions.append(encoded[start : start + size])
         start += size
-    if any(_shared_prefix(q) == 0 for q in questions):  # nothing to share (e.g. empty prompts): score the pairs whole
+    prefixes = [_shared_prefix(q) for q in questions]
+    if 0 in prefixes:  # nothing to share (e.g. empty prompts): score the pairs whole
         scores = scorer.score(flat_prompts, flat_completions, batch_size=batch_size, show_progress=show_progress)
         return scores.member_loglik, scores.num_tokens, sizes
-    groups = _question_groups(questions, batch_size)
+    groups = _question_groups(questions, prefixes, batch_size)
     if show_progress is None:
         show_progress = len(groups) > 4
     was_training = scorer.model.training
@@ -239,7 +242,7 @@ def choice_log_likelihoods(
     loglik, num_tokens, rows = [], [], []
     try:
         for group in tqdm(groups, desc="scoring choices", disable=not show_progress):
-            ll, n = _score_group(scorer, [questions[q] for q in group], pad_id)
+            ll, n = _score_group(scorer, [questions[q] for q in group], [prefixes[q] for q in group], pad_id)
             loglik.append(ll)
             num_tokens.append(n)
             rows.extend(row for q in group for row in range(first_row[q], first_row[q + 1]))
