@@ -313,6 +313,7 @@ class RenyiEnsemble(EnsembleScorer):
         base_model_revision: str | None = None,
         is_trainable: bool = False,
         use_chat_template: bool | None = None,
+        quantization_config=None,
     ) -> RenyiEnsemble:
         """Rebuild a saved ensemble from a local folder (or a Hub repo id, downloaded at ``revision``).
 
@@ -330,6 +331,8 @@ class RenyiEnsemble(EnsembleScorer):
                 frozen and in inference mode, as with PEFT's ``PeftModel.from_pretrained``.
             use_chat_template: render plain-string prompts with the chat template (``None``: when the tokenizer has
                 one).
+            quantization_config: load a base model given by name quantised (e.g. ``BitsAndBytesConfig(load_in_4bit=
+                True)``, as it was trained with QLoRA); see :func:`~trl_renyi.model.loading.load_causal_lm`.
 
         Member weights are read from safetensors only; the folder is validated (``renyi_ensemble.json``, every member
         folder, the members' LoRA configs, the base model) before any weight is loaded.
@@ -350,7 +353,7 @@ class RenyiEnsemble(EnsembleScorer):
         if base_model_revision is not None:
             hub_kwargs["revision"] = base_model_revision
         if isinstance(base_model, str):
-            base_model = load_causal_lm(base_model, dtype=dtype, **hub_kwargs)
+            base_model = load_causal_lm(base_model, dtype=dtype, quantization_config=quantization_config, **hub_kwargs)
         if check_base_model:
             check_base_model_hash(base_model, meta, folder / METADATA_FILE)
         if tokenizer is None:
