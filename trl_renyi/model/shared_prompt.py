@@ -34,8 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
+from trl_renyi.compat import config_attn_implementation
+
 #: Batch keys that describe the layout and are not model inputs (removed before every forward).
-LAYOUT_KEYS = ("completion_weights", "example_index", "num_sequence_tokens", "row_index")
+LAYOUT_KEYS = ("completion_weights", "example_index", "num_sequence_tokens", "row_index", "source_ids")
 
 _MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -232,7 +234,7 @@ def pack_preference_pairs(
 def shared_prompt_refusal(model) -> str | None:
     """Why ``model`` cannot run the shared-prompt layout exactly, or ``None`` when it can."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    implementation = getattr(model.config, "_attn_implementation", None)
+    implementation = config_attn_implementation(model.config)
     if implementation not in _MASK_IMPLEMENTATIONS:
         return (
             f"attn_implementation={implementation!r} does not take a custom 4-D attention mask (use one of "
@@ -259,4 +261,4 @@ def model_inputs_only(inputs: dict) -> dict:
 
 
 def attention_implementation(model) -> str:
-    return getattr(model.config, "_attn_implementation", None) or "eager"
+    return config_attn_implementation(model.config) or "eager"

@@ -190,7 +190,29 @@ class RenyiSFTArguments:
         },
     )
 
+    source_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "A dataset column naming the source of every row (e.g. an annotator id; in a multi-annotator row "
+            "one id, or a list parallel to completions). The bound is then taken over sources rather than rows, "
+            "J_s = 1/(1−α) log Σ_k π_k exp((1−α) Σ_{i∈s} ℓ_ik): all of a source's rows are routed to members together, "
+            "with each source's log-likelihood tracked across steps (stochastic EM), so members become a mixture of "
+            "the sources' conventions. Equal to the per-row loss at K = 1 or α = 1. Unset: every row is routed on its "
+            "own.",
+        },
+    )
+
     def __post_init__(self):
+        if self.source_column is not None and self.multi_annotator_routing == "row":
+            raise ValueError(
+                "source_column routes whole sources and multi_annotator_routing='row' whole rows: choose one "
+                "(leave multi_annotator_routing='completion' with source_column)."
+            )
+        if self.source_column is not None and self.loglik_reduction != "sum":
+            raise ValueError(
+                f"source_column sums each source's log-likelihoods and needs loglik_reduction='sum', got "
+                f"{self.loglik_reduction!r}."
+            )
         if self.multi_annotator_routing not in ("completion", "row"):
             raise ValueError(
                 f"multi_annotator_routing must be 'completion' or 'row', got {self.multi_annotator_routing!r}."

@@ -15,7 +15,7 @@ from peft import PeftConfig, PeftModel
 from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from trl_renyi.compat import create_model_from_path
+from trl_renyi.compat import create_model_from_path, trainer_metrics
 from trl_renyi.inference.ensemble import RenyiEnsemble
 from trl_renyi.model.layer import (
     base_model_only,
@@ -46,6 +46,7 @@ from trl_renyi.objective import (
     floored_renyi_bound,
     normalized_log_weights,
     routing_entropy,
+    source_renyi_bound,
 )
 from trl_renyi.training.checkpoint import AtomicCheckpointMixin
 from trl_renyi.training.config import RenyiEnsembleArguments
@@ -246,7 +247,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
     def _log_router_aux_loss(self, steps: list[MemberLogLik], mode: str) -> None:
         if getattr(self, "aux_loss_enabled", False) and steps[0].router_aux_loss is not None:
             value = torch.stack([s.router_aux_loss.detach().float() for s in steps]).mean()
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(value).mean().item())
+            trainer_metrics(self, mode)["aux_loss"].append(self.accelerator.gather_for_metrics(value).mean().item())
 
     def _log_forward_metrics(self, steps: list[MemberLogLik], inputs: dict, mode: str) -> None:
         """Log the trainer's own per-forward metrics from one or several (chunked) forwards."""
@@ -255,10 +256,15 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         """The α-Rényi loss of one batch in a single member-batched pass (logs all metrics)."""
         mode = "train" if self.model.training else "eval"
         step = self._member_loglik(model, inputs)
-        bound = self.renyi_objective(step.loglik, mode, per_token=step.num_tokens)
+        if step.source_ids is not None:  # source_column: the bound over sources, Σ_s J_s (weights folded in)
+            bound = self.source_objective(step, mode)
+            bound_sum = bound.value.sum()
+        else:
+            bound = self.renyi_objective(step.loglik, mode, per_token=step.num_tokens)
+            bound_sum = step.weighted_sum(bound.value)
         self._log_forward_metrics([step], inputs, mode)
         self._log_router_aux_loss([step], mode)
-        loss = self._normalised_loss(-step.weighted_sum(bound.value), step, num_items_in_batch)
+        loss = self._normalised_loss(-bound_sum, step, num_items_in_batch)
         return self._with_router_aux_loss(loss, step, num_items_in_batch)
 
     def _member_chunks(self) -> list[list[str]] | None:
@@ -387,6 +393,24 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         self._log_routing(loglik.detach().float(), bound.responsibilities, alpha, mode, per_token)
         return bound
 
+    def source_objective(self, step, mode: str):
+        """The bound over sources (:func:`~trl_renyi.objective.source_renyi_bound`) for a batch whose examples name
+        their source, with the rest of each source from the trainer's :class:`~trl_renyi.training.source_routing.
+        SourceMemory`; a training batch then updates the memory. Logs the same routing metrics as
+        :meth:`renyi_objective`, per example."""
+        self._check_finite(step.loglik)
+        alpha = self.current_alpha()
+        memory = self.source_memory
+        unique, local, others = memory.batch_view(step.source_ids, step.example_weights)
+        bound = source_renyi_bound(
+            step.loglik, local, others, alpha, self._renyi_log_weights.to(step.loglik.device),
+            getattr(self.args, "responsibility_floor", 0.0), step.example_weights,
+        )  # fmt: skip
+        if mode == "train" and torch.is_grad_enabled():
+            memory.update(unique, bound.source_loglik)
+        self._log_routing(step.loglik.detach().float(), bound.responsibilities, alpha, mode, step.num_tokens)
+        return bound
+
     def _log_routing(self, loglik, responsibilities, alpha, mode, per_token) -> None:
         num = loglik.shape[0]
         tokens = per_token.float().sum() if per_token is not None else torch.tensor(float(num), device=loglik.device)
@@ -404,7 +428,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         count, entropy_sum, std_sum, token_sum = (float(v) for v in stats[:4])
         k = self.num_members
         shares, nll = stats[4 : 4 + k], stats[4 + k : 4 + 2 * k]
-        metrics = self._metrics[mode]
+        metrics = trainer_metrics(self, mode)
         metrics["renyi/alpha"] = [alpha]  # the α in force at the last step logged, not a mean over the window
         metrics["renyi/routing_entropy"].append(entropy_sum / max(count, 1.0))
         metrics["renyi/loglik_std"].append(std_sum / max(count, 1.0))

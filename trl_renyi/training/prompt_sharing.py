@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from trl_renyi.data.multi_completion import GROUPED_SOURCES
 from trl_renyi.model.shared_prompt import SharedPromptBatch, pack_shared_prompts, shared_prefix_length
 
 
@@ -28,7 +29,8 @@ class SharedPromptCollator:
     shared-prompt layout: model inputs (``input_ids``, ``position_ids``, the 4-D ``attention_mask``, ``labels``) plus
     ``example_index`` (the completion each scored token belongs to), ``completion_weights`` (one per completion, in
     that order), ``num_sequence_tokens`` (the tokens of the unshared sequences, for TRL's ``num_tokens``) and, with
-    ``row_index``, the batch row of every completion."""
+    ``row_index``, the batch row of every completion, and, for rows with sources, ``source_ids`` (one per
+    completion)."""
 
     def __init__(
         self, pad_token_id: int, padding_free: bool, pad_to_multiple_of, attention_implementation, dtype,
@@ -48,6 +50,8 @@ class SharedPromptCollator:
         batch["completion_weights"] = torch.tensor([w for e in examples for w in e["group_weights"]], dtype=torch.float32)
         if self.row_index:
             batch["row_index"] = torch.tensor([i for i, e in enumerate(examples) for _ in e["group_weights"]])
+        if examples and GROUPED_SOURCES in examples[0]:
+            batch["source_ids"] = torch.tensor([s for e in examples for s in e[GROUPED_SOURCES]], dtype=torch.long)
         return batch
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
+from trl_renyi.compat import log_num_tokens, trainer_metrics
 from trl_renyi.data.formats import prepare_training_datasets
 from trl_renyi.model.layer import get_router
 from trl_renyi.model.shared_prompt import attention_implementation
@@ -15,6 +16,7 @@ from trl_renyi.training.prompt_sharing import SharedPrefixCollator
 from trl_renyi.training.step import MemberLogLik
 from trl_renyi.training.weighted_rows import (
     check_row_routing,
+    check_source_routing,
     enable_completion_weights,
     has_multi_completion,
     prepare_multi_completion,
@@ -24,26 +26,26 @@ from trl_renyi.training.weighted_rows import (
 
 
 class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
-    r"""Drop-in replacement for [`~trl.SFTTrainer`] that trains ``num_members`` LoRA adapters on one frozen base.
+    r"""Drop-in replacement for [`~trl.SFTTrainer`] that trains `num_members` LoRA adapters on one frozen base.
 
     Every batch is tiled K times and goes through one member-batched forward and backward. With
-    :math:`\ell_{ik}` the summed log-probability of example i's completion tokens under member k, the loss is
+    \( \ell_{ik} \) the summed log-probability of example i's completion tokens under member k, the loss is
 
-    .. math::
+    $$
+    \mathcal{L} = -\frac{1}{N_\text{tokens}} \sum_i \frac{1}{1-\alpha}
+    \log \sum_k \pi_k \exp\big((1-\alpha)\,\ell_{ik}\big)
+    $$
 
-        \mathcal{L} = -\frac{1}{N_\text{tokens}} \sum_i \frac{1}{1-\alpha}
-        \log \sum_k \pi_k \exp\big((1-\alpha)\,\ell_{ik}\big)
-
-    where :math:`N_\text{tokens}` is TRL's own normaliser (the completion tokens of the batch, or
-    ``num_items_in_batch`` under gradient accumulation). K = 1 reproduces SFTTrainer exactly, for every α.
-    With ``loglik_reduction="mean"``, :math:`\ell_{ik}` is the per-token mean and the normaliser the number of
+    where \( N_\text{tokens} \) is TRL's own normaliser (the completion tokens of the batch, or
+    `num_items_in_batch` under gradient accumulation). K = 1 reproduces SFTTrainer exactly, for every α.
+    With `loglik_reduction="mean"`, \( \ell_{ik} \) is the per-token mean and the normaliser the number of
     examples.
 
     Args:
-        model: a model name/path, a ``PreTrainedModel`` (with ``peft_config``), or a ``PeftModel`` already holding
-            adapters ``member_0 … member_{K-1}``.
-        args: a :class:`RenyiSFTConfig` (a plain ``SFTConfig`` is converted with default ensemble fields).
-        peft_config: the ``LoraConfig`` replicated into every member.
+        model: a model name/path, a `PreTrainedModel` (with `peft_config`), or a `PeftModel` already holding
+            adapters `member_0 … member_{K-1}`.
+        args: a [`RenyiSFTConfig`] (a plain [`~trl.SFTConfig`] is converted with default ensemble fields).
+        peft_config: the `LoraConfig` replicated into every member.
         Other arguments are SFTTrainer's.
     """
 
@@ -76,6 +78,8 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
             args, train_dataset, eval_dataset, self.share_prompt
         )
         check_row_routing(args, weighted, self.share_prompt)
+        check_source_routing(args)
+        self.source_memory = None  # set from the prepared rows when args.source_column names a source
         with self._model_init_kwargs_applied(args, loaded_here):
             super().__init__(
                 model=model,
@@ -115,8 +119,9 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
             loglik, num_tokens = row_log_likelihood(loglik, num_tokens, weights, inputs["row_index"])
             weights = None
         return MemberLogLik(
-            loglik=loglik, outputs=outputs, num_tokens=num_tokens, example_weights=weights, weighted=weighted
-        )
+            loglik=loglik, outputs=outputs, num_tokens=num_tokens, example_weights=weights, weighted=weighted,
+            source_ids=inputs.get("source_ids"),
+        )  # fmt: skip
 
     def _router_aux_steps(self, num_items_in_batch) -> int:
         """TRL's SFT: with ``num_items_in_batch`` the loss carries the gradient-accumulation average itself."""
@@ -151,8 +156,10 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
                 [outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum()]
             ).float().to(totals.device)
         num_valid, entropy_sum, num_correct = self.accelerator.reduce(totals, reduction="sum")
-        self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
-        self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        metrics = trainer_metrics(self, mode)
+        metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        seen = None
         if mode == "train":
             if "num_sequence_tokens" in inputs:  # shared prompts: the tokens of the sequences, as unshared
                 local = inputs["num_sequence_tokens"].reshape(())
@@ -160,14 +167,8 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
                 local = inputs["attention_mask"].sum()
             else:
                 local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
-            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-
-
-
-
-
-
+            seen = self.accelerator.gather_for_metrics(local).sum().item()
+        log_num_tokens(self, mode, seen)
 
 
 def sequence_log_likelihood(log_probs: torch.Tensor, labels: torch.Tensor, num_members: int, segments=None):

@@ -24,6 +24,8 @@ class MemberLogLik:
         example_weights: ``(N,)`` weights of multi-annotator completions, or ``None`` (every example weighs 1).
         weighted: the batch held multi-annotator weights (folded into ``loglik`` and ``num_tokens`` when rows are
             routed whole), so a token count taken from the labels alone is not its normaliser.
+        source_ids: ``(N,)`` the source of every example when the bound is taken over sources
+            (``source_column``), or ``None``.
     """
 
     loglik: torch.Tensor
@@ -31,6 +33,7 @@ class MemberLogLik:
     num_tokens: torch.Tensor | None = None
     example_weights: torch.Tensor | None = None
     weighted: bool = False
+    source_ids: torch.Tensor | None = None
 
     @property
     def num_examples(self) -> int:

@@ -28,10 +28,13 @@ At α = 1 (J linear in ℓ) and for K = 1 this is the expanded rows' loss.
 
 from __future__ import annotations
 
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 
+from trl_renyi.compat import set_signature_columns, signature_columns
 from trl_renyi.data.multi_completion import (
     GROUPED_COLUMNS,
+    GROUPED_SOURCES,
+    SOURCE_ID_COLUMN,
     WEIGHT_COLUMN,
     WeightedCollator,
     expand_multi_completion,
@@ -40,6 +43,7 @@ from trl_renyi.data.multi_completion import (
 )
 from trl_renyi.model.shared_prompt import attention_implementation
 from trl_renyi.training.prompt_sharing import SharedPromptCollator
+from trl_renyi.training.source_routing import build_source_memory, encode_source_ids
 
 
 def _map_datasets(function, dataset):
@@ -60,6 +64,19 @@ def check_row_routing(args, weighted: bool, share_prompt: bool) -> None:
             "multi_annotator_routing='row' routes a multi-annotator row as one example, so all its completions must be "
             "in one batch: that is the shared-prompt layout, which is off here (share_prompt=False, or the model or "
             "the options do not allow it; see the log). Use multi_annotator_routing='completion'."
+        )
+
+
+def check_source_routing(args) -> None:
+    """``source_column`` keeps a memory of every source on one process and scores all members together."""
+    if getattr(args, "source_column", None) is None:
+        return
+    if args.member_chunk_size:
+        raise ValueError("source_column cannot be combined with member_chunk_size (the source bound needs all members).")
+    if args.world_size > 1:
+        raise ValueError(
+            f"source_column routes with a memory of every source kept on one process; this run has "
+            f"{args.world_size} processes. Train on one process, or leave source_column unset."
         )
 
 
@@ -94,9 +111,43 @@ def share_prompt_blockers(args, train_dataset, data_collator, regroup: bool) -> 
     return blockers
 
 
+def as_single_completion_rows(dataset, source_column: str):
+    """Prompt/completion rows that name a source, as multi-annotator rows of one completion (same loss), so that the
+    source travels with the expansion; other datasets unchanged."""
+    names = getattr(dataset, "column_names", None) or []
+    if dataset is None or is_multi_completion(dataset) or not {"prompt", "completion"} <= set(names):
+        return dataset
+    if source_column not in names:
+        raise ValueError(f"source_column {source_column!r} is not a column of the dataset (columns: {names})")
+    return dataset.map(
+        lambda row: {"completions": [row["completion"]], "completion_weights": [1.0]},
+        remove_columns=["completion"],
+    )
+
+
 def prepare_multi_completion(args, train_dataset, eval_dataset, share_prompt: bool = False):
     """Expand multi-annotator datasets; returns ``(train, eval, weighted)``. Refuses, by name, the options whose
-    meaning the weights would silently change. With ``share_prompt`` each expanded row records its source row."""
+    meaning the weights would silently change. With ``share_prompt`` each expanded row records its source row; with
+    ``args.source_column`` each records its source (prompt/completion rows become one-completion rows first)."""
+    source_column = getattr(args, "source_column", None)
+    if source_column is not None:
+        if not isinstance(train_dataset, Dataset):
+            raise ValueError(
+                f"source_column={source_column!r} needs a datasets.Dataset of prompt/completion or multi-annotator rows "
+                f"as train_dataset, got {type(train_dataset).__name__}"
+            )
+        train_dataset = as_single_completion_rows(train_dataset, source_column)
+        if not is_multi_completion(train_dataset):
+            raise ValueError(
+                f"source_column={source_column!r} routes prompt/completion or multi-annotator rows; the training "
+                f"dataset has columns {train_dataset.column_names}"
+            )
+        if source_column not in train_dataset.column_names:
+            raise ValueError(
+                f"source_column {source_column!r} is not a column of the training dataset "
+                f"(columns: {train_dataset.column_names})"
+            )
+        eval_dataset = _map_datasets(lambda d: as_single_completion_rows(d, source_column), eval_dataset)
     weighted = has_multi_completion(train_dataset, eval_dataset)
     if weighted:
         if args.gradient_accumulation_steps > 1 and args.loglik_reduction == "sum":
@@ -110,7 +161,8 @@ def prepare_multi_completion(args, train_dataset, eval_dataset, share_prompt: bo
     def expand(dataset):
         if not is_multi_completion(dataset):
             return dataset
-        return expand_multi_completion(dataset, keep_groups=share_prompt)
+        sources = source_column if source_column in dataset.column_names else None
+        return expand_multi_completion(dataset, keep_groups=share_prompt, source_column=sources)
 
     return _map_datasets(expand, train_dataset), _map_datasets(expand, eval_dataset), weighted
 
@@ -118,11 +170,20 @@ def prepare_multi_completion(args, train_dataset, eval_dataset, share_prompt: bo
 def enable_completion_weights(trainer, share_prompt: bool = False) -> None:
     """After TRL's preparation: regroup the rows by prompt and collate them into the shared layout (``share_prompt``),
     or keep the weight column through the Trainer's column removal and collate it into ``completion_weights``."""
+    if getattr(trainer.args, "source_column", None) is not None:
+        trainer.source_memory, ids = build_source_memory(
+            trainer.train_dataset, trainer.eval_dataset, trainer.args.num_members, WEIGHT_COLUMN
+        )
+        trainer.train_dataset = encode_source_ids(trainer.train_dataset, ids)
+        trainer.eval_dataset = _map_datasets(lambda d: encode_source_ids(d, ids), trainer.eval_dataset)
     if share_prompt:
         trainer.train_dataset = _map_datasets(group_completions, trainer.train_dataset)
         if trainer.eval_dataset is not None:
             trainer.eval_dataset = _map_datasets(group_completions, trainer.eval_dataset)
-        trainer._signature_columns = list(GROUPED_COLUMNS)
+        columns = list(GROUPED_COLUMNS)
+        if GROUPED_SOURCES in trainer.train_dataset.column_names:
+            columns.append(GROUPED_SOURCES)
+        set_signature_columns(trainer, columns)
         base = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
         trainer.data_collator = SharedPromptCollator(
             pad_token_id=trainer.processing_class.pad_token_id or 0,
@@ -133,7 +194,6 @@ def enable_completion_weights(trainer, share_prompt: bool = False) -> None:
             row_index=trainer.args.multi_annotator_routing == "row",
         )
         return
-    trainer._set_signature_columns_if_needed()
-    if WEIGHT_COLUMN not in trainer._signature_columns:
-        trainer._signature_columns = [*trainer._signature_columns, WEIGHT_COLUMN]
+    columns = signature_columns(trainer)
+    set_signature_columns(trainer, [*columns, *(c for c in (WEIGHT_COLUMN, SOURCE_ID_COLUMN) if c not in columns)])
     trainer.data_collator = WeightedCollator(trainer.data_collator)
