@@ -5,8 +5,10 @@ The libraries' public extension points are used wherever they exist; what remain
 is reached through this module only, so that an upgrade breaks in one file, with a message that names the
 internal, instead of deep inside a training step.
 
-Checked against the versions in :data:`CHECKED_VERSIONS`; ``tests/test_compat.py`` fails with a named message when
-an expected internal is missing from the installed libraries.
+Checked against the versions in :data:`CHECKED_VERSIONS`; ``tests/test_compat.py`` fails with a named message when an
+expected internal is missing from the installed libraries. ``EXPECTED_INTERNALS`` also lists the private methods and
+class attributes that trl_renyi's trainers override (``Trainer._save``, ``DPOTrainer._compute_loss``, …), since an
+upgrade that renames one of them silently bypasses the override.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 #: The library versions these internals were checked against (the upper bounds in ``pyproject.toml``).
-CHECKED_VERSIONS = {"trl": "1.16", "transformers": "5.24", "peft": "0.21"}
+CHECKED_VERSIONS = {"trl": "1.16", "transformers": "5.24", "peft": "0.21", "torch": "2.13"}
 
 
 # ---------------------------------------------------------------------------------------------------------- PEFT
-def register_member_layer(lora_config, layer_class) -> None:
-    """Make PEFT create ``layer_class`` for every ``torch.nn.Linear`` and ``Conv1D`` target of ``lora_config``.
+def register_member_layer(lora_config, layer_class, quantized: dict | None = None) -> None:
+    """Make PEFT create ``layer_class`` for every ``torch.nn.Linear`` and ``Conv1D`` target of ``lora_config``, and
+    ``quantized[type]`` for targets of a quantised ``nn.Linear`` subclass (registered first: PEFT takes the first
+    registered type the target is an instance of).
 
     Internal: ``LoraConfig._register_custom_module`` (PEFT's experimental custom-layer API, peft 0.21), consulted
     first when LoRA layers are created (``LoraModel._create_new_module``).
@@ -33,7 +37,7 @@ def register_member_layer(lora_config, layer_class) -> None:
     register = getattr(lora_config, "_register_custom_module", None)
     if register is None:
         raise ImportError(missing_internal("peft", "LoraConfig._register_custom_module"))
-    register({torch.nn.Linear: layer_class, Conv1D: layer_class})
+    register({**(quantized or {}), torch.nn.Linear: layer_class, Conv1D: layer_class})
 
 
 def missing_internal(library: str, name: str) -> str:
@@ -117,6 +121,24 @@ def dpo_trainer_accepts_ensemble(model, ref_model) -> Iterator[None]:
             model.delete_adapter("ref")
 
 
+def trainer_metrics(trainer, mode: str) -> dict[str, list]:
+    """TRL's per-mode metric store, averaged and cleared by TRL's ``log``: ``metrics[key].append(value)``.
+
+    Internal: ``SFTTrainer._metrics`` / ``DPOTrainer._metrics`` (trl 1.16; TRL's documented way to add metrics).
+    """
+    return trainer._metrics[mode]
+
+
+def log_num_tokens(trainer, mode: str, new_tokens: int | None = None) -> None:
+    """TRL's ``num_tokens`` metric: add ``new_tokens`` (the batch's tokens summed over processes; training only) to TRL's
+    running count, divided over tensor-parallel ranks as TRL divides it, and log the count.
+
+    Internals: ``SFTTrainer._total_train_tokens`` / ``DPOTrainer._total_train_tokens`` and ``._tp_size`` (trl 1.16).
+    """
+    if new_tokens is not None:
+        trainer._total_train_tokens += int(new_tokens) // trainer._tp_size
+    trainer_metrics(trainer, mode)["num_tokens"] = [trainer._total_train_tokens]
+
 
 def peft_wraps_moe_parameters(model_type: str) -> bool:
     """Whether PEFT's ``all-linear`` on this MoE ``model_type`` also wraps router / expert parameters
@@ -133,6 +155,39 @@ def peft_wraps_moe_parameters(model_type: str) -> bool:
 
 
 # -------------------------------------------------------------------------------------------------- transformers
+def config_attn_implementation(config) -> str | None:
+    """The attention implementation a model config selects (``None`` when unset).
+
+    Internal: ``PretrainedConfig._attn_implementation`` (a property in transformers 5.24, which has no public reader).
+    """
+    return getattr(config, "_attn_implementation", None)
+
+
+def signature_columns(trainer) -> list[str]:
+    """The dataset columns the Trainer keeps when it removes unused ones (the model forward's arguments).
+
+    Internals: ``Trainer._set_signature_columns_if_needed`` and ``Trainer._signature_columns``.
+    """
+    trainer._set_signature_columns_if_needed()
+    return list(trainer._signature_columns)
+
+
+def set_signature_columns(trainer, columns) -> None:
+    """Make the Trainer keep exactly ``columns`` when it removes unused dataset columns (internal:
+    ``Trainer._signature_columns``)."""
+    trainer._signature_columns = list(columns)
+
+
+# --------------------------------------------------------------------------------------------------------- torch
+def ignore_in_ddp(model, names) -> None:
+    """Parameters and buffers (by name) that ``DistributedDataParallel`` neither broadcasts nor synchronises.
+
+    Internal: ``module._ddp_params_and_buffers_to_ignore``, read by ``torch.nn.parallel.DistributedDataParallel``
+    (torch 2.13; TRL's DPO scripts set it for ``ignore_bias_buffers``).
+    """
+    model._ddp_params_and_buffers_to_ignore = list(names)
+
+
 def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None):
     """The MoE load-balancing loss every transformers MoE family shares (Mixtral's, which TRL's fused head uses).
 
@@ -142,7 +197,8 @@ def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_m
     return function(router_logits, num_experts, top_k, attention_mask)
 
 
-#: ``(library, object path)`` of every internal reached here or overridden by trl_renyi's trainers.
+#: ``(library, object path)`` of every internal reached here or overridden by trl_renyi's trainers. A path whose last
+#: part is an instance attribute (set in ``__init__``, not on the class) is found in the class's source.
 EXPECTED_INTERNALS = [
     ("peft", "peft.LoraConfig._register_custom_module"),
     ("peft", "peft.tuners.lora.layer.Linear.update_layer"),
@@ -162,7 +218,39 @@ EXPECTED_INTERNALS = [
     ("transformers", "transformers.Trainer._push_from_checkpoint"),
     ("transformers", "transformers.Trainer._prepare_inputs"),
     ("transformers", "transformers.Trainer._load_best_model"),
+    ("transformers", "transformers.Trainer._set_signature_columns_if_needed"),
+    ("transformers", "transformers.Trainer._signature_columns"),
+    ("transformers", "transformers.PretrainedConfig._attn_implementation"),
+    ("trl", "trl.DPOTrainer._compute_loss"),
+    ("trl", "trl.SFTTrainer._metrics"),
+    ("trl", "trl.DPOTrainer._metrics"),
+    ("trl", "trl.SFTTrainer._total_train_tokens"),
+    ("trl", "trl.DPOTrainer._total_train_tokens"),
+    ("trl", "trl.SFTTrainer._tp_size"),
+    ("trl", "trl.DPOTrainer._tp_size"),
+    ("trl", "trl.SFTTrainer._tag_names"),
+    ("trl", "trl.DPOTrainer._tag_names"),
+    ("trl", "trl.SFTTrainer._name"),
+    ("trl", "trl.DPOTrainer._name"),
+    ("torch", "torch.nn.parallel.DistributedDataParallel._ddp_params_and_buffers_to_ignore"),
 ]
+
+
+def _sets_instance_attribute(cls, name: str) -> bool:
+    """Whether the source of ``cls`` (or of a class it inherits from) reads or writes the attribute ``name``."""
+    import inspect
+    import re
+
+    pattern = re.compile(rf"\.{re.escape(name)}\b")
+    for klass in getattr(cls, "__mro__", ()):
+        if klass is object:
+            continue
+        try:
+            if pattern.search(inspect.getsource(klass)):
+                return True
+        except (OSError, TypeError):
+            continue
+    return False
 
 
 def check_internals() -> list[str]:
@@ -176,12 +264,14 @@ def check_internals() -> list[str]:
                 obj = importlib.import_module(".".join(parts[:split]))
             except ImportError:
                 continue
-            try:
-                for attribute in parts[split:]:
+            found = True
+            for index, attribute in enumerate(parts[split:], start=split):
+                if hasattr(obj, attribute):
                     obj = getattr(obj, attribute)
-                found = True
-            except AttributeError:
-                found = False
+                    continue
+                last = index == len(parts) - 1
+                found = last and isinstance(obj, type) and _sets_instance_attribute(obj, attribute)
+                break
             break
         if not found:
             problems.append(missing_internal(library, path))

@@ -32,6 +32,8 @@ from trl import DPOTrainer
 from trl_renyi.compat import (
     disable_gradient_checkpointing,
     dpo_trainer_accepts_ensemble,
+    log_num_tokens,
+    trainer_metrics,
 )
 from trl_renyi.data.formats import prepare_training_datasets
 from trl_renyi.model.layer import get_router
@@ -138,27 +140,27 @@ class PairScores(NamedTuple):
 
 
 class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
-    r"""Drop-in replacement for [`~trl.DPOTrainer`] that trains ``num_members`` LoRA adapters on one frozen base.
+    r"""Drop-in replacement for [`~trl.DPOTrainer`] that trains `num_members` LoRA adapters on one frozen base.
 
     Chosen and rejected sequences of all K members go through one member-batched forward and backward; the
     reference log-probs come from one no-grad pass of the base model per batch (all members off), or from the
-    dataset with ``precompute_ref_log_probs=True``. With :math:`\ell_{ik}` minus TRL's per-pair loss at member k's
-    margin (``loss_type`` ``"sigmoid"`` or ``"robust"``), the loss is
+    dataset with `precompute_ref_log_probs=True`. With \( \ell_{ik} \) minus TRL's per-pair loss at member k's
+    margin (`loss_type` `"sigmoid"` or `"robust"`), the loss is
 
-    .. math::
-
-        \mathcal{L} = -\frac{1}{N_\text{pairs}} \sum_i \frac{1}{1-\alpha}
-        \log \sum_k \pi_k \exp\big((1-\alpha)\,\ell_{ik}\big)
+    $$
+    \mathcal{L} = -\frac{1}{N_\text{pairs}} \sum_i \frac{1}{1-\alpha}
+    \log \sum_k \pi_k \exp\big((1-\alpha)\,\ell_{ik}\big)
+    $$
 
     so K = 1 reproduces DPOTrainer for every α. Metrics keep TRL's names for the ensemble (rewards of the
-    π-weighted member mean) and add ``renyi/member_k/rewards/…`` per member plus the routing metrics.
+    π-weighted member mean) and add `renyi/member_k/rewards/…` per member plus the routing metrics.
 
     Args:
-        model: a model name/path, a ``PreTrainedModel`` (with ``peft_config``), or a ``PeftModel`` already holding
-            adapters ``member_0 … member_{K-1}``. In every case the reference is the base model.
-        ref_model: an explicit reference model (rarely wanted: leave ``None`` for the base model).
-        args: a :class:`RenyiDPOConfig` (a plain ``DPOConfig`` is converted with default ensemble fields).
-        peft_config: the ``LoraConfig`` replicated into every member.
+        model: a model name/path, a `PreTrainedModel` (with `peft_config`), or a `PeftModel` already holding
+            adapters `member_0 … member_{K-1}`. In every case the reference is the base model.
+        ref_model: an explicit reference model (rarely wanted: leave `None` for the base model).
+        args: a [`RenyiDPOConfig`] (a plain [`~trl.DPOConfig`] is converted with default ensemble fields).
+        peft_config: the `LoraConfig` replicated into every member.
         Other arguments are DPOTrainer's.
     """
 
@@ -216,7 +218,12 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         return kwargs
 
     def _sequence_logps(self, per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-        """Sum of the completion tokens' log-probs (``(…, 2B, T−1)`` → ``(…, 2B)``), LD-DPO weighted like TRL."""
+        """Sum of the completion tokens' log-probs (``(…, 2B, T−1)`` → ``(…, 2B)``), LD-DPO weighted like TRL.
+
+        TRL writes the LD-DPO weighting (tokens past the shorter completion of a pair count ``ld_alpha`` times) inline
+        in ``DPOTrainer._compute_loss`` and ``compute_ref_log_probs`` and exposes no helper for it, so its arithmetic
+        is repeated here, over a leading member dimension; ``tests/test_dpo_trainer.py`` holds K = 1 equal to TRL.
+        """
         shift_mask = completion_mask[..., 1:]
         per_token_logps = per_token_logps[..., -shift_mask.size(1) :]
         if self.ld_alpha is None:
@@ -235,8 +242,9 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         if not self.share_prompt:
             return forward(model, self._model_inputs(inputs))
         if _LAYOUT_CACHE_KEY not in inputs:
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor's tokenizer
             inputs[_LAYOUT_CACHE_KEY] = pack_preference_pairs(
-                inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], self._tokenizer.pad_token_id or 0
+                inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], tokenizer.pad_token_id or 0
             )
         layout = inputs[_LAYOUT_CACHE_KEY]
         base = self.accelerator.unwrap_model(model).get_base_model()
@@ -310,7 +318,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
     def _log_forward_metrics(self, steps: list[PreferenceLogLik], inputs: dict, mode: str) -> None:
         """TRL's DPO metrics for the ensemble (rewards of the π-weighted member mean), the same per member under
         ``renyi/member_k/``, and TRL's token metrics (entropy, chosen-token accuracy) over all members' rows."""
-        metrics = self._metrics[mode]
+        metrics = trainer_metrics(self, mode)
         device = inputs["input_ids"].device
         pair_stats = torch.stack(
             [
@@ -358,10 +366,10 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         entropy_sum, num_tokens, correct, num_chosen = totals.tolist()
         metrics["entropy"].append(entropy_sum / num_tokens if num_tokens > 0 else 0.0)
         metrics["mean_token_accuracy"].append(correct / num_chosen if num_chosen > 0 else 0.0)
+        seen = None
         if mode == "train":
             seen = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += seen // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
+        log_num_tokens(self, mode, seen)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
