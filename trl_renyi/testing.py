@@ -82,5 +82,5 @@ def tiny_llama(
                 module.weight.normal_(0.0, init_std)
                 if isinstance(module, torch.nn.Linear) and module.bias is not None:
                     module.bias.zero_()
-    model.config._name_or_path = ""
+    model.config.name_or_path = ""
     return model.to(dtype)

@@ -117,9 +117,9 @@ def run(trainer_class, script_args, training_args, model_args, dataset_args):
     if getattr(script_args, "ignore_bias_buffers", False):
         import torch
 
-        trainer.model._ddp_params_and_buffers_to_ignore = [
-            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
-        ]
+        from trl_renyi.compat import ignore_in_ddp
+
+        ignore_in_ddp(trainer.model, [name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool])
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(

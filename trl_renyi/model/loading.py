@@ -114,7 +114,7 @@ def load_causal_lm(name_or_path: str, dtype: str | torch.dtype | None = "float32
             model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, **kwargs)
         else:
             model = _load_gguf_model(gguf, dtype, **kwargs)
-        model.config._name_or_path = canonical_name(name_or_path)
+        model.config.name_or_path = canonical_name(name_or_path)
         model.name_or_path = canonical_name(name_or_path)
         _LOADED_VOCAB_SIZES[canonical_name(name_or_path)] = model.config.vocab_size
         return model
@@ -141,4 +141,4 @@ def load_tokenizer(name_or_path: str, **kwargs):
 
 def model_name_or_path(model) -> str:
     """The name a loaded model was created from (``""`` for models built in memory)."""
-    return getattr(model.config, "_name_or_path", "") or ""
+    return getattr(model.config, "name_or_path", "") or ""
