@@ -22,6 +22,24 @@ from contextlib import contextmanager
 CHECKED_VERSIONS = {"trl": "1.16", "transformers": "5.24", "peft": "0.21", "torch": "2.13"}
 
 
+@contextmanager
+def quiet_checkpointing_alias() -> Iterator[None]:
+    """Silence transformers' ``FutureWarning`` for the deprecated ``is_gradient_checkpointing`` /
+    ``gradient_checkpointing_enable`` / ``gradient_checkpointing_disable`` aliases inside the block.
+
+    PEFT 0.21 (``PeftModel.__init__``, ``get_peft_model``) and TRL 1.16 (``disable_gradient_checkpointing``) still call
+    them; the warning is theirs to fix, and nothing a user of trl_renyi can change. Warnings of the same names from a
+    user's own calls outside these blocks are untouched.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated", category=FutureWarning
+        )
+        yield
+
+
 # ---------------------------------------------------------------------------------------------------------- PEFT
 def register_member_layer(lora_config, layer_class, quantized: dict | None = None) -> None:
     """Make PEFT create ``layer_class`` for every ``torch.nn.Linear`` and ``Conv1D`` target of ``lora_config``, and
