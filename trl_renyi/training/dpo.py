@@ -33,6 +33,7 @@ from trl_renyi.compat import (
     disable_gradient_checkpointing,
     dpo_trainer_accepts_ensemble,
     log_num_tokens,
+    quiet_checkpointing_alias,
     trainer_metrics,
 )
 from trl_renyi.data.formats import prepare_training_datasets
@@ -260,6 +261,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         kwargs = self._model_inputs(inputs)
         with (
             torch.no_grad(),
+            quiet_checkpointing_alias(),  # TRL's helper reads transformers' deprecated alias
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self.accelerator.autocast(),
         ):
