@@ -1,0 +1,460 @@
+"""Efficacy study 5: groups of people who follow different conventions — does the ensemble find the groups, and is
+its epistemic uncertainty high exactly where the groups disagree? (any group-annotated file: HS-Brexit, OpinionQA, …)
+
+Data: one item per line with ``prompt``, ``options`` and ``groups`` (vote counts per group), optionally per-annotator
+``annotations`` (:mod:`trl_renyi.data.group_conflicts`). **Group names never reach training**; they are the targets.
+Without ``--eval_data`` a stratified ``--held_out_share`` of the items (contested and agreed alike) is held out; with
+it, every item of ``--data`` trains and ``--eval_data`` is evaluated.
+
+Training rows (SFT, ``--trainer sft``), every setting the same number of epochs over the training items:
+
+* ``single``, ``alpha1``, ``alpha0``, ``default``, ``independent``: one multi-annotator row per item with every group's
+  votes pooled (each group's distribution weighs 1, so large and small groups count alike); with the default
+  completion routing every vote is its own example of the bound;
+* ``default_row``: one row per (item, group), the group's whole distribution as one example of the bound
+  (``multi_annotator_routing="row"``): rows, not votes, are routed to members;
+* ``default_source`` (files with annotator ids only): one row per annotator vote with the annotator id, the bound
+  taken over annotators (``source_column="annotator"``): a mixture of annotators.
+
+DPO (``--trainer dpo``): one preference pair per (item, group) — on contested items one group's chosen answer is the
+other group's rejected one — for ``single``, ``alpha1``, ``alpha0``, ``default``, ``independent``.
+
+Settings: ``base`` (zero-shot), ``single`` (one LoRA, K = 1), ``independent`` (K separately trained LoRAs mixed
+uniformly), ``alpha1`` (the ensemble at α = 1), ``alpha0`` (α = 0), ``default`` (the library's defaults: α = −1
+after a warm-up of half the steps, floor 0.1), ``default_row`` and ``default_source`` as above.
+
+Metrics per setting (held-out items unless named ``train_*``; definitions in
+:mod:`trl_renyi.evaluation.group_conflicts`): ``auroc_mi_contested``, ``auroc_entropy_contested``,
+``auroc_mi_contested_vs_split``, ``auroc_entropy_contested_vs_split``, ``spearman_mi_group_jsd``,
+``group_alignment`` (with the best member per group chosen on contested training items), ``best_member_group_nll``,
+``group_nll``, ``train_auroc_mi_contested`` (training items scored as ``trl-renyi audit`` scores SFT data, pooled
+majority as the completion, ranked by its default score), ``mixture_nll`` and ``pooled_jsd`` (mixture vs all votes
+pooled), ``accuracy`` (vs the pooled majority), ``ece``, and ``seconds`` with its split. Plots: MI against the
+between-group JSD per setting; member × group alignment on held-out contested items.
+
+Usage:
+
+    python experiments/group_conflicts.py --data ../shared/data/group-conflicts/hs-brexit.jsonl --output_dir DIR
+    python experiments/group_conflicts.py --data FILE --output_dir DIR --settings single,alpha1,default
+    python experiments/group_conflicts.py --data FILE --output_dir DIR --trainer dpo
+    python experiments/group_conflicts.py --data FILE --output_dir DIR --quick      # tiny model: a smoke test
+
+Results accumulate: settings already in ``DIR/group_conflicts.json`` from an earlier run with the same data and
+sizes are kept unless run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runs  # noqa: E402  (the studies' shared plumbing)
+
+SETTINGS = {
+    "base": {"label": "base model (zero-shot)"},
+    "single": {"label": "single LoRA (K = 1)", "num_members": 1, "alpha": 1.0},
+    "independent": {"label": "independent LoRAs (deep ensemble)", "num_members": 1, "alpha": 1.0},
+    "alpha1": {"label": "ensemble α = 1", "alpha": 1.0},
+    "alpha0": {"label": "ensemble α = 0", "alpha": 0.0},
+    "default": None,  # the library's defaults, filled at run time
+    "default_row": None,
+    "default_source": None,
+}
+SFT_ONLY = ("default_row", "default_source")
+RESULT_FILE = "group_conflicts.json"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="a group-annotated JSON-lines file (training items)")
+    parser.add_argument("--eval_data", default=None, help="a second file to evaluate on (default: hold out part of --data)")
+    parser.add_argument("--output_dir", required=True, help=f"folder for {RESULT_FILE} and the plots")
+    parser.add_argument("--trainer", default="sft", choices=("sft", "dpo"))
+    parser.add_argument("--settings", default=None, help="comma-separated, from: " + ",".join(SETTINGS) + " (default: all that apply)")
+    parser.add_argument("--quick", action="store_true", help="tiny offline model and few items: a smoke test in seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--held_out_share", type=float, default=0.3, help="share of the items held out (without --eval_data)")
+    parser.add_argument("--max_train_items", type=int, default=None, help="at most this many training items (stratified); default all")
+    parser.add_argument("--epochs", type=float, default=None, help="passes over the training items (default 2; quick 2)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded alias, local path or Hub id")
+    parser.add_argument("--num_members", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=8, help="training rows per step")
+    parser.add_argument("--learning_rate", type=float, default=None, help="default 1e-3 (SFT), 5e-4 (DPO)")
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO β")
+    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument(
+        "--precision", default="auto", choices=("auto", "bf16", "fp32"),
+        help="training precision (auto: bf16 mixed precision where the machine multiplies bfloat16 natively); "
+        "scoring is always float32",
+    )  # fmt: skip
+    parser.add_argument("--docs", default=None, help="results page to update (e.g. docs/results.md)")
+    args = parser.parse_args(argv)
+    names = list(SETTINGS) if args.settings is None else [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
+    if args.trainer == "dpo":
+        if args.settings is not None and any(s in SFT_ONLY for s in names):
+            parser.error(f"{[s for s in names if s in SFT_ONLY]} are SFT settings (--trainer sft)")
+        names = [s for s in names if s not in SFT_ONLY]
+    args.settings = names
+    args.epochs = args.epochs or 2.0
+    args.learning_rate = args.learning_rate or (1e-3 if args.trainer == "sft" else 5e-4)
+    if args.quick:
+        args.batch_size = min(args.batch_size, 4)
+        args.num_members = min(args.num_members, 2)
+        args.max_train_items = args.max_train_items or 8
+    return args
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+def load_items(args):
+    """``(train items, held-out items)``."""
+    from trl_renyi.data.group_conflicts import read_group_items, stratified_split
+
+    items = read_group_items(args.data)
+    if args.eval_data:
+        train, held_out = items, read_group_items(args.eval_data)
+        if set(held_out[0].groups) != set(train[0].groups):
+            raise ValueError(f"--eval_data groups {sorted(held_out[0].groups)} differ from --data's {sorted(train[0].groups)}")
+    else:
+        train, held_out = stratified_split(items, args.held_out_share, args.seed)
+    if args.quick:
+        held_out = held_out[:8]
+    if args.max_train_items and len(train) > args.max_train_items:
+        train, _ = stratified_split(train, 1.0 - args.max_train_items / len(train), args.seed + 1) if len(train) > 2 else (train, [])
+        train = train[: args.max_train_items]
+    return train, held_out
+
+
+def training_rows(setting: str, trainer: str, train: list, seed: int) -> dict:
+    from trl_renyi.data.group_conflicts import annotator_vote_rows, group_vote_rows, pooled_vote_rows, preference_pairs
+
+    if trainer == "dpo":
+        return preference_pairs(train, seed)
+    if setting == "default_row":
+        return group_vote_rows(train, seed=seed)
+    if setting == "default_source":
+        return annotator_vote_rows(train)
+    return pooled_vote_rows(train)
+
+
+def setting_run(name: str, args) -> dict:
+    run = dict(SETTINGS[name] or {})
+    if name.startswith("default"):
+        run = runs.library_defaults()
+        if name == "default_row":
+            run["config"] = {"multi_annotator_routing": "row"}
+            run["label"] += ", one row per (item, group), row routing"
+        if name == "default_source":
+            run["config"] = {"source_column": "annotator"}
+            run["label"] += ", one row per annotator vote, routed by annotator"
+    run.setdefault("num_members", args.num_members)
+    return run
+
+
+def train_setting(name: str, args, base, tokenizer, train: list, budget: dict):
+    """Train (or, for ``base``, wrap) one setting and return its scorer (plain-text prompts, as trained)."""
+    from datasets import Dataset
+
+    from trl_renyi import RenyiDPOConfig, RenyiDPOTrainer, RenyiSFTConfig, RenyiSFTTrainer
+    from trl_renyi.inference.baseline import SingleModel
+
+    if name == "base":
+        return SingleModel(base, tokenizer, name="base", use_chat_template=False)
+    rows = training_rows(name, args.trainer, train, args.seed)
+    dataset = Dataset.from_dict(rows)
+    first = "chosen" if args.trainer == "dpo" else "completions"
+    budget = dict(budget, steps=max(1, math.ceil(args.epochs * len(rows[first]) / args.batch_size)))
+    trainer_cls, config_cls = (RenyiDPOTrainer, RenyiDPOConfig) if args.trainer == "dpo" else (RenyiSFTTrainer, RenyiSFTConfig)
+    run = setting_run(name, args)
+    if args.trainer == "dpo":
+        run["config"] = {**run.get("config", {}), "beta": args.beta}
+    print(f"    {len(dataset)} training rows, {budget['steps']} steps of {args.batch_size}", flush=True)
+    if name == "independent":
+        singles = [
+            runs.train_ensemble(trainer_cls, config_cls, base, tokenizer, dataset, budget, {**run, "seed": args.seed + k})
+            for k in range(args.num_members)
+        ]
+        model = runs.combine_independent(singles, base, tokenizer, args.lora_r)
+        del singles
+    else:
+        model = runs.train_ensemble(trainer_cls, config_cls, base, tokenizer, dataset, budget, run)
+    model.use_chat_template = False  # the rows were trained as plain text
+    return model, budget["steps"]
+
+
+# ------------------------------------------------------------------------------------------------------------ scoring
+def predict(model, items: list) -> list:
+    from trl_renyi.data.group_conflicts import answer_completions, answer_prompt
+
+    if not items:
+        return []
+    return model.predict_choices(
+        [answer_prompt(i) for i in items], [answer_completions(i) for i in items], batch_size=16, show_progress=False
+    )
+
+
+def evaluate(model, held_out: list, train: list) -> dict:
+    """The metrics of the module docstring (without ``train_auroc_mi_contested``, see :func:`audit_auroc`)."""
+    from trl_renyi.data.group_conflicts import group_targets
+    from trl_renyi.evaluation.distributions import jensen_shannon_distances, spearman
+    from trl_renyi.evaluation.group_conflicts import (
+        alignment_matrix,
+        best_members,
+        contested_auroc,
+        contested_vs_split_auroc,
+        cross_entropy,
+        group_alignment,
+        group_cross_entropy,
+    )
+    from trl_renyi.evaluation.metrics import expected_calibration_error
+
+    targets = [group_targets(i) for i in held_out]
+    groups = list(held_out[0].groups)
+    predictions = predict(model, held_out)
+    mi = [p.mutual_information for p in predictions]
+    entropy = [p.entropy for p in predictions]
+    contested = [t["contested"] for t in targets]
+    within = [t["within_group_entropy"] for t in targets]
+    jsd = [t["between_group_jsd"] for t in targets]
+    member_probs = [p.member_probs.double() for p in predictions]
+
+    # each group's best member, chosen on the contested training items
+    train_contested = [i for i in train if i.contested]
+    train_predictions = predict(model, train_contested)
+    train_targets = [group_targets(i) for i in train_contested]
+    best = best_members(
+        [p.member_probs.double() for p in train_predictions],
+        {g: [t["distributions"][g] for t in train_targets] for g in groups},
+    ) if train_predictions else {g: 0 for g in groups}  # fmt: skip
+    held_contested = [i for i, c in enumerate(contested) if c]
+    majorities = {g: [targets[i]["majorities"][g] for i in held_contested] for g in groups}
+    distributions = {g: [t["distributions"][g] for t in targets] for g in groups}
+    pooled = [t["pooled"] for t in targets]
+    probs = [p.probs.double().tolist() for p in predictions]
+    pooled_majority = [max(range(len(q)), key=q.__getitem__) for q in pooled]
+    correct = [p.prediction == m for p, m in zip(predictions, pooled_majority)]
+    return {
+        "auroc_mi_contested": contested_auroc(mi, contested),
+        "auroc_entropy_contested": contested_auroc(entropy, contested),
+        "auroc_mi_contested_vs_split": contested_vs_split_auroc(mi, contested, within),
+        "auroc_entropy_contested_vs_split": contested_vs_split_auroc(entropy, contested, within),
+        "spearman_mi_group_jsd": spearman(mi, jsd),
+        "group_alignment": group_alignment([member_probs[i] for i in held_contested], majorities, best),
+        "best_members": best,
+        "best_member_group_nll": group_cross_entropy(
+            {g: [mp[best[g]].tolist() for mp in member_probs] for g in groups}, distributions
+        ),
+        "group_nll": group_cross_entropy({g: probs for g in groups}, distributions),
+        "mixture_nll": sum(cross_entropy(q, p) for q, p in zip(pooled, probs)) / len(pooled),
+        "pooled_jsd": float(jensen_shannon_distances(pooled, probs).mean()) if _same_width(pooled) else _mean_jsd(pooled, probs),
+        "accuracy": sum(correct) / len(correct),
+        "ece": expected_calibration_error([max(p) for p in probs], correct),
+        "mean_mi": sum(mi) / len(mi),
+        "mi_contested": _mean([mi[i] for i in held_contested]),
+        "mi_agreed": _mean([m for m, c in zip(mi, contested) if not c]),
+        "entropy_contested": _mean([entropy[i] for i in held_contested]),
+        "entropy_agreed": _mean([h for h, c in zip(entropy, contested) if not c]),
+        "alignment_matrix": alignment_matrix([member_probs[i] for i in held_contested], majorities),
+        "_mi": mi,
+        "_jsd": jsd,
+    }
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def _same_width(rows) -> bool:
+    return len({len(r) for r in rows}) == 1
+
+
+def _mean_jsd(targets, predicted) -> float:
+    from trl_renyi.evaluation.distributions import jensen_shannon_distances
+
+    return sum(float(jensen_shannon_distances([q], [p])[0]) for q, p in zip(targets, predicted)) / len(targets)
+
+
+def audit_auroc(model, train: list) -> float:
+    """``train_auroc_mi_contested``: the training items scored as ``trl-renyi audit`` scores SFT data (the pooled
+    majority as the completion, its default ranking score), as a detector of the contested items."""
+    from trl_renyi.cli.audit import SFT_SCORES, score_sft
+    from trl_renyi.data.group_conflicts import answer_completions, answer_prompt
+    from trl_renyi.evaluation.group_conflicts import contested_auroc
+
+    columns = {"prompt": [], "completion": []}
+    for item in train:
+        pooled = item.pooled_distribution()
+        columns["prompt"].append(answer_prompt(item))
+        columns["completion"].append(answer_completions(item)[max(range(len(pooled)), key=pooled.__getitem__)])
+    rows = score_sft(model, columns, batch_size=16)
+    return contested_auroc([r[SFT_SCORES[0]] for r in rows], [train[r["index"]].contested for r in rows])
+
+
+# -------------------------------------------------------------------------------------------------------------- plots
+def plot_mi_against_group_jsd(results: dict, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.1), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        r = results[name]
+        ax.scatter(r["_jsd"], r["_mi"], s=8, alpha=0.5)
+        ax.set(
+            title=f"{name} (ρ = {runs.fmt(r.get('spearman_mi_group_jsd'))})",
+            xlabel="between-group JSD (nats)",
+            ylabel="ensemble MI (nats)",
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_alignment(results: dict, groups: list[str], path: Path) -> str:
+    """Member × group: the share of held-out contested items where the member answers the group's majority."""
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in results.items() if r.get("alignment_matrix")]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(2.6 * max(len(names), 1) + 1, 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        matrix = results[name]["alignment_matrix"]
+        ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for k, row in enumerate(matrix):
+            for g, value in enumerate(row):
+                ax.text(g, k, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k", fontsize=8)
+        ax.set(title=name, xticks=range(len(groups)), yticks=range(len(matrix)), xlabel="group", ylabel="member")
+        ax.set_xticklabels(groups, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------------------- report
+COLUMNS = (
+    ("auroc_mi_contested", "AUROC MI ↑"), ("auroc_entropy_contested", "AUROC H ↑"),
+    ("auroc_mi_contested_vs_split", "AUROC MI vs split ↑"), ("auroc_entropy_contested_vs_split", "AUROC H vs split ↑"),
+    ("spearman_mi_group_jsd", "ρ(MI, JSD) ↑"), ("group_alignment", "alignment ↑"),
+    ("best_member_group_nll", "best-member group NLL ↓"), ("group_nll", "group NLL ↓"),
+    ("train_auroc_mi_contested", "train AUROC ↑"), ("mixture_nll", "NLL ↓"), ("pooled_jsd", "JSD ↓"),
+    ("accuracy", "acc. ↑"), ("ece", "ECE ↓"), ("mi_contested", "MI contested"), ("mi_agreed", "MI agreed"),
+    ("seconds", "s"),
+)  # fmt: skip
+
+
+def table(payload: dict) -> str:
+    columns = [(k, t) for k, t in COLUMNS if any(k in m for m in payload["settings"].values())]
+    lines = ["| setting | " + " | ".join(t for _, t in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in payload["settings"].items():
+        cells = [runs.fmt(metrics.get(k), 0 if k == "seconds" else 3) for k, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def earlier_results(path: Path, config: dict) -> dict:
+    """Settings of an earlier run with the same data and sizes (kept unless run again)."""
+    if not path.is_file():
+        return {}
+    payload = json.loads(path.read_text())
+    same = {k: payload.get("config", {}).get(k) for k in config if k not in ("settings", "output_dir", "docs")}
+    if same != {k: v for k, v in config.items() if k not in ("settings", "output_dir", "docs")}:
+        print(f"{path} was written with other data or sizes: starting afresh.", flush=True)
+        return {}
+    return payload.get("settings", {})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    clock = runs.Stopwatch()
+    train, held_out = load_items(args)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from trl_renyi.data.group_conflicts import has_annotators
+
+    if "default_source" in args.settings and not has_annotators(train):
+        print("default_source: the training items name no annotators; setting skipped.", flush=True)
+        args.settings = [s for s in args.settings if s != "default_source"]
+    groups = list(train[0].groups)
+    print(
+        f"{args.data}: {len(train)} training items ({sum(i.contested for i in train)} contested), {len(held_out)} "
+        f"evaluated ({sum(i.contested for i in held_out)} contested); groups {groups} (evaluation only); "
+        f"trainer {args.trainer}.",
+        flush=True,
+    )
+    base, tokenizer = runs.load_base(args.quick, args.model)
+    budget = {
+        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "lora_r": args.lora_r,
+        "member_init_std": 1e-3, "seed": args.seed, "max_length": None,
+        "bf16": False if args.quick else runs.resolve_precision(args.precision),
+        "extra_config": {"padding_free": True} if args.trainer == "sft" else {},
+    }  # fmt: skip
+    config = {k: v for k, v in vars(args).items()}
+    results = earlier_results(out_dir / RESULT_FILE, config)
+    for index, name in enumerate(args.settings, start=1):
+        run_clock = runs.Stopwatch()
+        label = setting_run(name, args).get("label", name) if name != "base" else SETTINGS["base"]["label"]
+        print(f"[{index}/{len(args.settings)}] {name}: {label} ...", flush=True)
+        trained = train_setting(name, args, base, tokenizer, train, budget)
+        model, steps = trained if isinstance(trained, tuple) else (trained, 0)
+        phases = {"train_seconds": run_clock.seconds()}
+        metrics = evaluate(model, held_out, train)
+        phases["eval_seconds"] = run_clock.seconds() - phases["train_seconds"]
+        metrics["train_auroc_mi_contested"] = audit_auroc(model, train)
+        phases["audit_seconds"] = run_clock.seconds() - phases["train_seconds"] - phases["eval_seconds"]
+        metrics.update(phases, label=label, steps=steps, seconds=run_clock.seconds())
+        results[name] = metrics
+        print(
+            f"    {run_clock}: AUROC MI {runs.fmt(metrics['auroc_mi_contested'], 3)}, AUROC H "
+            f"{runs.fmt(metrics['auroc_entropy_contested'], 3)}, vs split MI {runs.fmt(metrics['auroc_mi_contested_vs_split'], 3)} "
+            f"/ H {runs.fmt(metrics['auroc_entropy_contested_vs_split'], 3)}, alignment {runs.fmt(metrics['group_alignment'], 3)}, "
+            f"train AUROC {runs.fmt(metrics['train_auroc_mi_contested'], 3)} ("
+            + ", ".join(f"{k.removesuffix('_seconds')} {v:.0f} s" for k, v in phases.items()) + ")",
+            flush=True,
+        )
+        del model
+        gc.collect()
+        payload = {
+            "data": str(args.data),
+            "eval_data": args.eval_data,
+            "config": config,
+            "items": {
+                "train": len(train), "train_contested": sum(i.contested for i in train),
+                "held_out": len(held_out), "held_out_contested": sum(i.contested for i in held_out),
+            },  # fmt: skip
+            "groups": groups,
+            "settings": {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in results.items()},
+            "plots": {
+                "mi_vs_group_jsd": plot_mi_against_group_jsd(
+                    {n: r for n, r in results.items() if "_mi" in r}, out_dir / "mi_vs_group_jsd.png"
+                ),
+                "alignment": plot_alignment(results, groups, out_dir / "alignment.png"),
+            },
+            "seconds": clock.seconds(),
+        }
+        # the per-item values of earlier settings are kept for the plots of a later run
+        for n, r in results.items():
+            payload["settings"][n]["_mi"], payload["settings"][n]["_jsd"] = r.get("_mi"), r.get("_jsd")
+        runs.save_json(out_dir / RESULT_FILE, payload)
+    print(table(payload))
+    print(f"Wrote {out_dir / RESULT_FILE} and the plots in {clock}.")
+    if args.docs:
+        marker = f"group-conflicts-{Path(args.data).stem}-{args.trainer}"
+        runs.update_results_page(marker, table(payload), Path(args.docs))
+    return 0
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    sys.exit(main())
