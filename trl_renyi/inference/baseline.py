@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from trl_renyi.compat import quiet_checkpointing_alias
 from trl_renyi.inference.ensemble import EnsembleScorer, RenyiEnsemble
 from trl_renyi.model.layer import base_model_only
 from trl_renyi.model.loading import embedded_alias_of_hub_id, load_causal_lm, load_tokenizer
@@ -106,7 +107,8 @@ class SingleModel(EnsembleScorer):
             else:
                 if base_name or recorded:
                     tokenizer = load_tokenizer(base_name or recorded)
-        model = PeftModel.from_pretrained(base_model, str(folder))
+        with quiet_checkpointing_alias():  # PEFT reads transformers' deprecated alias
+            model = PeftModel.from_pretrained(base_model, str(folder))
         return cls(model.eval(), tokenizer, name=name or folder.name, use_chat_template=use_chat_template)
 
     def save_pretrained(self, *args, **kwargs):

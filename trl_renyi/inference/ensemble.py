@@ -15,6 +15,7 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 
+from trl_renyi.compat import quiet_checkpointing_alias
 from trl_renyi.inference.choices import predict_choices as _predict_choices
 from trl_renyi.inference.choices import predict_preferences as _predict_preferences
 from trl_renyi.inference.encoding import collate_scoring_batch, encode_prompt_completion, has_chat_template
@@ -362,7 +363,8 @@ class RenyiEnsemble(EnsembleScorer):
             elif base_name:
                 tokenizer = load_tokenizer(base_name, **hub_kwargs)
         names = meta["member_names"]
-        model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0])
+        with quiet_checkpointing_alias():  # PEFT reads transformers' deprecated alias
+            model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0])
         for name in names[1:]:
             model.load_adapter(str(folder / name), adapter_name=name)
         model.eval()
