@@ -1,4 +1,4 @@
-"""Multi-annotator rows in ``RenyiSFTTrainer``: expansion before TRL's preparation, per-example weights, and one
+r"""Multi-annotator rows in ``RenyiSFTTrainer``: expansion before TRL's preparation, per-example weights, and one
 prompt pass for all completions of a row.
 
 See :mod:`trl_renyi.data.multi_completion` for the format and the loss it defines. A dataset with ``prompt`` +
