@@ -7,6 +7,13 @@ Dequantising ``SmolLM2-135M-Instruct.Q4_1.gguf`` takes 15–40 s on every load. 
 once complete (a ``COMPLETE`` file inside records the GGUF's checksum), so an interrupted conversion never leaves a
 folder that is used: the next load converts again. A different GGUF (another checksum) gets its own folder.
 ``TRL_RENYI_NO_MODEL_CACHE=1`` always loads the GGUF directly.
+
+The converted copy is also placed where the Hugging Face cache looks for the original model's Hub id
+(:func:`place_in_hub_cache`: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, in huggingface_hub's layout
+``models--org--name/snapshots/<revision>/`` with ``refs/main``), so that every tool that loads the base model by its
+Hub id — ``AutoModelForCausalLM``, ``AutoTokenizer``, ``AutoPeftModelForCausalLM`` on a saved member — finds it
+offline. The files are hard links to the converted copy where the file system allows (copies otherwise). A Hub cache
+that already holds the model (a real download) is left as it is.
 """
 
 from __future__ import annotations
@@ -99,3 +106,48 @@ def convert(gguf_path: Path, folder: Path, checksum: str, load_from_gguf) -> Pat
         shutil.rmtree(staging, ignore_errors=True)
     _progress(f"Cached in {time.perf_counter() - start:.0f} s.")
     return folder
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face Hub cache in force (``HF_HUB_CACHE``, else ``HF_HOME/hub``, as huggingface_hub resolves it)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE).expanduser()
+
+
+def place_in_hub_cache(folder: Path, repo_id: str, revision: str) -> Path:
+    """Make ``folder`` (a complete converted model) the ``main`` revision of model ``repo_id`` in the Hub cache.
+
+    Writes ``models--org--name/snapshots/<revision>/`` (under a temporary name, renamed into place once complete) and
+    then ``refs/main``; returns the snapshot folder. Nothing is changed when ``refs/main`` already names another
+    snapshot that exists (the model was downloaded from the Hub).
+    """
+    repo = hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    current = ref.read_text().strip() if ref.is_file() else None
+    if current and (repo / "snapshots" / current).is_dir():
+        return repo / "snapshots" / current
+    snapshot = repo / "snapshots" / revision
+    if not snapshot.is_dir():
+        staging = snapshot.with_name(f".staging-{revision}-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            for source in folder.iterdir():
+                if source.is_file() and source.name != COMPLETE_MARKER:
+                    try:
+                        os.link(source, staging / source.name)
+                    except OSError:  # another file system, or links not allowed
+                        shutil.copy2(source, staging / source.name)
+            try:
+                os.replace(staging, snapshot)
+            except OSError:
+                if not snapshot.is_dir():  # not another process's finished copy: a real failure
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    pending = ref.with_name(f".main-{os.getpid()}")
+    pending.write_text(revision)
+    os.replace(pending, ref)
+    return snapshot

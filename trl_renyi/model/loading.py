@@ -85,21 +85,26 @@ def _load_gguf_model(gguf: tuple[str, str], dtype, **kwargs):
 
 
 def embedded_cache(gguf: tuple[str, str]) -> Path | None:
-    """The safetensors copy of an embedded GGUF, converting it on first use (see :mod:`trl_renyi.model.cache`);
-    ``None`` when the cache is switched off."""
+    """The safetensors copy of an embedded GGUF, converting it on first use and placing it under the original's Hub id
+    in the Hugging Face cache (see :mod:`trl_renyi.model.cache`); ``None`` when the cache is switched off."""
     if not cache.cache_enabled():
         return None
     gguf_path = Path(gguf[0]) / gguf[1]
     folder, checksum = cache.cached_folder(gguf_path)
-    if cache.is_complete(folder, checksum):
-        return folder
+    if not cache.is_complete(folder, checksum):
 
-    def load_from_gguf():
-        model = _load_gguf_model(gguf, torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
-        return model, tokenizer
+        def load_from_gguf():
+            model = _load_gguf_model(gguf, torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
+            return model, tokenizer
 
-    return cache.convert(gguf_path, folder, checksum, load_from_gguf)
+        cache.convert(gguf_path, folder, checksum, load_from_gguf)
+    hub_name = next(hub for _, filename, hub in EMBEDDED_MODELS.values() if filename == gguf[1])
+    try:  # the original's Hub id then loads offline too; the embedded alias works without it
+        cache.place_in_hub_cache(folder, hub_name, checksum[:40])
+    except OSError as error:
+        cache.logger.warning("Could not place %s in the Hugging Face cache (%s).", hub_name, error)
+    return folder
 
 
 def load_causal_lm(name_or_path: str, dtype: str | torch.dtype | None = "float32", **kwargs):
@@ -142,3 +147,21 @@ def load_tokenizer(name_or_path: str, **kwargs):
 def model_name_or_path(model) -> str:
     """The name a loaded model was created from (``""`` for models built in memory)."""
     return getattr(model.config, "name_or_path", "") or ""
+
+
+def check_vocabulary(model, processing_class) -> None:
+    """Raise ``ValueError`` with both sizes when the tokenizer has more tokens than the model's input embedding
+    matrix has rows (a token id past the end would fail only at the first forward, as an ``IndexError``)."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds its tokenizer
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if tokenizer is None or weight is None or not hasattr(tokenizer, "__len__"):
+        return
+    rows = weight.shape[0] if weight.numel() else getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3: ds_shape
+    if rows and len(tokenizer) > rows:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"The tokenizer {name!r} has {len(tokenizer)} tokens but the model's embedding matrix has {rows} rows: "
+            "token ids past the end cannot be embedded. Use the model's own tokenizer, or resize the embeddings "
+            "(model.resize_token_embeddings(len(tokenizer))) before training."
+        )

@@ -25,7 +25,7 @@ from trl_renyi.model.layer import (
     routed_members,
 )
 from trl_renyi.model.lm_head import add_completion_lm_head
-from trl_renyi.model.loading import is_embedded, load_causal_lm, load_tokenizer
+from trl_renyi.model.loading import check_vocabulary, is_embedded, load_causal_lm, load_tokenizer
 from trl_renyi.model.members import (
     attach_ensemble,
     build_ensemble,
@@ -149,6 +149,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         self._renyi_log_weights = normalized_log_weights(args.num_members, args.member_weights)
         # TRL may have touched PEFT's active adapter (which freezes the others): every member trains.
         peft_model = self.accelerator.unwrap_model(self.model)
+        check_vocabulary(peft_model, self.processing_class)  # before a token id past the embeddings fails a step
         attach_ensemble(peft_model, args.num_members)
         self._completion_head = add_completion_lm_head(peft_model.get_base_model())
         self.shared_trunk_layer = enable_shared_trunk(peft_model) if args.shared_trunk else None
