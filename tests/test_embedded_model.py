@@ -75,18 +75,42 @@ def test_saved_members_record_the_hub_id_and_load_with_auto_peft(tmp_path, monke
     assert recorded == hub_id(DEFAULT_MODEL) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert json.loads((tmp_path / "out" / "renyi_ensemble.json").read_text())["base_model_name_or_path"] == DEFAULT_MODEL
 
-    # a user whose Hub cache holds the model (here: the converted copy under the Hub id's cache layout)
+    # the one-time conversion also placed the model under its Hub id in the Hugging Face cache in force
     hub_cache = tmp_path / "hub"
-    snapshot = hub_cache / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / ("0" * 40)
-    shutil.copytree(embedded_cache(embedded_gguf(DEFAULT_MODEL)), snapshot)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setattr("transformers.utils.hub.TRANSFORMERS_CACHE", str(hub_cache), raising=False)
+    embedded_cache(embedded_gguf(DEFAULT_MODEL))  # what every load of the embedded model does
+    assert (hub_cache / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "refs" / "main").is_file()
     auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out" / "member_1"))
     ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
     expected = PeftModel.from_pretrained(load_causal_lm(DEFAULT_MODEL), str(tmp_path / "out" / "member_1"))
     with torch.no_grad():
         torch.testing.assert_close(auto(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
+
+def test_the_hub_id_loads_offline_from_a_fresh_hf_home(tmp_path):
+    """A new user's HF_HOME: loading the embedded model once places it where the Hub cache looks for
+    HuggingFaceTB/SmolLM2-135M-Instruct, so transformers loads it by that id offline, with the same logits."""
+    import os
+    import subprocess
+    import sys
+
+    from trl_renyi.model import cache
+
+    load_causal_lm(DEFAULT_MODEL)  # the converted copy exists (converted here once if not)
+    script = """
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl_renyi.model.loading import load_causal_lm
+embedded = load_causal_lm("smollm2-135m-instruct")
+model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+tokenizer = AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+with torch.no_grad():
+    torch.testing.assert_close(model(input_ids=ids).logits, embedded(input_ids=ids).logits)
+print("loaded by Hub id")
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "TRL_RENYI_CACHE": str(cache.cache_root()), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "loaded by Hub id" in done.stdout, done.stderr[-2000:]
+    assert (tmp_path / "hf" / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "refs" / "main").is_file()
