@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     timings["train_single_s"] = train_single(args, dataset, out / "single")
     start = time.perf_counter()
     eval_command.main(
-        [
+        *eval_command.make_parser().parse_args_and_config([
             "--ensemble", str(out / "ensemble"),
             "--data", str(held_out_file),
             "--data_format", "mc1",
@@ -168,8 +168,8 @@ def main(argv=None) -> int:
             "--batch_size", str(args.eval_batch_size),
             "--output_dir", str(out / "eval"),
             *(["--length_normalize", "true"] if args.length_normalize else []),
-        ]
-    )
+        ])
+    )  # fmt: skip
     timings["eval_s"] = time.perf_counter() - start
     report = json.loads((out / "eval" / "report.json").read_text())
     keys = ("accuracy", "nll", "ece", "brier", "auroc", "selective_accuracy", "mean_mutual_information")

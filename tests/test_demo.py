@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from trl_renyi import RenyiEnsemble
-from trl_renyi.cli.demo import DemoConfig, FamilyReport, uncertainty_gap
+from trl_renyi.cli.demo import DemoConfig
 from trl_renyi.data import FAMILIES, chat_answer, chat_prompt, held_out_items
+from trl_renyi.evaluation.families import FamilyReport, uncertainty_gap
 
 
 def choice_mutual_information(member_loglik, weights):

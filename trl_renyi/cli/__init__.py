@@ -1,11 +1,16 @@
-"""The ``trl-renyi`` command: ``trl-renyi {sft,dpo,eval,audit,demo} ...``, in the style of ``trl sft``."""
+"""The ``trl-renyi`` command: ``trl-renyi {sft,dpo,eval,audit,demo} ...``, in the style of ``trl sft``.
+
+Every command is a module of this package with the two functions of TRL's scripts: ``make_parser()`` (a
+:class:`~trl_renyi.cli.parsing.RenyiParser` over the command's dataclasses) and ``main(*parsed)`` (the parsed
+dataclasses in the parser's order). ``trl-renyi NAME ARGS`` parses ``ARGS`` with the first and runs the second.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-# sub-command -> (module under trl_renyi.cli exposing main(argv), one-line description)
+# sub-command -> (module under trl_renyi.cli exposing make_parser() and main(*parsed), one-line description)
 COMMANDS = {
     "sft": ("sft", "Train an α-Rényi LoRA ensemble with supervised fine-tuning (like `trl sft`)."),
     "dpo": ("dpo", "Train an α-Rényi LoRA ensemble with preference optimisation (like `trl dpo`)."),
@@ -34,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"trl_renyi.cli.{COMMANDS[command][0]}")
     from trl_renyi.cli.parsing import run_command
 
-    return run_command(command, module.main, rest)
+    def run(argv: list[str]) -> int:
+        return module.main(*module.make_parser().parse_args_and_config(argv)) or 0
+
+    return run_command(command, run, rest)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from trl_renyi.data.loading import load_split
-from trl_renyi.evaluation.data import training_examples
+from trl_renyi.evaluation.data import training_examples, training_format
 from trl_renyi.inference.baseline import SingleModel
 from trl_renyi.inference.ensemble import RenyiEnsemble
 from trl_renyi.cli.parsing import CHAT_MODES, chat_field
@@ -201,7 +201,7 @@ def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
     sort_by = (valid[0] if args.sort_by == "auto" else args.sort_by)
     if sort_by not in valid:
         raise ValueError(f"sort_by={args.sort_by!r} does not apply to {kind} data; use one of {valid}.")
-    print(f"{args.data}: {len(dataset)} {kind} examples ({'prompt/completion' if kind == 'sft' else 'preference pairs'}).")
+    print(f"{args.data}: {len(dataset)} {kind} examples ({training_format(dataset.column_names)}).")
     ensemble = RenyiEnsemble.from_pretrained(
         args.ensemble, base_model=args.base_model, revision=args.revision, dtype=args.dtype,
         use_chat_template=CHAT_MODES[args.chat],
@@ -238,8 +238,7 @@ def make_parser():
     return RenyiParser((AuditArguments,), prog="trl-renyi audit")
 
 
-def main(argv: list[str] | None = None) -> int:
-    (args,) = make_parser().parse_args_and_config(argv)
+def main(args: AuditArguments) -> int:
     kind, sort_by, rows = audit(args)
     print(format_table(rows, kind, sort_by, args.top))
     print(f"\n{len(rows)} examples scored ({kind}); ranked by {sort_by}. Written to {Path(args.output_dir) / 'audit.jsonl'}.")

@@ -1,27 +1,123 @@
-"""``trl-renyi dpo``: preference optimisation of an α-Rényi LoRA ensemble, with the flags of ``trl dpo``.
+# /// script
+# dependencies = [
+#     "trl_renyi",
+# ]
+# ///
 
-Every flag of ``trl dpo`` (``ScriptArguments``, ``DPOConfig``, ``ModelConfig``, ``--config file.yaml``) works, plus the
-ensemble fields of :class:`~trl_renyi.RenyiDPOConfig`. ``--dataset_name`` takes a Hub dataset id, a local data file
-(json, jsonl, csv, parquet) or folder, or ``trl_renyi:conflict_preference`` (the bundled preference data, where two
-annotator groups disagree on some task families). ``--model_name_or_path`` defaults to the embedded
-``smollm2-135m-instruct``. Members are LoRA adapters, so ``--use_peft`` is implied; the reference model is the base
-model with the adapters disabled.
+"""``trl-renyi dpo``: direct preference optimisation of an α-Rényi ensemble of K LoRA adapters.
 
-Example::
+TRL's ``dpo.py`` with :class:`~trl_renyi.RenyiDPOTrainer` in place of ``DPOTrainer``; this file is both the command
+(``trl-renyi dpo``) and the script to copy and edit (``examples/dpo_renyi.py`` is this file). Every ``trl dpo`` flag
+works, plus the ensemble fields of :class:`~trl_renyi.RenyiDPOConfig` (``--num_members``, ``--alpha``,
+``--alpha_warmup_ratio``, ...). The reference model is the frozen base (all members switched off), one pass shared by
+every member. Members are LoRA adapters (``--use_peft`` is implied); ``--num_members 1`` is exactly a LoRA
+``DPOTrainer`` run with the sigmoid loss. ``--dataset_name`` takes a Hub dataset id, a local data file or folder, or
+``trl_renyi:conflict_preference`` (the bundled preference data, where two annotator groups disagree on some task
+families); ``--model_name_or_path`` defaults to the embedded ``smollm2-135m-instruct``.
 
-    trl-renyi dpo --dataset_name trl_renyi:conflict_preference_chat --num_members 4 --alpha -1 \\
-        --alpha_warmup_ratio 0.5 --member_init_std 0.01 --lora_r 8 --lora_target_modules all-linear \\
-        --learning_rate 1e-3 --max_steps 80 --per_device_train_batch_size 8 --no_bf16 --output_dir outputs/renyi-dpo
+# Embedded model (offline, CPU): SmolLM2-135M-Instruct on the bundled preference data
+```bash
+python examples/dpo_renyi.py \\
+    --model_name_or_path smollm2-135m-instruct \\
+    --dataset_name trl_renyi:conflict_preference_chat \\
+    --num_members 4 \\
+    --alpha -1 \\
+    --alpha_warmup_ratio 0.5 \\
+    --member_init_std 0.01 \\
+    --beta 0.1 \\
+    --lora_r 8 \\
+    --lora_alpha 16 \\
+    --lora_target_modules all-linear \\
+    --learning_rate 1e-3 \\
+    --max_steps 80 \\
+    --per_device_train_batch_size 8 \\
+    --gradient_checkpointing false \\
+    --bf16 false \\
+    --report_to none \\
+    --output_dir outputs/SmolLM2-135M-Renyi-DPO
+```
+
+# Hub model and dataset (LoRA members on a larger base, GPU)
+```bash
+python examples/dpo_renyi.py \\
+    --dataset_name trl-lib/ultrafeedback_binarized \\
+    --model_name_or_path Qwen/Qwen2-0.5B-Instruct \\
+    --learning_rate 5.0e-6 \\
+    --num_train_epochs 1 \\
+    --per_device_train_batch_size 2 \\
+    --max_steps 1000 \\
+    --gradient_accumulation_steps 8 \\
+    --eval_strategy steps \\
+    --eval_steps 50 \\
+    --num_members 4 \\
+    --alpha 0 \\
+    --alpha_warmup_ratio 0.5 \\
+    --member_init_std 0.001 \\
+    --lora_r 32 \\
+    --lora_alpha 16 \\
+    --output_dir Qwen2-0.5B-Renyi-DPO \\
+    --no_remove_unused_columns
+```
+
+# From a YAML file (command-line flags override it)
+```bash
+python examples/dpo_renyi.py --config examples/configs/dpo_smollm2.yaml
+```
 """
 
 from __future__ import annotations
 
+import argparse
+
 from trl_renyi.cli import training
 
-_COMMAND = training.TrainingCommand("dpo", "trl_renyi.training.dpo", "RenyiDPOTrainer", "RenyiDPOConfig")
-make_parser = _COMMAND.make_parser
-train = _COMMAND.train
-main = _COMMAND.main
+
+def main(script_args, training_args, model_args, dataset_args):
+    from trl_renyi.training.dpo import RenyiDPOTrainer
+
+    # The base model's loading arguments, as TRL's script builds them
+    training_args.model_init_kwargs = training.model_init_kwargs(model_args, training_args)
+
+    # Load the dataset and check it (columns, empty splits, null fields) before the model loads
+    train_dataset, eval_dataset = training.training_datasets(script_args, training_args, dataset_args, "dpo")
+    training.check_output_dir(training_args.output_dir)
+    checkpoint = training.checkpoint_to_resume(training_args)
+
+    # Initialize the trainer: K LoRA members on one frozen base model, which is also the reference model
+    trainer = RenyiDPOTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=training.ensemble_peft_config(model_args),
+    )
+    if script_args.ignore_bias_buffers:
+        training.ignore_bias_buffers(trainer)
+
+    # Train the model
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    # Save (member_k/ adapters, renyi_ensemble.json, model card) and push to the Hub
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(
+        f"Ensemble of {training_args.num_members} members saved to {training_args.output_dir} "
+        "(member_k/ adapters, renyi_ensemble.json, README.md)."
+    )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+
+    # Finish the trackers and the process group
+    trainer.end()
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None):
+    from trl_renyi.training.config import RenyiDPOConfig
+
+    return training.make_parser(RenyiDPOConfig, "trl-renyi dpo", subparsers, "dpo")
+
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    parser = make_parser()
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()
+    main(script_args, training_args, model_args, dataset_args)

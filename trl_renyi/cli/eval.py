@@ -330,7 +330,9 @@ def evaluate(args: EvalArguments) -> dict:
             results[label] = (_member_predictions(results["ensemble"][0], k), [label])
             continue
         if reward and kind == "base":
-            notes.append("base: skipped under reward scoring (the base model is the reference, its margin is 0).")
+            note = "base: left out under reward scoring (the base model is the reference, so its margin is always 0)."
+            print(note)
+            notes.append(note)
             continue
         scorer = load_baseline(kind, argument, label, ensemble, args)
         results[label] = (predict(scorer, prompts, choices, fmt, args, reference), scorer.member_names)
@@ -363,8 +365,7 @@ def make_parser():
     return RenyiParser((EvalArguments,), prog="trl-renyi eval")
 
 
-def main(argv: list[str] | None = None) -> int:
-    (args,) = make_parser().parse_args_and_config(argv)
+def main(args: EvalArguments) -> int:
     report = evaluate(args)
     print(format_table(report))
     print(f"\nReport, predictions and plots written to {args.output_dir}.")

@@ -1,9 +1,15 @@
-"""What ``trl-renyi sft`` and ``trl-renyi dpo`` share: argument parsing like ``trl sft`` / ``trl dpo``, data loading
-(Hub names, local files and folders, the bundled conflicting-data generator), LoRA members by default, train, save,
-publish.
+"""What the training scripts ``trl-renyi sft`` / ``trl-renyi dpo`` share: the parser of ``trl sft`` / ``trl dpo``
+with the Rényi config, data loading and checking (Hub names, local files and folders, the bundled conflicting data),
+LoRA members by default, the base model's loading arguments, the output folder and the checkpoint to resume from.
+
+The scripts themselves (:mod:`trl_renyi.cli.sft`, :mod:`trl_renyi.cli.dpo`) read top to bottom like TRL's
+``trl/scripts/sft.py``; these helpers are the steps they share.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from trl_renyi.data.formats import prepare_training_dataset
 from trl_renyi.data.loading import load_dataset_dict
@@ -52,11 +58,12 @@ def select_splits(dataset, script_args, training_args):
             f"dataset_train_split {script_args.dataset_train_split!r} not in the dataset's splits {splits}."
         )
     train = dataset[script_args.dataset_train_split]
-    if training_args.eval_strategy == "no":
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)  # an enum after parsing
+    if strategy == "no":
         return train, None
     if script_args.dataset_test_split not in dataset:
         raise ValueError(
-            f"eval_strategy={training_args.eval_strategy!r} needs the split dataset_test_split="
+            f"eval_strategy={strategy!r} needs the split dataset_test_split="
             f"{script_args.dataset_test_split!r}, which is not in the dataset's splits {splits}."
         )
     return train, dataset[script_args.dataset_test_split]
@@ -92,75 +99,57 @@ def model_init_kwargs(model_args, training_args) -> dict:
     return kwargs
 
 
-def run(trainer_class, script_args, training_args, model_args, dataset_args):
-    """Build ``trainer_class`` from parsed arguments, train, save (members, ``renyi_ensemble.json``, model card) and
-    push to the Hub when ``--push_to_hub`` is set. Returns the trainer."""
-    if not model_args.model_name_or_path:
-        model_args.model_name_or_path = DEFAULT_MODEL
-    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+def training_datasets(script_args, training_args, dataset_args, kind: str):
+    """``(train, eval or None)``: the splits named on the command line, each checked for trainer ``kind``
+    (``"sft"`` / ``"dpo"``) before any model loads, so that a wrong column, an empty split or a null field is one
+    line naming the dataset, the split, the row and the column (ShareGPT messages are converted)."""
     dataset = load_training_data(script_args, dataset_args, seed=training_args.seed)
-    train_dataset, eval_dataset = select_splits(dataset, script_args, training_args)
-    # the data's format is checked (and ShareGPT converted) before the model loads, naming the dataset and split
-    kind = "dpo" if "DPO" in trainer_class.__name__ else "sft"
+    splits = select_splits(dataset, script_args, training_args)
     name = script_args.dataset_name or "the dataset mixture"
-    train_dataset, _ = prepare_training_dataset(
-        train_dataset, kind, f"{name} (split {script_args.dataset_train_split!r})", training_args.dataset_text_field
-        if kind == "sft" else "text",
-    )  # fmt: skip
-    trainer = trainer_class(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=ensemble_peft_config(model_args),
+    text_field = training_args.dataset_text_field if kind == "sft" else "text"
+    split_names = (script_args.dataset_train_split, script_args.dataset_test_split)
+    return tuple(
+        prepare_training_dataset(split, kind, f"{name} (split {split_name!r})", text_field)[0]
+        for split, split_name in zip(splits, split_names, strict=True)
     )
-    if getattr(script_args, "ignore_bias_buffers", False):
-        import torch
-
-        from trl_renyi.compat import ignore_in_ddp
-
-        ignore_in_ddp(trainer.model, [name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool])
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(
-        f"Ensemble of {training_args.num_members} members saved to {training_args.output_dir} "
-        "(member_k/ adapters, renyi_ensemble.json, README.md)."
-    )
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
-    if hasattr(trainer, "end"):
-        trainer.end()
-    return trainer
 
 
-class TrainingCommand:
-    """``trl-renyi sft`` / ``dpo`` in the shape of TRL's own scripts: :meth:`make_parser`, :meth:`train` (what
-    ``examples/`` call) and :meth:`main` (the command's entry point). Trainer and config are imported only when used,
-    so ``--help`` stays fast."""
+def check_output_dir(output_dir: str) -> None:
+    """Create ``output_dir`` or raise ``PermissionError`` naming it when it cannot be written (a read-only path),
+    before the model loads rather than at the first save."""
+    path = Path(output_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"--output_dir {output_dir}: cannot write there ({error.strerror or error}).") from None
 
-    def __init__(self, kind: str, trainer_module: str, trainer_name: str, config_name: str):
-        self.kind, self.trainer_module, self.trainer_name, self.config_name = (
-            kind,
-            trainer_module,
-            trainer_name,
-            config_name,
+
+def checkpoint_to_resume(training_args) -> str | None:
+    """The checkpoint ``--resume_from_checkpoint`` names: a folder, or with ``True`` the latest ``checkpoint-*`` of
+    ``--output_dir`` (transformers' ``get_last_checkpoint``, as TRL's scripts resolve it); ``None`` to start afresh."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", ""):
+        return None
+    if str(value).lower() not in ("true", "yes"):
+        return str(value)
+    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    if last is None:
+        raise ValueError(
+            f"--resume_from_checkpoint True: no checkpoint-* folder in --output_dir {training_args.output_dir} to "
+            "resume from."
         )
+    return last
 
-    def make_parser(self, subparsers=None):
-        """Every ``trl <kind>`` flag plus the ensemble fields of the Rényi config."""
-        from trl_renyi.training import config
 
-        return make_parser(getattr(config, self.config_name), f"trl-renyi {self.kind}", subparsers, self.kind)
+def ignore_bias_buffers(trainer) -> None:
+    """``--ignore_bias_buffers`` of TRL's DPO script: DDP skips the model's boolean buffers."""
+    import torch
 
-    def train(self, script_args, training_args, model_args, dataset_args):
-        """Train, save and (with ``--push_to_hub``) publish an ensemble from parsed arguments."""
-        import importlib
+    from trl_renyi.compat import ignore_in_ddp
 
-        trainer_class = getattr(importlib.import_module(self.trainer_module), self.trainer_name)
-        return run(trainer_class, script_args, training_args, model_args, dataset_args)
-
-    def main(self, argv: list[str] | None = None) -> int:
-        script_args, training_args, model_args, dataset_args = self.make_parser().parse_args_and_config(argv)
-        self.train(script_args, training_args, model_args, dataset_args)
-        return 0
+    ignore_in_ddp(trainer.model, [name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool])

@@ -115,22 +115,85 @@ def prepare_training_datasets(train_dataset, eval_dataset, kind: str, dataset_te
     return train_dataset, eval_dataset, fmt
 
 
+def value_problem(value, column: str) -> str | None:
+    """What is wrong with one field of a training row (``None`` when nothing is): a null, or something other than
+    text or a list of ``{"role", "content"}`` messages (for ``completions``: a list of those; for
+    ``completion_weights``: a list of numbers)."""
+    if column == "completion_weights":
+        if not isinstance(value, list) or any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in value):
+            return f"{_shown(value)}; expected a list of numbers"
+        return None
+    if column == "completions":
+        if not isinstance(value, list) or not value:
+            return f"{_shown(value)}; expected a non-empty list of completions"
+        return next((f"completion {j} is {problem}" for j, v in enumerate(value) if (problem := value_problem(v, ""))), None)
+    if isinstance(value, str):
+        return None
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        for j, message in enumerate(value):
+            content = message.get("content", message.get("value"))
+            if content is None:
+                return f"message {j} has content null; expected a string"
+        return None
+    return f"{_shown(value)}; expected a string or a list of {{'role', 'content'}} messages"
+
+
+def _shown(value) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r:.40}"
+
+
+def check_values(dataset, columns, source: str) -> None:
+    """Raise ``ValueError`` naming ``source``, the row and the column of the first null or non-text field among
+    ``columns`` (read in Arrow batches, so a large dataset is scanned without building Python rows for the rest)."""
+    columns = [c for c in columns if c in dataset.column_names]
+    if not columns:
+        return
+    row = 0
+    for batch in dataset.select_columns(columns).iter(batch_size=1024):
+        for column in columns:
+            for offset, value in enumerate(batch[column]):
+                problem = value_problem(value, column)
+                if problem:
+                    raise ValueError(f"{source}, row {row + offset}, column {column!r}: {problem}.")
+        row += len(batch[columns[0]])
+
+
+def format_columns(fmt: str, dataset_text_field: str = "text") -> tuple[str, ...]:
+    """The text columns of a format that must hold a string or messages in every row (plus the optional ones)."""
+    return {
+        "multi-annotator": ("prompt", "completions", "completion_weights"),
+        "prompt-completion": ("prompt", "completion"),
+        "conversational": ("messages", "conversations"),
+        "language-modelling": (dataset_text_field,),
+        "preference": ("prompt", "chosen", "rejected"),
+    }.get(fmt, ())
+
+
 def prepare_training_dataset(dataset, kind: str, source: str = "train_dataset", dataset_text_field: str = "text"):
     """Check ``dataset`` (a ``datasets.Dataset`` / ``IterableDataset`` or ``None``) for trainer ``kind`` and return it
-    with ShareGPT messages converted; ``(dataset, format)``."""
+    with ShareGPT messages converted; ``(dataset, format)``.
+
+    Raises ``ValueError`` naming ``source`` (and the row and column where one is at fault) for columns of no format,
+    an empty dataset, and null or non-text fields.
+    """
     if dataset is None:
         return None, None
     columns = getattr(dataset, "column_names", None)
     if columns is None:  # an IterableDataset of unknown features: look at its first row
         first = next(iter(dataset), None)
-        columns = list(first) if first else []
+        if first is None:
+            raise ValueError(f"{source} is empty: it holds no rows.")
+        columns = list(first)
     fmt = detect_format(columns, kind, source, dataset_text_field)
-    if not hasattr(dataset, "__len__") or len(dataset) == 0:
+    if not hasattr(dataset, "__len__"):
         return dataset, fmt
+    if len(dataset) == 0:
+        raise ValueError(f"{source} is empty: it has columns {sorted(columns)} but no rows.")
     first = dataset[0]
     if is_sharegpt(first):
         renamed = [c for c in ("conversations",) if c in dataset.column_names]
         dataset = dataset.map(to_chatml, remove_columns=renamed, desc="Converting ShareGPT messages")
         first = dataset[0]
     check_messages(first, source, 0)
+    check_values(dataset, format_columns(fmt, dataset_text_field), source)
     return dataset, fmt

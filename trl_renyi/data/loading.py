@@ -80,6 +80,16 @@ def _json_field(path: Path) -> str | None:
     return "data" if isinstance(content, dict) and isinstance(content.get("data"), list) else None
 
 
+def _is_empty(path: Path) -> bool:
+    """Whether a data file holds nothing but white space (looked through ``.gz``)."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rb") as handle:
+        while block := handle.read(1 << 16):
+            if block.strip():
+                return False
+    return True
+
+
 def load_local(path: Path, streaming: bool = False):
     """A ``DatasetDict`` from a local data file or folder (see the module docstring)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
@@ -91,6 +101,8 @@ def load_local(path: Path, streaming: bool = False):
                 f"{path}: unsupported file type {''.join(path.suffixes) or '(none)'!r}; use one of "
                 f"{sorted(FILE_BUILDERS)} (optionally .gz)."
             )
+        if _is_empty(path):
+            raise ValueError(f"{path} is empty: it holds no rows.")
         kwargs = {}
         if builder == "json" and [s.lower() for s in path.suffixes if s.lower() != ".gz"][-1] == ".json":
             field = _json_field(path)

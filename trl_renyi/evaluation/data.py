@@ -151,24 +151,42 @@ def model_inputs(items: list[ChoiceItem], fmt: str, tokenizer, chat: bool | None
 
 
 # ---------------------------------------------------------------------------------------------- training data
+def training_format(columns, source: str = "dataset") -> str:
+    """The format of a TRL training dataset with ``columns``, as named to the user: ``"preference pairs"`` (chosen /
+    rejected, with or without prompt), ``"prompt/completion"``, ``"chat messages"`` or ``"text"``."""
+    columns = set(columns)
+    if {"chosen", "rejected"} <= columns:
+        return "preference pairs"
+    if {"prompt", "completion"} <= columns:
+        return "prompt/completion"
+    if "messages" in columns:
+        return "chat messages"
+    if "text" in columns:
+        return "text"
+    raise ValueError(
+        f"{source} has columns {sorted(columns)}; expected prompt/completion, messages, text, or chosen/rejected "
+        "(with or without prompt)."
+    )
+
+
 def training_examples(dataset, source: str = "dataset") -> tuple[str, dict[str, list]]:
     """The examples of a TRL training dataset as ``(kind, columns)``.
 
     ``kind`` is ``"sft"`` with ``prompt``/``completion`` lists (from prompt/completion, conversational ``messages``
     — the last assistant turn is the completion — or ``text`` language modelling), or ``"preference"`` with
-    ``prompt``/``chosen``/``rejected`` lists (implicit prompts are extracted).
+    ``prompt``/``chosen``/``rejected`` lists (implicit prompts are extracted). :func:`training_format` names which.
     """
-    columns = set(dataset.column_names)
-    if {"chosen", "rejected"} <= columns:
-        if "prompt" in columns:
+    fmt = training_format(dataset.column_names, source)
+    if fmt == "preference pairs":
+        if "prompt" in dataset.column_names:
             rows = list(zip(dataset["prompt"], dataset["chosen"], dataset["rejected"]))
         else:
             rows = [split_dialogue(c, r) for c, r in zip(dataset["chosen"], dataset["rejected"])]
         prompt, chosen, rejected = (list(column) for column in zip(*rows))
         return "preference", {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    if {"prompt", "completion"} <= columns:
+    if fmt == "prompt/completion":
         return "sft", {"prompt": list(dataset["prompt"]), "completion": list(dataset["completion"])}
-    if "messages" in columns:
+    if fmt == "chat messages":
         prompts, completions = [], []
         for i, messages in enumerate(dataset["messages"]):
             if not is_conversational(messages) or messages[-1].get("role") != "assistant":
@@ -176,9 +194,4 @@ def training_examples(dataset, source: str = "dataset") -> tuple[str, dict[str, 
             prompts.append(messages[:-1])
             completions.append(messages[-1:])
         return "sft", {"prompt": prompts, "completion": completions}
-    if "text" in columns:
-        return "sft", {"prompt": [""] * len(dataset), "completion": list(dataset["text"])}
-    raise ValueError(
-        f"{source} has columns {sorted(columns)}; expected prompt/completion, messages, text, or chosen/rejected "
-        "(with or without prompt)."
-    )
+    return "sft", {"prompt": [""] * len(dataset), "completion": list(dataset["text"])}

@@ -1,9 +1,11 @@
-"""Plots of ``trl-renyi eval`` and ``trl-renyi audit`` (matplotlib, Agg backend, PNG files).
+"""Plots of ``trl-renyi eval``, ``trl-renyi audit`` and ``trl-renyi demo`` (matplotlib, Agg backend, PNG files).
 
 * reliability diagram: accuracy against confidence in equal-width bins, one panel per model (the gap to the diagonal
   is the calibration error; the grey bars show how many answers fall in each bin);
 * uncertainty histograms: an uncertainty score for right and for wrong answers (a useful score separates them);
-* routing heatmap: the members' responsibilities for each item (members × items, items grouped by their top member);
+* routing heatmap: the members' responsibilities for each item (members × items, items grouped by their top member),
+  or for each named row of a routing table;
+* signal bars: uncertainty signals per group of items (the demo's task families);
 * selective accuracy: accuracy of the most certain answers as coverage grows.
 """
 
@@ -60,15 +62,49 @@ def uncertainty_histograms(panels: Sequence[tuple[str, Sequence[float], Sequence
     return _save(fig, path)
 
 
-def routing_heatmap(responsibilities, member_names: Sequence[str], path, title: str = "routing", xlabel: str = "item") -> str:
-    """``responsibilities`` ``(N, K)``; items are grouped by their top member, then by its weight."""
-    r = np.asarray(responsibilities, dtype=float)
-    order = np.lexsort((-r.max(1), r.argmax(1))) if len(r) else np.arange(0)
-    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.04 * len(r) + 4), 0.5 * len(member_names) + 1.6))
+def routing_heatmap(
+    responsibilities,
+    member_names: Sequence[str],
+    path,
+    title: str = "routing",
+    xlabel: str = "item",
+    item_labels: Sequence[str] | None = None,
+) -> str:
+    """``responsibilities`` ``(N, K)``, members as rows. Unlabelled items are grouped by their top member, then by its
+    weight; with ``item_labels`` (e.g. ``family/convention`` rows of a routing table) the items keep their order, are
+    named on the axis and each cell shows its value."""
+    r = np.asarray(responsibilities, dtype=float).reshape(-1, len(member_names))
+    if item_labels is None:
+        order = np.lexsort((-r.max(1), r.argmax(1))) if len(r) else np.arange(0)
+        width = min(12, 2 + 0.04 * len(r) + 4)
+    else:
+        order = np.arange(len(r))
+        width = 1.1 * len(r) + 3
+    fig, ax = plt.subplots(figsize=(width, 0.5 * len(member_names) + (3.0 if item_labels is not None else 1.6)))
     image = ax.imshow(r[order].T, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
     ax.set_yticks(range(len(member_names)), list(member_names))
-    ax.set(title=title, xlabel=f"{xlabel} (grouped by top member)")
+    if item_labels is None:
+        ax.set(title=title, xlabel=f"{xlabel} (grouped by top member)")
+    else:
+        ax.set_xticks(range(len(r)), list(item_labels), rotation=30, ha="right")
+        ax.set(title=title, xlabel=xlabel)
+        for i, j in np.ndindex(r.shape):
+            ax.text(i, j, f"{r[i, j]:.2f}", ha="center", va="center", color="w" if r[i, j] < 0.6 else "k")
     fig.colorbar(image, ax=ax, label="responsibility")
+    return _save(fig, path)
+
+
+def signal_bars(
+    names: Sequence[str], signals: Mapping[str, Sequence[float]], highlight: Sequence[bool], path, title: str
+) -> str:
+    """One panel of bars per signal (label → a value per name); highlighted names in red, the others in blue."""
+    fig, axes = plt.subplots(1, len(signals), figsize=(4 * len(signals), 3.2), squeeze=False)
+    colours = ["tab:red" if flag else "tab:blue" for flag in highlight]
+    for ax, (label, values) in zip(axes[0], signals.items(), strict=True):
+        ax.bar(list(names), list(values), color=colours)
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(title)
     return _save(fig, path)
 
 
