@@ -255,6 +255,8 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
 
     def _ensemble_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """The α-Rényi loss of one batch in a single member-batched pass (logs all metrics)."""
+        if self._chunk_pass is not None:  # a chunk of members inside a chunked training step
+            return self._chunk_surrogate(model, inputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         step = self._member_loglik(model, inputs)
         if step.source_ids is not None:  # source_column: the bound over sources, Σ_s J_s (weights folded in)
@@ -268,19 +270,37 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         loss = self._normalised_loss(-bound_sum, step, num_items_in_batch)
         return self._with_router_aux_loss(loss, step, num_items_in_batch)
 
+    #: ``(member names, their r_ik, the value to report, the steps seen)`` while a chunked training step runs a chunk
+    _chunk_pass = None
+
     def _member_chunks(self) -> list[list[str]] | None:
         size = getattr(self.args, "member_chunk_size", None)
         if not size or size >= self.num_members:
             return None
         return [self.member_names[i : i + size] for i in range(0, self.num_members, size)]
 
-    def _chunked_loss_and_backward(self, model, inputs: dict, num_items_in_batch, scale: float, backward_kwargs):
-        """Exact chunked training step: score all members without gradients, then train each chunk of members with
-        the surrogate ``−Σ_i Σ_{k∈chunk} r_ik ℓ_ik`` whose gradient equals that of ``−Σ_i J_i`` (∂J_i/∂ℓ_ik = r_ik).
-        Activation memory is that of one chunk. Returns the (detached) loss value."""
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with self.member_routing(model):
+            chunks = self._member_chunks()
+            if chunks is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            if self.args.parallel_mode.value == "distributed" and not self.args.ddp_find_unused_parameters:
+                raise ValueError(
+                    "member_chunk_size under DDP needs ddp_find_unused_parameters=True: each chunk's backward leaves "
+                    "the other members' LoRA weights without gradients."
+                )
+            return self._chunked_training_step(model, inputs, num_items_in_batch, chunks)
+
+    def _chunked_training_step(self, model, inputs: dict, num_items_in_batch, chunks: list[list[str]]):
+        """Exact chunked training step: score all members without gradients (the loss, r_ik, the routing metrics), then
+        run transformers' own ``training_step`` once per chunk of members. There ``compute_loss`` returns the chunk's
+        surrogate ``−Σ_i Σ_{k∈chunk} r_ik ℓ_ik``, whose gradient equals that of ``−Σ_i J_i`` (∂J_i/∂ℓ_ik = r_ik), with
+        its value set to the loss on the last chunk and 0 before, so the step returns the loss as transformers scales
+        it. Activation memory is that of one chunk."""
         peft_model = self.accelerator.unwrap_model(model)
-        chunks = self._member_chunks()
-        with torch.no_grad():
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
             parts, aux_terms = [], 0.0
             for names in chunks:
                 with routed_members(peft_model, names):
@@ -290,48 +310,33 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
                 aux_terms = aux_terms + self._with_router_aux_loss(
                     zero, step, num_items_in_batch, len(names) / self.num_members
                 )
-        bound = self.renyi_objective(torch.cat(parts, dim=-1), "train", per_token=step.num_tokens)
-        loss = self._normalised_loss(-step.weighted_sum(bound.value), step, num_items_in_batch) + aux_terms
-        steps, offset = [], 0
-        for index, names in enumerate(chunks):
-            last = index == len(chunks) - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
-            with sync, routed_members(peft_model, names):
-                step = self._member_loglik(model, inputs)
-                weights = bound.responsibilities[:, offset : offset + len(names)].to(step.loglik.dtype)
-                surrogate = self._normalised_loss(
-                    -step.weighted_sum((weights * step.loglik).sum(-1)), step, num_items_in_batch
-                )
-                surrogate = self._with_router_aux_loss(
-                    surrogate, step, num_items_in_batch, len(names) / self.num_members
-                )
-                self.accelerator.backward(surrogate * scale, **backward_kwargs)
-            steps.append(step)
-            offset += len(names)
+            bound = self.renyi_objective(torch.cat(parts, dim=-1), "train", per_token=step.num_tokens)
+            loss = self._normalised_loss(-step.weighted_sum(bound.value), step, num_items_in_batch) + aux_terms
+        steps, offset, total = [], 0, 0.0
+        try:
+            for index, names in enumerate(chunks):
+                last = index == len(chunks) - 1
+                weights = bound.responsibilities[:, offset : offset + len(names)]
+                self._chunk_pass = (names, weights, loss if last else torch.zeros_like(loss), steps)
+                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+                with sync, routed_members(peft_model, names):
+                    total = total + super().training_step(model, inputs, num_items_in_batch)
+                offset += len(names)
+        finally:
+            self._chunk_pass = None
         self._log_forward_metrics(steps, inputs, "train")
         self._log_router_aux_loss(steps, "train")
-        return loss.detach() * scale
+        return total
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        with self.member_routing(model):
-            if self._member_chunks() is None:
-                return super().training_step(model, inputs, num_items_in_batch)
-            if self.args.parallel_mode.value == "distributed" and not self.args.ddp_find_unused_parameters:
-                raise ValueError(
-                    "member_chunk_size under DDP needs ddp_find_unused_parameters=True: each chunk's backward leaves "
-                    "the other members' LoRA weights without gradients."
-                )
-            model.train()
-            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-                self.optimizer.train()
-            inputs = self._prepare_inputs(inputs)
-            scaled_for_ga = self.loss_is_scaled_for_ga
-            if scaled_for_ga is None:
-                scaled_for_ga = bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-            scale = 1.0 if scaled_for_ga else 1.0 / self.current_gradient_accumulation_steps
-            backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
-            with self.compute_loss_context_manager():
-                return self._chunked_loss_and_backward(model, inputs, num_items_in_batch, scale, backward_kwargs)
+    def _chunk_surrogate(self, model, inputs: dict, num_items_in_batch) -> torch.Tensor:
+        """``compute_loss`` inside a chunked step: the chunk's surrogate, valued as :meth:`_chunked_training_step` says."""
+        names, weights, value, steps = self._chunk_pass
+        step = self._member_loglik(model, inputs)
+        weights = weights.to(step.loglik.dtype)
+        surrogate = self._normalised_loss(-step.weighted_sum((weights * step.loglik).sum(-1)), step, num_items_in_batch)
+        surrogate = self._with_router_aux_loss(surrogate, step, num_items_in_batch, len(names) / self.num_members)
+        steps.append(step)
+        return (surrogate - surrogate.detach()) + value.to(surrogate.device, surrogate.dtype)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with self.member_routing(model):
