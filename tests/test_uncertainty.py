@@ -144,7 +144,7 @@ def test_shared_prompt_choice_scores_equal_whole_sequence_scores(make_model, tok
     whole = ensemble.score(flat_prompts, flat_choices, batch_size=4)
     # one group of questions with prompts of different lengths (left-padded), and one question per group
     for batch_size in (16, 1):
-        loglik, num_tokens, sizes = choice_log_likelihoods(ensemble, prompts, CHOICES, batch_size=batch_size)
+        loglik, num_tokens, sizes = choice_log_likelihoods(ensemble.members, prompts, CHOICES, batch_size=batch_size)
         assert sizes == [2, 3, 4]
         torch.testing.assert_close(loglik, whole.member_loglik, rtol=1e-5, atol=1e-4)
         assert num_tokens.tolist() == whole.num_tokens.tolist()

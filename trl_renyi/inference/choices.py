@@ -7,7 +7,8 @@ For a question x with choices :math:`c = 1 \dots C` every member k gives a distr
     p_k(c \mid x) = \frac{\exp \ell_k(c)}{\sum_{c'} \exp \ell_k(c')}, \qquad \ell_k(c) = \log p(c \mid x, \theta_k)
 
 (the sequence log-likelihood of the choice's text, optionally divided by its token count). The ensemble predicts the
-mixture :math:`p(c) = \sum_k \pi_k p_k(c)` and its uncertainty decomposes (:func:`~trl_renyi.uncertainty.decompose`)
+mixture :math:`p(c) = \sum_k \pi_k p_k(c)` and its uncertainty decomposes
+(:func:`~trl_renyi.inference.uncertainty.decompose`)
 into total entropy :math:`H[p]`, aleatoric :math:`\sum_k \pi_k H[p_k]` and mutual information (epistemic).
 
 For a preference pair the two choices are (chosen, rejected). Either by likelihood, as above, or by the DPO implicit
@@ -37,8 +38,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from trl_renyi.inference.encoding import encode_prompt_completion, is_conversational
-from trl_renyi.inference.generation import CACHE_KEY
+from trl_renyi.inference.scoring import CACHE_KEY, MemberModel, score_completions
 from trl_renyi.inference.uncertainty import decompose, mixture_log_prob
+from trl_renyi.model.modes import eval_mode
 from trl_renyi.objective import renyi_bound
 
 
@@ -157,11 +159,11 @@ def _question_groups(questions: list[list[tuple[list[int], int]]], prefixes: lis
 
 @torch.no_grad()
 def _score_group(
-    scorer, questions: list[list[tuple[list[int], int]]], prefixes: list[int], pad_id: int
+    members: MemberModel, questions: list[list[tuple[list[int], int]]], prefixes: list[int], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(member_loglik (M, K), num_tokens (M,))`` of the M choices of a few questions (``prefixes``: the length of
     each question's shared prefix), their prompts computed once."""
-    device = scorer.device
+    device = members.device
     rows = [(q, ids, start) for q, encoded in enumerate(questions) for ids, start in encoded]
     # 1. every question's shared prefix, left-padded, through all members: KV cache of K·Q rows
     width = max(prefixes)
@@ -171,7 +173,7 @@ def _score_group(
         prefix_ids[q, width - length :] = torch.tensor(encoded[0][0][:length])
         prefix_mask[q, width - length :] = 1
     position_ids = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
-    out = scorer.member_forward(
+    out = members.forward(
         {"input_ids": prefix_ids, "attention_mask": prefix_mask, "position_ids": position_ids}, use_cache=True, logits_to_keep=1
     )
     last_log_probs = torch.log_softmax(out.logits[:, :, -1].float(), dim=-1)  # (K, Q, V): predicts each suffix's 1st token
@@ -180,7 +182,7 @@ def _score_group(
     # 2. the cache copied to every choice (member-major, as the model tiles the choice rows)
     owner = torch.tensor([q for q, _, _ in rows], device=device)
     num_questions = len(questions)
-    cache.reorder_cache(torch.cat([k * num_questions + owner for k in range(scorer.num_members)]))
+    cache.reorder_cache(torch.cat([k * num_questions + owner for k in range(members.num_members)]))
     # 3. the choices' own tokens, right-padded, after their prefix
     suffixes = [(ids[prefixes[q] :], start - prefixes[q]) for q, ids, start in rows]
     span = max(len(ids) for ids, _ in suffixes)
@@ -200,7 +202,7 @@ def _score_group(
     log_probs = last_log_probs[:, owner, None]  # (K, M, 1, V)
     if span > 1:  # logits at suffix positions 0 … span-2 predict suffix tokens 1 … span-1
         kwargs = {"use_cache": True, "logits_to_keep": torch.arange(span - 1), CACHE_KEY: cache}
-        logits = scorer.member_forward(batch, **kwargs).logits
+        logits = members.forward(batch, **kwargs).logits
         log_probs = torch.cat([log_probs, torch.log_softmax(logits.float(), dim=-1)], dim=2)
     targets = suffix_ids.to(log_probs.device)
     token = log_probs.gather(-1, targets[None, ..., None].expand(log_probs.shape[0], -1, -1, 1)).squeeze(-1)
@@ -209,19 +211,19 @@ def _score_group(
 
 
 def choice_log_likelihoods(
-    scorer, prompts: Sequence, choices: Sequence[Sequence], batch_size: int = 8, show_progress: bool | None = None
+    members: MemberModel, prompts: Sequence, choices: Sequence[Sequence], batch_size: int = 8, show_progress: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Sequence log-likelihoods of every choice under every member, prompts shared within a question.
 
     Returns ``(member_loglik (M, K), num_tokens (M,), sizes)`` for the M choices in order (``sizes``: choices per
     question). Tokenisation is exactly that of :meth:`RenyiEnsemble.score` (TRL's prompt/completion rendering).
     """
-    if scorer.tokenizer is None:
+    if members.tokenizer is None:
         raise ValueError("This model has no tokenizer; pass one to RenyiEnsemble or from_pretrained.")
     flat_prompts, flat_completions, sizes = _flatten(prompts, choices)
-    tokenizer = scorer.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    chat = scorer.wraps_plain_prompts
+    tokenizer = members.tokenizer
+    pad_id = members.pad_token_id
+    chat = members.chat
     encoded = [encode_prompt_completion(tokenizer, p, c, chat) for p, c in zip(flat_prompts, flat_completions, strict=True)]
     questions, start = [], 0
     for size in sizes:
@@ -229,32 +231,27 @@ def choice_log_likelihoods(
         start += size
     prefixes = [_shared_prefix(q) for q in questions]
     if 0 in prefixes:  # nothing to share (e.g. empty prompts): score the pairs whole
-        scores = scorer.score(flat_prompts, flat_completions, batch_size=batch_size, show_progress=show_progress)
+        scores = score_completions(members, flat_prompts, flat_completions, batch_size, show_progress)
         return scores.member_loglik, scores.num_tokens, sizes
     groups = _question_groups(questions, prefixes, batch_size)
     if show_progress is None:
         show_progress = len(groups) > 4
-    was_training = scorer.model.training
-    scorer.model.eval()
     first_row = [0]
     for size in sizes:
         first_row.append(first_row[-1] + size)
     loglik, num_tokens, rows = [], [], []
-    try:
+    with eval_mode(members.model):
         for group in tqdm(groups, desc="scoring choices", disable=not show_progress):
-            ll, n = _score_group(scorer, [questions[q] for q in group], [prefixes[q] for q in group], pad_id)
+            ll, n = _score_group(members, [questions[q] for q in group], [prefixes[q] for q in group], pad_id)
             loglik.append(ll)
             num_tokens.append(n)
             rows.extend(row for q in group for row in range(first_row[q], first_row[q + 1]))
-    finally:
-        if was_training:
-            scorer.model.train()
     inverse = torch.argsort(torch.tensor(rows))  # back to the order of the choices given
     return torch.cat(loglik)[inverse], torch.cat(num_tokens)[inverse], sizes
 
 
 def predict_choices(
-    ensemble,
+    members: MemberModel,
     prompts: Sequence,
     choices: Sequence[Sequence],
     length_normalize: bool = False,
@@ -267,21 +264,21 @@ def predict_choices(
     ``batch_size`` counts choices). With ``length_normalize`` a choice's score is its mean per-token log-likelihood
     instead of the sum.
     """
-    member_loglik, num_tokens, sizes = choice_log_likelihoods(ensemble, prompts, choices, batch_size, show_progress)
+    member_loglik, num_tokens, sizes = choice_log_likelihoods(members, prompts, choices, batch_size, show_progress)
     loglik = member_loglik.double()  # (M, K)
     choice_scores = loglik / num_tokens.clamp(min=1).double().unsqueeze(-1) if length_normalize else loglik
-    log_weights = ensemble.log_weights
+    log_weights = members.log_weights
     out, start = [], 0
     for size in sizes:
         block = choice_scores[start : start + size]  # (C, K)
         member_log_probs = torch.log_softmax(block.T, dim=-1)  # (K, C)
-        out.append(prediction_from_member_log_probs(member_log_probs, log_weights, loglik[start : start + size], ensemble.alpha))
+        out.append(prediction_from_member_log_probs(member_log_probs, log_weights, loglik[start : start + size], members.alpha))
         start += size
     return out
 
 
 def predict_preferences(
-    ensemble,
+    members: MemberModel,
     prompts: Sequence,
     chosen: Sequence,
     rejected: Sequence,
@@ -293,25 +290,25 @@ def predict_preferences(
     """Preference predictions over (chosen, rejected), choice 0 being the chosen response.
 
     Without ``reference`` the two responses are compared by likelihood (as :func:`predict_choices`). With a reference
-    scorer (e.g. ``SingleModel.base_of(ensemble)``, the base model DPO uses as π_ref) each member's preference is the
+    model (e.g. ``SingleModel.base_of(ensemble).members``, the base model DPO uses as π_ref) each member's preference is the
     DPO implicit reward model :math:`p_k(\\text{chosen}) = \\sigma(m_k)` with strength ``beta``.
     """
     if not (len(prompts) == len(chosen) == len(rejected)):
         raise ValueError(f"Got {len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses.")
     if reference is None:
         pairs = [[c, r] for c, r in zip(chosen, rejected, strict=True)]
-        return predict_choices(ensemble, prompts, pairs, batch_size=batch_size, show_progress=show_progress)
+        return predict_choices(members, prompts, pairs, batch_size=batch_size, show_progress=show_progress)
     if reference.num_members != 1:
         raise ValueError(
             f"The reference must be one model (e.g. SingleModel.base_of(ensemble)), got {reference.num_members} members."
         )
     pairs = [[c, r] for c, r in zip(chosen, rejected, strict=True)]
-    policy, _, _ = choice_log_likelihoods(ensemble, prompts, pairs, batch_size, show_progress)
+    policy, _, _ = choice_log_likelihoods(members, prompts, pairs, batch_size, show_progress)
     ref, _, _ = choice_log_likelihoods(reference, prompts, pairs, batch_size, show_progress)
     diff = (policy.double() - ref.double()).view(len(prompts), 2, -1)  # (N, 2, K)
     margins = float(beta) * (diff[:, 0] - diff[:, 1])  # (N, K)
     out = []
     for m in margins:
         loglik = torch.stack([F.logsigmoid(m), F.logsigmoid(-m)])  # (2, K): log p_k(chosen), log p_k(rejected)
-        out.append(prediction_from_member_log_probs(loglik.T, ensemble.log_weights, loglik, ensemble.alpha))
+        out.append(prediction_from_member_log_probs(loglik.T, members.log_weights, loglik, members.alpha))
     return out

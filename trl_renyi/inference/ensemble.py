@@ -8,19 +8,17 @@ On disk (and on the Hub) an ensemble is a folder holding one plain PEFT adapter 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from tqdm.auto import tqdm
 
 from trl_renyi.compat import quiet_checkpointing_alias
 from trl_renyi.inference.choices import predict_choices as _predict_choices
 from trl_renyi.inference.choices import predict_preferences as _predict_preferences
-from trl_renyi.inference.encoding import collate_scoring_batch, encode_prompt_completion, has_chat_template
+from trl_renyi.inference.encoding import has_chat_template
 from trl_renyi.inference.generation import generate as _generate
-from trl_renyi.inference.uncertainty import decompose
+from trl_renyi.inference.scoring import MemberModel, ScoreResult, score_completions
 from trl_renyi.model.layer import MEMBER_PREFIX, member_names, member_routing
 from trl_renyi.model.loading import load_causal_lm, load_tokenizer, model_name_or_path
 from trl_renyi.model.members import (
@@ -41,39 +39,7 @@ from trl_renyi.model.saved_format import (
     write_metadata,
 )
 from trl_renyi.model.trunk import shared_trunk
-from trl_renyi.objective import (
-    DEFAULT_ALPHA,
-    floored_renyi_bound,
-    normalized_log_weights,
-    renyi_bound,
-)
-
-
-@dataclass
-class ScoreResult:
-    """Per-example scores of prompt/completion pairs under every member and the mixture (N examples, K members).
-
-    Attributes:
-        member_loglik: ``(N, K)`` ℓ_ik, summed log-probability of the completion under member k.
-        loglik: ``(N,)`` mixture log-likelihood ``log Σ_k π_k p_ik``.
-        responsibilities: ``(N, K)`` routing weights ``softmax_k(log π_k + (1-α) ℓ_ik)`` at the ensemble's α.
-        num_tokens: ``(N,)`` completion tokens scored.
-        mutual_information: ``(N,)`` mean per-token mutual information (epistemic) over the completion.
-        mutual_information_max: ``(N,)`` its maximum over the completion tokens.
-        entropy: ``(N,)`` mean per-token total predictive entropy.
-        aleatoric: ``(N,)`` mean per-token expected member entropy.
-        loglik_std: ``(N,)`` standard deviation of ℓ_ik across members.
-    """
-
-    member_loglik: torch.Tensor
-    loglik: torch.Tensor
-    responsibilities: torch.Tensor
-    num_tokens: torch.Tensor
-    mutual_information: torch.Tensor
-    mutual_information_max: torch.Tensor
-    entropy: torch.Tensor
-    aleatoric: torch.Tensor
-    loglik_std: torch.Tensor
+from trl_renyi.objective import DEFAULT_ALPHA, normalized_log_weights
 
 
 class EnsembleScorer:
@@ -144,6 +110,21 @@ class EnsembleScorer:
         model_kwargs.setdefault("use_cache", False)
         return self.member_forward(batch, **model_kwargs).logits
 
+    @property
+    def members(self) -> MemberModel:
+        """This scorer as the :class:`~trl_renyi.inference.scoring.MemberModel` that scoring, choice prediction and
+        generation work on (its :meth:`member_forward`, tokenizer and mixture weights)."""
+        return MemberModel(
+            model=self.model,
+            forward=self.member_forward,
+            tokenizer=self.tokenizer,
+            member_names=self.member_names,
+            log_weights=self.log_weights,
+            alpha=self.alpha,
+            responsibility_floor=self.responsibility_floor,
+            chat=self.wraps_plain_prompts,
+        )
+
     def score(self, prompts, completions, batch_size: int = 8, show_progress: bool | None = None) -> ScoreResult:
         """Score completions under every member in member-batched forwards (no gradients).
 
@@ -151,77 +132,27 @@ class EnsembleScorer:
         tokenizer's chat template exactly as SFTTrainer renders them). Plain strings are wrapped as one user and one
         assistant message when :attr:`wraps_plain_prompts` (see ``use_chat_template``).
         """
-        if self.tokenizer is None:
-            raise ValueError("This ensemble has no tokenizer; pass one to RenyiEnsemble or from_pretrained.")
-        if len(prompts) != len(completions):
-            raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions.")
-        was_training = self.model.training
-        self.model.eval()
-        chat = self.wraps_plain_prompts
-        encoded = [encode_prompt_completion(self.tokenizer, p, c, chat) for p, c in zip(prompts, completions, strict=True)]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        # batches of similar lengths: little padding, and the completions' columns (the only ones that go through the
-        # LM head) line up; results come back in the caller's order
-        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), encoded[i][1]))
-        starts = range(0, len(encoded), batch_size)
-        if show_progress is None:
-            show_progress = len(encoded) > 4 * batch_size
-        fields: dict[str, list[torch.Tensor]] = {}
-        for start in tqdm(starts, desc="scoring", disable=not show_progress):
-            batch = collate_scoring_batch([encoded[i] for i in order[start : start + batch_size]], pad)
-            for key, value in self._score_batch(batch).items():
-                fields.setdefault(key, []).append(value)
-        if was_training:
-            self.model.train()
-        inverse = torch.argsort(torch.tensor(order))
-        out = {key: torch.cat(values)[inverse] for key, values in fields.items()}
-        bound = floored_renyi_bound(out["member_loglik"], self.alpha, self.log_weights, self.responsibility_floor)
-        out["responsibilities"] = bound.responsibilities
-        out["loglik"] = renyi_bound(out["member_loglik"], 0.0, self.log_weights).value
-        out["loglik_std"] = out["member_loglik"].std(dim=-1, unbiased=False)
-        return ScoreResult(**out)
-
-    def _score_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # only the columns that predict a completion token go through the LM head (prompts are often most tokens)
-        scored = (batch["labels"][:, 1:] != -100).any(0).nonzero().flatten()
-        first, last = (int(scored[0]), int(scored[-1])) if len(scored) else (0, 0)
-        logits = self.member_logits(batch, logits_to_keep=torch.arange(first, last + 1))  # (K, B, T', V)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        labels = batch["labels"][:, 1 + first : 2 + last].to(log_probs.device)
-        mask = labels != -100
-        token_lp = log_probs.gather(-1, labels.clamp(min=0)[None, ..., None].expand(self.num_members, -1, -1, 1))
-        token_lp = token_lp.squeeze(-1) * mask  # (K, B, T-1)
-        member_loglik = token_lp.sum(-1).T.cpu()  # (B, K)
-        parts = decompose(log_probs, self.log_weights.to(log_probs.device))  # each (B, T-1)
-        num_tokens = mask.sum(-1).clamp(min=1)
-        mean = lambda x: ((x * mask).sum(-1) / num_tokens).cpu()
-        return {
-            "member_loglik": member_loglik,
-            "num_tokens": mask.sum(-1).cpu(),
-            "mutual_information": mean(parts.mutual_information),
-            "mutual_information_max": parts.mutual_information.masked_fill(~mask, 0.0).amax(-1).cpu(),
-            "entropy": mean(parts.total),
-            "aleatoric": mean(parts.aleatoric),
-        }
+        return score_completions(self.members, prompts, completions, batch_size, show_progress)
 
     def predict_choices(
         self, prompts, choices, length_normalize: bool = False, batch_size: int = 8, show_progress: bool | None = None
     ):
-        """Multiple-choice predictions, one :class:`~trl_renyi.choices.ChoicePrediction` per prompt (each prompt has
-        its own list of choices): mixture ``probs`` (C,), ``member_probs`` (K, C), entropy, aleatoric and mutual
-        information. See :func:`trl_renyi.choices.predict_choices`."""
-        return _predict_choices(self, prompts, choices, length_normalize, batch_size, show_progress)
+        """Multiple-choice predictions, one :class:`~trl_renyi.inference.choices.ChoicePrediction` per prompt (each
+        prompt has its own list of choices): mixture ``probs`` (C,), ``member_probs`` (K, C), entropy, aleatoric and
+        mutual information. See :func:`trl_renyi.inference.choices.predict_choices`."""
+        return _predict_choices(self.members, prompts, choices, length_normalize, batch_size, show_progress)
 
     def predict_preferences(self, prompts, chosen, rejected, reference=None, beta: float = 0.1, **kwargs):
         """(chosen, rejected) predictions by likelihood, or by the DPO implicit reward against ``reference``.
-        See :func:`trl_renyi.choices.predict_preferences`."""
-        return _predict_preferences(self, prompts, chosen, rejected, reference=reference, beta=beta, **kwargs)
+        See :func:`trl_renyi.inference.choices.predict_preferences`."""
+        reference = reference.members if reference is not None else None
+        return _predict_preferences(self.members, prompts, chosen, rejected, reference=reference, beta=beta, **kwargs)
 
     def generate(self, prompts, strategy: str = "mixture", **kwargs):
         """Generate text with per-token entropy and mutual information; ``strategy`` is ``"mixture"`` (Bayesian model
         average, posterior-weighted), ``"member"`` (with ``member=k``) or ``"routed"``. See
-        :func:`trl_renyi.generation.generate` for the options."""
-        return _generate(self, prompts, strategy=strategy, **kwargs)
+        :func:`trl_renyi.inference.generation.generate` for the options."""
+        return _generate(self.members, prompts, strategy=strategy, **kwargs)
 
 
 class RenyiEnsemble(EnsembleScorer):

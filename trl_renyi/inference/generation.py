@@ -18,7 +18,7 @@ Strategies:
   :math:`\arg\max_k \log \pi_k + \log p_k(x)` (the prompt's own log-likelihood, first token excluded).
 
 Whatever the strategy, every step reports the ensemble's uncertainty about the next token under the weights
-:math:`w(t)` (:func:`~trl_renyi.uncertainty.decompose`): total entropy, aleatoric part and mutual information. High
+:math:`w(t)` (:func:`~trl_renyi.inference.uncertainty.decompose`): total entropy, aleatoric part and mutual information. High
 mutual information marks the tokens where members disagree — the spans to flag or abstain on.
 
 Decoding options follow ``transformers``' ``generate``: greedy by default; with ``do_sample`` the distribution is
@@ -38,15 +38,14 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from trl_renyi.inference.encoding import encode_prompt
+from trl_renyi.inference.scoring import CACHE_KEY, MemberModel
 from trl_renyi.inference.uncertainty import decompose, mixture_log_prob
+from trl_renyi.model.modes import eval_mode
 
 STRATEGIES = ("mixture", "member", "routed")
 MEASURES = ("entropy", "aleatoric", "mutual_information")
-# the KV cache's keyword (input and output): ``cache`` in recent transformers, ``past_key_values`` before
-CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @dataclass
@@ -96,24 +95,24 @@ class GeneratedText:
         }
 
 
-def _eos_ids(ensemble) -> list[int]:
+def _eos_ids(members: MemberModel) -> list[int]:
     ids = set()
-    if ensemble.tokenizer.eos_token_id is not None:
-        ids.add(int(ensemble.tokenizer.eos_token_id))
-    config_eos = getattr(getattr(ensemble.model, "generation_config", None), "eos_token_id", None)
+    if members.tokenizer.eos_token_id is not None:
+        ids.add(int(members.tokenizer.eos_token_id))
+    config_eos = getattr(getattr(members.model, "generation_config", None), "eos_token_id", None)
     if config_eos is not None:
         ids.update(int(i) for i in (config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]))
     return sorted(ids)
 
 
-def _resolve_member(ensemble, member) -> int:
-    if isinstance(member, str) and member in ensemble.member_names:
-        return ensemble.member_names.index(member)
-    if isinstance(member, int) and not isinstance(member, bool) and 0 <= member < ensemble.num_members:
+def _resolve_member(members: MemberModel, member) -> int:
+    if isinstance(member, str) and member in members.member_names:
+        return members.member_names.index(member)
+    if isinstance(member, int) and not isinstance(member, bool) and 0 <= member < members.num_members:
         return member
     raise ValueError(
-        f"strategy='member' needs `member`: an index in [0, {ensemble.num_members}) or one of "
-        f"{ensemble.member_names}, got {member!r}."
+        f"strategy='member' needs `member`: an index in [0, {members.num_members}) or one of "
+        f"{members.member_names}, got {member!r}."
     )
 
 
@@ -157,7 +156,7 @@ def prompt_log_likelihood(logits: torch.Tensor, input_ids: torch.Tensor, attenti
 
 @torch.no_grad()
 def generate(
-    ensemble,
+    members: MemberModel,
     prompts: Sequence,
     strategy: str = "mixture",
     member: int | str | None = None,
@@ -171,11 +170,11 @@ def generate(
     show_progress: bool | None = None,
 ) -> list[GeneratedText]:
     """Generate a continuation for every prompt: chat messages rendered with the generation prompt; plain strings as
-    one user message when ``ensemble.wraps_plain_prompts`` (the tokenizer has a chat template, unless
-    ``use_chat_template=False``), else as plain text.
+    one user message when ``members.chat`` (the tokenizer has a chat template, unless ``use_chat_template=False``),
+    else as plain text.
 
     Args:
-        ensemble: a :class:`~trl_renyi.RenyiEnsemble` (or any object with its ``member_forward`` interface).
+        members: the model as K member distributions (``RenyiEnsemble.members``, ``SingleModel.members``).
         strategy: ``"mixture"``, ``"member"`` or ``"routed"`` (see the module docstring).
         member: the member (index or name) for ``strategy="member"``.
         max_new_tokens: maximum number of generated tokens per prompt.
@@ -183,11 +182,11 @@ def generate(
         seed: seed of the sampling generator (reproducible sampling).
         batch_size: prompts per member-batched pass.
     """
-    if ensemble.tokenizer is None:
+    if members.tokenizer is None:
         raise ValueError("This ensemble has no tokenizer; pass one to RenyiEnsemble or from_pretrained.")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
-    fixed_member = _resolve_member(ensemble, member) if strategy == "member" else None
+    fixed_member = _resolve_member(members, member) if strategy == "member" else None
     if strategy != "member" and member is not None:
         raise ValueError(f"`member` only applies to strategy='member' (got strategy={strategy!r}).")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -195,25 +194,23 @@ def generate(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     processors = _warpers(do_sample, temperature, top_k, top_p)
-    tokenizer = ensemble.tokenizer
+    tokenizer = members.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    chat = ensemble.wraps_plain_prompts
+    chat = members.chat
     encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("Every prompt must encode to at least one token.")
     generator = None
     if do_sample:
-        generator = torch.Generator(device=ensemble.device)
+        generator = torch.Generator(device=members.device)
         generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
     if show_progress is None:
         show_progress = len(encoded) > batch_size
-    was_training = ensemble.model.training
-    ensemble.model.eval()
     results: list[GeneratedText] = []
-    try:
+    with eval_mode(members.model):
         for start in tqdm(range(0, len(encoded), batch_size), desc="generating", disable=not show_progress):
             results += _generate_batch(
-                ensemble,
+                members,
                 encoded[start : start + batch_size],
                 strategy,
                 fixed_member,
@@ -222,28 +219,25 @@ def generate(
                 processors,
                 generator,
                 pad_id,
-                _eos_ids(ensemble),
+                _eos_ids(members),
             )
-    finally:
-        if was_training:
-            ensemble.model.train()
     return results
 
 
-def _generate_batch(ensemble, rows, strategy, fixed_member, max_new_tokens, do_sample, processors, generator, pad_id, eos_ids):
-    device = ensemble.device
+def _generate_batch(members: MemberModel, rows, strategy, fixed_member, max_new_tokens, do_sample, processors, generator, pad_id, eos_ids):
+    device = members.device
     input_ids, attention_mask = _left_pad(rows, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     batch = len(rows)
     rows_index = torch.arange(batch, device=device)
     # the routed strategy needs every prompt position's logits (prompt likelihood), the others the last one only
-    outputs = ensemble.member_forward(
+    outputs = members.forward(
         {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids},
         use_cache=True,
         logits_to_keep=0 if strategy == "routed" else 1,
     )
-    log_prior = ensemble.log_weights.to(device=device, dtype=torch.float32)
+    log_prior = members.log_weights.to(device=device, dtype=torch.float32)
     if strategy == "routed":
         chosen = (log_prior + prompt_log_likelihood(outputs.logits, input_ids, attention_mask)).argmax(-1)
     elif strategy == "member":
@@ -285,7 +279,7 @@ def _generate_batch(ensemble, rows, strategy, fixed_member, max_new_tokens, do_s
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
         position_ids = position_ids[:, -1:] + 1
-        outputs = ensemble.member_forward(
+        outputs = members.forward(
             {"input_ids": next_tokens[:, None], "attention_mask": attention_mask, "position_ids": position_ids},
             use_cache=True,
             **{CACHE_KEY: cache},
@@ -294,7 +288,7 @@ def _generate_batch(ensemble, rows, strategy, fixed_member, max_new_tokens, do_s
         step_log_probs = torch.log_softmax(outputs.logits[:, :, -1].float(), dim=-1)
         del outputs
     posterior = torch.softmax(log_posterior, dim=-1).cpu()
-    tokenizer = ensemble.tokenizer
+    tokenizer = members.tokenizer
     out = []
     for i in range(batch):
         ids = records["token"][i]

@@ -38,6 +38,7 @@ from trl_renyi.compat import (
 )
 from trl_renyi.data.formats import prepare_training_datasets
 from trl_renyi.model.layer import get_router
+from trl_renyi.model.modes import eval_mode
 from trl_renyi.model.shared_prompt import attention_implementation, pack_preference_pairs
 from trl_renyi.objective import floored_renyi_bound
 from trl_renyi.training.config import RenyiDPOConfig
@@ -392,16 +393,14 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         loader = DataLoader(
             dataset, batch_size=batch_size or self.args.per_device_eval_batch_size, collate_fn=self.data_collator
         )
-        was_training = self.model.training
-        self.model.eval()
         margins, logliks = [], []
         try:
-            for batch in loader:
-                step = self._member_loglik(self.model, self._prepare_inputs(batch))
-                logliks.append(step.loglik.float().cpu())
-                margins.append(step.margins.float().cpu())
+            with eval_mode(self.model):
+                for batch in loader:
+                    step = self._member_loglik(self.model, self._prepare_inputs(batch))
+                    logliks.append(step.loglik.float().cpu())
+                    margins.append(step.margins.float().cpu())
         finally:
-            self.model.train(was_training)
             get_router(self.accelerator.unwrap_model(self.model)).trunk_active = False  # as after any step
         loglik = torch.cat(logliks)
         floor = getattr(self.args, "responsibility_floor", 0.0)

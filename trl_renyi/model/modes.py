@@ -1,0 +1,20 @@
+"""Model state that lives for one call: evaluation mode around inference, the caller's mode restored after it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put ``model`` in evaluation mode inside the block and give it back its train / eval mode afterwards, also when
+    the block raises (scoring, choice prediction and generation run inside it; a trainer's model keeps training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
