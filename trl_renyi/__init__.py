@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "RenyiEnsemble": "trl_renyi.inference.ensemble",
-    "ScoreResult": "trl_renyi.inference.ensemble",
+    "ScoreResult": "trl_renyi.inference.scoring",
     "member_names": "trl_renyi.model.layer",
     "build_ensemble": "trl_renyi.model.members",
     "tile_for_members": "trl_renyi.model.members",
@@ -29,7 +29,8 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
-    from trl_renyi.inference.ensemble import RenyiEnsemble, ScoreResult
+    from trl_renyi.inference.ensemble import RenyiEnsemble
+    from trl_renyi.inference.scoring import ScoreResult
     from trl_renyi.model.layer import member_names
     from trl_renyi.model.members import build_ensemble, tile_for_members
     from trl_renyi.objective import RenyiBound, renyi_bound
