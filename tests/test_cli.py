@@ -132,7 +132,7 @@ def test_local_data_files_and_bundled_data(tmp_path):
         load("trl_renyi:poems")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trl_renyi.training.dpo") is None, reason="trl_renyi.dpo (RenyiDPOTrainer) is absent")
+@pytest.mark.skipif(importlib.util.find_spec("trl_renyi.training.dpo") is None, reason="trl_renyi.training.dpo (RenyiDPOTrainer) is absent")
 def test_dpo_command_on_bundled_preference_data(tiny_model_dir, tmp_path):
     out = tmp_path / "dpo"
     args = [
@@ -153,7 +153,7 @@ def test_dpo_command_on_bundled_preference_data(tiny_model_dir, tmp_path):
 )
 def test_example_scripts_run(tiny_model_dir, tmp_path, monkeypatch, script, dataset):
     if script.startswith("dpo") and importlib.util.find_spec("trl_renyi.training.dpo") is None:
-        pytest.skip("trl_renyi.dpo (RenyiDPOTrainer) is absent")
+        pytest.skip("trl_renyi.training.dpo (RenyiDPOTrainer) is absent")
     out = tmp_path / "example"
     argv = [
         script, "--model_name_or_path", str(tiny_model_dir), "--dataset_name", dataset,

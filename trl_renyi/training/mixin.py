@@ -176,7 +176,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         """One member-batched forward of ``inputs`` (B rows) through the routed members (all K, or a chunk).
 
         ``inputs`` must hold ``labels`` (-100 where no log-prob is needed). Uses the completion-only chunked head of
-        :mod:`trl_renyi.lm_head` when the model allows it (TRL's fused head otherwise) and returns a
+        :mod:`trl_renyi.model.lm_head` when the model allows it (TRL's fused head otherwise) and returns a
         ``FusedCausalLMOutput`` for the K·B tiled rows: ``log_probs`` ``(K·B, T−1)``, rows ``k·B … (k+1)·B − 1``
         belonging to the k-th routed member. With a shared trunk the model receives the untiled batch and tiles at
         the first adapted layer; only the labels are tiled here.
@@ -344,7 +344,7 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
 
     def base_forward(self, model, inputs: dict):
         """One forward of the frozen base model alone over the untiled ``inputs`` (B rows), with the LM head that
-        :meth:`member_forward` uses: every member's delta is skipped (:func:`~trl_renyi.model.members.base_model_only`),
+        :meth:`member_forward` uses: every member's delta is skipped (:func:`~trl_renyi.model.layer.base_model_only`),
         with no ``requires_grad`` or active-adapter change. E.g. DPO's reference π_ref, one pass for all K members.
         Call it under ``torch.no_grad()``. Returns a ``FusedCausalLMOutput`` with ``log_probs`` ``(B, T−1)``.
         """
