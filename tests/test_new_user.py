@@ -271,3 +271,179 @@ def test_report_to_tensorboard_logs_the_renyi_metrics(make_model, tokenizer, pro
     (events,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
     tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
     assert {"train/renyi/alpha", "train/renyi/member_0/share", "train/renyi/member_1/share"} <= set(tags)
+
+
+# ------------------------------------------------------------------------------------------ issue 26: named before work
+CPU_FLAGS = ["--bf16", "false", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true"]
+
+
+@pytest.fixture
+def tiny_model_dir(make_model, tokenizer, tmp_path):
+    path = tmp_path / "tiny-llama"
+    make_model().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def one_error_line(lines, command):
+    errors = [line for line in lines if line.startswith(f"trl-renyi {command}: error:")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(lines), lines
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ([{"prompt": "p", "completion": "c"}, {"prompt": "q", "completion": None}], r"row 1, column 'completion': null"),
+        ([{"prompt": "p", "completion": "c"}, {"prompt": 7, "completion": "c"}], r"row 1, column 'prompt': int 7"),
+        (
+            [{"prompt": [{"role": "user", "content": None}], "completion": [{"role": "assistant", "content": "c"}]}],
+            r"row 0, column 'prompt': message 0 has content null",
+        ),
+    ],
+    ids=["null-completion", "number-prompt", "null-message-content"],
+)
+def test_a_null_or_non_text_field_names_file_row_and_column_before_the_model_loads(tmp_path, capsys, rows, expected):
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    code, lines = run_cli(
+        capsys, "sft", "--dataset_name", str(data), "--model_name_or_path", NO_MODEL, "--output_dir", str(tmp_path / "o")
+    )
+    error = one_error_line(lines, "sft")
+    assert code == 1 and str(data) in error and "split 'train'" in error
+    assert pytest.importorskip("re").search(expected, error), error
+
+
+def test_an_empty_jsonl_file_is_one_line(tmp_path, capsys):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    code, lines = run_cli(capsys, "sft", "--dataset_name", str(data), "--model_name_or_path", NO_MODEL)
+    assert code == 1 and one_error_line(lines, "sft").endswith(f"error: {data} is empty: it holds no rows. (add --traceback for details)")
+
+
+def test_an_empty_dataset_is_refused_by_name_before_the_model_loads(tmp_path):
+    from datasets import Dataset
+
+    from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
+
+    empty = Dataset.from_dict({"prompt": [], "completion": []})
+    with pytest.raises(ValueError, match=r"^train_dataset is empty: it has columns \['completion', 'prompt'\] but no rows"):
+        RenyiSFTTrainer(NO_MODEL, args=RenyiSFTConfig(output_dir=str(tmp_path), use_cpu=True), train_dataset=empty)
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_refused_with_both_sizes(make_model, tokenizer, prompt_completion_dataset, tmp_path):
+    import copy
+
+    from tests.helpers import CPU_ARGS, lora_config
+    from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
+
+    larger = copy.deepcopy(tokenizer)
+    larger.add_tokens([f"<extra_{i}>" for i in range(8)])
+    model = make_model()
+    rows = model.get_input_embeddings().weight.shape[0]
+    args = RenyiSFTConfig(output_dir=str(tmp_path), num_members=2, max_steps=1, **CPU_ARGS)
+    with pytest.raises(ValueError, match=rf"has {len(larger)} tokens but the model's embedding matrix has {rows} rows"):
+        RenyiSFTTrainer(model, args=args, train_dataset=prompt_completion_dataset, processing_class=larger, peft_config=lora_config())
+
+
+def read_only_path(tmp_path):
+    """A folder nobody may write into (as root, permissions do not stop writes: a path in sysfs does)."""
+    import os
+
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder / "out"
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("no read-only path to test with")
+    return Path("/sys/kernel/trl-renyi-out")
+
+
+def test_a_read_only_output_dir_is_one_line(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "p", "completion": "c"}])
+    out = read_only_path(tmp_path)
+    code, lines = run_cli(capsys, "sft", "--dataset_name", str(data), "--model_name_or_path", NO_MODEL, "--output_dir", str(out))
+    assert code == 1 and f"error: --output_dir {out}: cannot write there" in one_error_line(lines, "sft")
+
+
+def test_resume_from_checkpoint_true_resumes_from_the_latest_checkpoint(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [
+        "sft", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", "trl_renyi:conflict_sft", "--num_members",
+        "2", "--lora_r", "4", "--per_device_train_batch_size", "4", "--max_length", "64", "--output_dir", str(out),
+        "--save_strategy", "steps", "--save_steps", "2", *CPU_FLAGS,
+    ]  # fmt: skip
+    code, lines = run_cli(capsys, *args, "--max_steps", "2", "--resume_from_checkpoint", "True")
+    assert code == 1 and "--resume_from_checkpoint True: no checkpoint-* folder" in one_error_line(lines, "sft")
+    assert cli([*args, "--max_steps", "2"]) == 0 and (out / "checkpoint-2").is_dir()
+    saved_state = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(saved_state.read_text())
+    state["log_history"].append({"step": 2, "marker": "from checkpoint-2"})  # carried on only by a resumed run
+    saved_state.write_text(json.dumps(state))
+    assert cli([*args, "--max_steps", "4", "--resume_from_checkpoint", "True"]) == 0
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and {"step": 2, "marker": "from checkpoint-2"} in state["log_history"]
+
+
+# ------------------------------------------------------------------------------------------ issue 26: quiet, truthful
+def test_no_deprecation_warning_from_dpo_training_loading_eval_and_audit(tiny_model_dir, tmp_path, capsys):
+    import warnings
+
+    from trl_renyi import RenyiEnsemble
+
+    out = tmp_path / "dpo"
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c"}] * 2)
+    messages = write_jsonl(
+        tmp_path / "messages.jsonl",
+        [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(3)],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli([
+            "dpo", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", "trl_renyi:conflict_preference",
+            "--num_members", "2", "--lora_r", "4", "--max_steps", "1", "--per_device_train_batch_size", "4",
+            "--max_length", "64", "--gradient_checkpointing", "true", "--save_strategy", "no", "--output_dir", str(out),
+            *CPU_FLAGS,
+        ]) == 0  # fmt: skip
+        RenyiEnsemble.from_pretrained(str(out))
+        common = ["--ensemble", str(out), "--plots", "false"]
+        assert cli(["eval", *common, "--data", str(pairs), "--output_dir", str(tmp_path / "ev"), "--preference_scoring", "reward"]) == 0
+        assert cli(["audit", *common, "--data", str(messages), "--output_dir", str(tmp_path / "au")]) == 0
+    deprecations = [
+        f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})"
+        for w in caught
+        if issubclass(w.category, (FutureWarning, DeprecationWarning)) and "deprecated" in str(w.message)
+        and "torch/jit" not in w.filename  # torch's own import-time notice
+    ]
+    assert not deprecations, deprecations
+    printed = capsys.readouterr().out
+    # eval says on screen why the base baseline is left out; audit names the format it detected
+    assert "base: left out under reward scoring (the base model is the reference" in printed
+    assert f"{messages}: 3 sft examples (chat messages)." in printed
+
+
+def test_eval_strategy_without_a_test_split_shows_the_value_as_written(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "p", "completion": "c"}])
+    code, lines = run_cli(
+        capsys, "sft", "--dataset_name", str(data), "--model_name_or_path", NO_MODEL, "--eval_strategy", "steps",
+        "--output_dir", str(tmp_path / "o"),
+    )  # fmt: skip
+    error = one_error_line(lines, "sft")
+    assert code == 1 and "eval_strategy='steps' needs the split dataset_test_split='test'" in error
+    assert "IntervalStrategy" not in error
+
+
+def test_the_example_scripts_are_the_commands_complete_scripts():
+    """examples/sft_renyi.py and dpo_renyi.py are the very files `trl-renyi sft` / `dpo` run: the whole script, with
+    make_parser() and main() as in TRL's trl/scripts/sft.py, and the trainer built in the file itself."""
+    import os
+
+    from trl_renyi.cli import dpo, sft
+
+    for example, module, trainer in (("sft_renyi.py", sft, "RenyiSFTTrainer("), ("dpo_renyi.py", dpo, "RenyiDPOTrainer(")):
+        path = REPO / "examples" / example
+        assert os.path.samefile(path, module.__file__)
+        text = path.read_text()
+        assert trainer in text and "trainer.train(" in text and "trainer.save_model(" in text
+        assert callable(module.make_parser) and callable(module.main)
+    assert "importlib" not in (REPO / "trl_renyi" / "cli" / "training.py").read_text()
