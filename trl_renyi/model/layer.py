@@ -2,8 +2,10 @@ r"""The member-batched LoRA layer: a LoRA ``Linear`` that can serve all K member
 
 :class:`MemberBatchedLinear` is a subclass of PEFT's LoRA ``Linear`` that PEFT itself creates, through its
 custom-module dispatch (``LoraConfig._register_custom_module``, reached through :mod:`trl_renyi.compat`), for every
-``torch.nn.Linear`` and GPT-2-style ``Conv1D`` target. Its adapters, parameters and state-dict keys are PEFT's own,
-so every member saves and loads as a plain PEFT adapter.
+``torch.nn.Linear`` and GPT-2-style ``Conv1D`` target; the forward itself lives in the mixin
+:class:`MemberBatchedLayer`, which :mod:`trl_renyi.model.quantized` also puts on PEFT's QLoRA layers (bitsandbytes
+4-bit and 8-bit bases). Its adapters, parameters and state-dict keys are PEFT's own, so every member saves and loads
+as a plain PEFT adapter.
 
 Why a registered subclass rather than a LoRA variant or a patched ``forward``: a LoRA variant (DoRA's mechanism)
 changes one adapter's computation, while member batching changes how *several* adapters share one call; and a
@@ -79,22 +81,18 @@ class MemberRouter:
         return self.routing.num_members if self.routing is not None else len(self.member_names)
 
 
-class MemberBatchedLinear(LoraLinear):
-    """PEFT's LoRA ``Linear`` with an opt-in member-batched forward (see the module docstring).
+class MemberBatchedLayer:
+    """The member-batched forward shared by every member layer class (a mixin placed before a PEFT LoRA layer class).
 
-    Created by PEFT for ``torch.nn.Linear`` and ``Conv1D`` targets once the config is registered with
-    :func:`trl_renyi.compat.register_member_layer`; ``fan_in_fan_out`` is set as PEFT's own dispatch sets it.
+    Outside :func:`member_routing` (or with adapters disabled, merged, or PEFT's ``adapter_names``) the PEFT class's
+    own ``forward`` runs. Inside it, the frozen base layer runs once on all K·B rows and member k's delta
+    :math:`s_k B_k A_k x_k` is added to its own block. Subclasses set ``quantized_base`` when the base layer's output
+    must not be modified in place (bitsandbytes' quantised matmuls): the delta is then added out of place, in PEFT's
+    order of operations (:math:`(x A_k^\top) B_k^\top` first, then the scaling, then the base output's dtype).
     """
 
-    def __init__(self, base_layer, adapter_name: str, config, **kwargs) -> None:
-        target = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-        if isinstance(target, Conv1D):
-            config.fan_in_fan_out = True  # as PEFT's dispatch_default does for Conv1D
-            kwargs["is_target_conv_1d_layer"] = True
-        elif config.fan_in_fan_out:
-            config.fan_in_fan_out = False  # as PEFT's dispatch_default does for nn.Linear
-        super().__init__(base_layer, adapter_name, config=config, **kwargs)
-        self.member_router: MemberRouter | None = None
+    member_router: MemberRouter | None = None
+    quantized_base = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         router = self.member_router
@@ -109,6 +107,11 @@ class MemberBatchedLinear(LoraLinear):
             return super().forward(x, *args, **kwargs)
         return self._member_batched_forward(x, routing, *args, **kwargs)
 
+    def _base_forward(self, x: torch.Tensor, num_members: int, *args, **kwargs) -> torch.Tensor:
+        """The frozen base layer on all K·B rows at once (a base whose output for one row depends on the other rows
+        overrides this)."""
+        return self.base_layer(x, *args, **kwargs)
+
     def _member_batched_forward(self, x: torch.Tensor, routing: Routing, *args, **kwargs) -> torch.Tensor:
         names = routing.names
         num_members = len(names)
@@ -120,22 +123,55 @@ class MemberBatchedLinear(LoraLinear):
                 f"per member, {expected} rows), got {x.shape[0]}. Tile the inputs with `tile_for_members`, or run "
                 "the forward outside `member_routing` for a plain single-adapter forward."
             )
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_forward(x, num_members, *args, **kwargs)
         weight_a = torch.stack([self.lora_A[n].weight for n in names])  # (K, r, d_in)
-        # s_k B_k, the scaling folded into the small (d_out, r) factor rather than applied to the (N, d_out) output
-        weight_b = torch.stack([self.lora_B[n].weight * self.scaling[n] for n in names])  # (K, d_out, r)
         xk = x.to(weight_a.dtype).reshape(num_members, -1, x.shape[-1])
         dropouts = [self.lora_dropout[n] for n in names]
         if not all(isinstance(d, torch.nn.Identity) for d in dropouts):
             xk = torch.stack([dropout(xk[k]) for k, dropout in enumerate(dropouts)])
         low_rank = torch.bmm(xk, weight_a.transpose(1, 2))  # (K, N, r)
         blocks = result.reshape(num_members, -1, result.shape[-1])  # (K, N, d_out), member k's rows in block k
+        if self.quantized_base:
+            weight_b = torch.stack([self.lora_B[n].weight for n in names])  # (K, d_out, r)
+            scaling = torch.tensor([self.scaling[n] for n in names], dtype=low_rank.dtype, device=low_rank.device)
+            delta = torch.bmm(low_rank, weight_b.transpose(1, 2)) * scaling.view(-1, 1, 1)
+            return (blocks + delta.to(result.dtype)).reshape(result.shape)
+        # s_k B_k, the scaling folded into the small (d_out, r) factor rather than applied to the (N, d_out) output
+        weight_b = torch.stack([self.lora_B[n].weight * self.scaling[n] for n in names])  # (K, d_out, r)
         if blocks.dtype == low_rank.dtype:
             # W x + s_k B_k A_k x: one batched GEMM accumulating onto W x in place (a linear layer's backward needs its
             # input and weight, never its output; autograd's version check refuses a base layer that would)
             return blocks.baddbmm_(low_rank, weight_b.to(low_rank.dtype).transpose(1, 2)).reshape(result.shape)
         delta = torch.bmm(low_rank, weight_b.transpose(1, 2))
         return result + delta.reshape(result.shape).to(result.dtype)
+
+
+class MemberBatchedLinear(MemberBatchedLayer, LoraLinear):
+    """PEFT's LoRA ``Linear`` with an opt-in member-batched forward (see the module docstring).
+
+    Created by PEFT for ``torch.nn.Linear`` and ``Conv1D`` targets once the config is registered with
+    :func:`trl_renyi.compat.register_member_layer`; ``fan_in_fan_out`` is set as PEFT's own dispatch sets it. A base
+    layer whose weight is stored in an integer format (a quantised ``nn.Linear`` subclass other than bitsandbytes'
+    ``Linear4bit`` / ``Linear8bitLt``, which :mod:`trl_renyi.model.quantized` serves) is refused by its type name:
+    PEFT's LoRA ``Linear`` cannot merge into it.
+    """
+
+    def __init__(self, base_layer, adapter_name: str, config, **kwargs) -> None:
+        target = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        weight = getattr(target, "weight", None)
+        if isinstance(weight, torch.Tensor) and not (weight.dtype.is_floating_point or weight.dtype.is_complex):
+            raise ValueError(
+                f"Cannot serve LoRA members on {type(target).__module__}.{type(target).__name__}: its weight is "
+                f"stored as {weight.dtype}. Quantised bases are served for bitsandbytes Linear4bit (NF4/FP4) and "
+                "Linear8bitLt layers (install bitsandbytes)."
+            )
+        if isinstance(target, Conv1D):
+            config.fan_in_fan_out = True  # as PEFT's dispatch_default does for Conv1D
+            kwargs["is_target_conv_1d_layer"] = True
+        elif config.fan_in_fan_out:
+            config.fan_in_fan_out = False  # as PEFT's dispatch_default does for nn.Linear
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        self.member_router = None
 
 
 def get_router(model) -> MemberRouter:
@@ -219,5 +255,5 @@ def router_disabled(model):
 
 
 def member_layers(model):
-    """Every :class:`MemberBatchedLinear` of ``model``."""
-    return [module for module in model.modules() if isinstance(module, MemberBatchedLinear)]
+    """Every member layer (:class:`MemberBatchedLayer`: plain or quantised base) of ``model``."""
+    return [module for module in model.modules() if isinstance(module, MemberBatchedLayer)]

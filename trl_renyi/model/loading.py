@@ -107,9 +107,21 @@ def embedded_cache(gguf: tuple[str, str]) -> Path | None:
     return folder
 
 
-def load_causal_lm(name_or_path: str, dtype: str | torch.dtype | None = "float32", **kwargs):
-    """Load a causal LM from an embedded alias, a local folder or a Hub id (``trust_remote_code`` off by default)."""
+def kbit_device_map() -> dict:
+    """The device map for a quantised base on this process's device (as TRL's ``get_kbit_device_map``, also on CPU)."""
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+
+
+def load_causal_lm(name_or_path: str, dtype: str | torch.dtype | None = "float32", quantization_config=None, **kwargs):
+    """Load a causal LM from an embedded alias, a local folder or a Hub id (``trust_remote_code`` off by default).
+
+    ``quantization_config`` (e.g. ``transformers.BitsAndBytesConfig(load_in_4bit=True)``) loads the base quantised, as
+    for QLoRA; the model is then placed on this process's device unless ``device_map`` is given.
+    """
     kwargs.setdefault("trust_remote_code", False)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs.setdefault("device_map", kbit_device_map())
     if isinstance(dtype, str) and dtype not in ("auto",):
         dtype = getattr(torch, dtype)
     gguf = embedded_gguf(name_or_path)

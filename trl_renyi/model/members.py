@@ -2,8 +2,8 @@
 
 The ensemble is one :class:`peft.PeftModel` holding K adapters named ``member_0 … member_{K-1}``; PEFT's own
 storage is the single source of truth (saving, checkpoints, ``disable_adapter()`` and the Hub layout stay standard).
-Every adapted ``Linear`` is a :class:`~trl_renyi.model.layer.MemberBatchedLinear`, which PEFT creates itself from a
-registered config; the layers share one :class:`~trl_renyi.model.layer.MemberRouter` (routing is opt-in, see
+Every adapted ``Linear`` is a :class:`~trl_renyi.model.layer.MemberBatchedLinear` (on a bitsandbytes 4-bit or 8-bit
+base, its QLoRA counterpart from :mod:`trl_renyi.model.quantized`), which PEFT creates itself from a registered config; the layers share one :class:`~trl_renyi.model.layer.MemberRouter` (routing is opt-in, see
 :func:`~trl_renyi.model.layer.member_routing`).
 """
 
@@ -25,11 +25,13 @@ from transformers.pytorch_utils import Conv1D
 from trl_renyi.compat import peft_wraps_moe_parameters, register_member_layer
 from trl_renyi.model.layer import (
     MEMBER_PREFIX,
+    MemberBatchedLayer,
     MemberBatchedLinear,
     MemberRouter,
     member_layers,
     member_names,
 )
+from trl_renyi.model.quantized import peft_quantized_layers, quantized_member_layers
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +83,15 @@ def check_members_servable(model: PeftModel, names: Sequence[str]) -> None:
         held |= member_set.intersection(getattr(module, "modules_to_save", {}) or {})
         if not held:
             continue
-        if not isinstance(module, LoraLinear) or not isinstance(module, LoraLayer):
+        if not isinstance(module, servable_lora_types()) or not isinstance(module, LoraLayer):
             working = linear_target_names(model.get_base_model())
+            base = module.get_base_layer()
             raise ValueError(
-                f"Layer {module_name!r} ({type(module).__name__}) holds members {sorted(held)} but is not a LoRA "
-                "Linear layer; the member-batched forward serves LoRA on torch.nn.Linear (and Conv1D) modules only "
-                f"(not target_parameters, fused MoE experts or routers). Targets that work here: "
-                f"target_modules={working}."
+                f"Layer {module_name!r} ({type(module).__name__} over {type(base).__name__}) holds members "
+                f"{sorted(held)} but is not a LoRA Linear layer; the member-batched forward serves LoRA on "
+                "torch.nn.Linear (and Conv1D) modules and on bitsandbytes Linear4bit / Linear8bitLt bases only "
+                f"(not target_parameters, fused MoE experts or routers, nor other quantised layers). Targets that work "
+                f"here: target_modules={working}."
             )
         if held != member_set:
             raise ValueError(f"Layer {module_name!r} holds only members {sorted(held)}; every member must adapt it.")
@@ -114,7 +118,7 @@ def perturb_lora_b(model: PeftModel, names: Sequence[str], std: float, seed: int
     for k, n in enumerate(names):
         generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
         for module in model.modules():
-            if isinstance(module, LoraLinear) and n in module.lora_B:
+            if isinstance(module, servable_lora_types()) and n in module.lora_B:
                 weight = module.lora_B[n].weight
                 noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * std
                 with torch.no_grad():
@@ -226,7 +230,7 @@ def resolve_moe_all_linear(model: torch.nn.Module, lora_config: LoraConfig) -> L
 def member_lora_config(lora_config: LoraConfig) -> LoraConfig:
     """A copy of ``lora_config`` under which PEFT creates :class:`MemberBatchedLinear` layers."""
     config = copy.deepcopy(lora_config)
-    register_member_layer(config, MemberBatchedLinear)
+    register_member_layer(config, MemberBatchedLinear, quantized=quantized_member_layers())
     return config
 
 
@@ -234,8 +238,9 @@ def install_member_layers(model: PeftModel, names: Sequence[str]) -> MemberRoute
     """Give every member layer of ``model`` one shared :class:`MemberRouter` and return it (idempotent).
 
     Layers that PEFT created without the registered config (a PeftModel built or loaded elsewhere) are stock LoRA
-    ``Linear`` layers; they are promoted to :class:`MemberBatchedLinear`, which adds no parameter or buffer, so the
-    state dict and PEFT's behaviour outside routing are unchanged.
+    ``Linear`` layers (or PEFT's QLoRA layers over a bitsandbytes base); they are promoted to
+    :class:`MemberBatchedLinear` (or its quantised counterpart), which adds no parameter or buffer, so the state dict
+    and PEFT's behaviour outside routing are unchanged.
     """
     check_members_servable(model, names)
     router = getattr(model, "member_router", None)
@@ -243,12 +248,19 @@ def install_member_layers(model: PeftModel, names: Sequence[str]) -> MemberRoute
         router = MemberRouter(names)
         model.member_router = router
     router.member_names = list(names)
+    promote = {LoraLinear: MemberBatchedLinear, **peft_quantized_layers()}
     for module in model.modules():
-        if isinstance(module, LoraLinear) and names[0] in module.lora_A:
-            if type(module) is LoraLinear:
-                module.__class__ = MemberBatchedLinear
+        if isinstance(module, servable_lora_types()) and names[0] in module.lora_A:
+            if type(module) in promote:
+                module.__class__ = promote[type(module)]
             module.member_router = router
     return router
+
+
+def servable_lora_types() -> tuple[type, ...]:
+    """The PEFT LoRA layer classes a member layer can serve: LoRA ``Linear`` and, with bitsandbytes, PEFT's QLoRA
+    ``Linear4bit`` / ``Linear8bitLt``."""
+    return (LoraLinear, MemberBatchedLayer, *peft_quantized_layers())
 
 
 def detach_member_layers(model: PeftModel) -> None:
@@ -300,7 +312,7 @@ def register_members_with_zero3(model: PeftModel, names: list[str], register=Non
         from deepspeed.zero import register_external_parameter as register
     count = 0
     for module in model.modules():
-        if not isinstance(module, MemberBatchedLinear):
+        if not isinstance(module, MemberBatchedLayer):
             continue
         for name in names:
             for container in (module.lora_A, module.lora_B):

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from peft import PeftModel
 
-from trl_renyi.model.layer import MemberBatchedLinear, get_router
+from trl_renyi.model.layer import MemberBatchedLayer, get_router
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def enable_shared_trunk(model: PeftModel) -> int | None:
         return None
     adapted = set()
     for name, module in model.named_modules():
-        if isinstance(module, MemberBatchedLinear) and router.member_names[0] in module.lora_A:
+        if isinstance(module, MemberBatchedLayer) and router.member_names[0] in module.lora_A:
             if not name.startswith(prefix + "."):
                 logger.info("shared_trunk is off: the LoRA module %s lies outside the decoder layers.", name)
                 return None
