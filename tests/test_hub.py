@@ -15,7 +15,7 @@ from peft import PeftModel
 
 from tests.helpers import CPU_ARGS, lora_config
 from trl_renyi import RenyiEnsemble, RenyiSFTConfig, RenyiSFTTrainer, build_ensemble
-from trl_renyi.hub import model_card, routing_share_from_log_history, training_record
+from trl_renyi.hub import model_card
 
 PROMPTS = ["What colour is the sky?", "Say hello."]
 COMPLETIONS = [" It is blue.", " Ahoy matey!"]
@@ -71,23 +71,6 @@ def test_model_card_without_routing_or_eval_and_with_a_local_base(tmp_path):
     assert "base_model" not in data  # a local folder is no Hub model
     assert "dpo" in data["tags"] and "custom" in data["tags"]
     assert "| `member_1` | 0.250 | n/a |" in text and "## Evaluation" not in text
-
-
-def test_routing_share_and_eval_figures_from_log_history():
-    logs = [
-        {"loss": 1.0, "renyi/alpha": 1.0, "renyi/member_0/share": 0.5, "renyi/member_1/share": 0.5},
-        {"loss": 0.9, "renyi/alpha": 0.0, "renyi/member_0/share": 0.8, "renyi/member_1/share": 0.2},
-        {"loss": 0.8, "renyi/alpha": 0.0, "renyi/member_0/share": 0.6, "renyi/member_1/share": 0.4},
-        {"eval_loss": 0.7, "eval_runtime": 3.0, "epoch": 1.0},
-        {"train_runtime": 10.0},
-    ]
-    share = routing_share_from_log_history(logs, 2, alpha=0.0)
-    assert share == pytest.approx([0.7, 0.3])  # the warm-up entry at α = 1 is left out
-    assert routing_share_from_log_history(logs, 2) == pytest.approx([(0.5 + 0.8 + 0.6) / 3, (0.5 + 0.2 + 0.4) / 3])
-    assert routing_share_from_log_history([], 2) is None
-    record = training_record(logs, 2, 0.0)
-    assert record["eval_results"] == {"eval_loss": 0.7}
-    assert training_record([], 2, 0.0) == {}
 
 
 @pytest.fixture
@@ -267,3 +250,15 @@ def test_pushes_during_training_carry_every_member(
     files = uploaded_files(tmp_path / "uploaded")
     assert member_files(2) | {"renyi_ensemble.json", "README.md"} <= files
     assert not any(f.startswith("checkpoint-") for f in files)
+
+
+def test_ensemble_push_to_hub_offline_names_no_temporary_folder(make_model, tokenizer, tmp_path, monkeypatch):
+    """Offline, RenyiEnsemble.push_to_hub refuses before anything is written, naming the repository only."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    ensemble = RenyiEnsemble(build_ensemble(make_model(), lora_config(), num_members=2, seed=0), tokenizer)
+    with pytest.raises(RuntimeError) as error:
+        ensemble.push_to_hub("someone/tiny-renyi")
+    message = str(error.value)
+    assert message.startswith("Pushing the ensemble to someone/tiny-renyi needs the Hugging Face Hub, but HF_HUB_OFFLINE")
+    assert str(tmp_path) not in message and "/tmp" not in message and list(tmp_path.iterdir()) == []

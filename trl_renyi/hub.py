@@ -11,15 +11,12 @@ so ``RenyiEnsemble.from_pretrained("user/repo")`` and ``PeftModel.from_pretraine
 subfolder="member_0")`` both work on it. The card is generated from ``renyi_ensemble.json`` alone, so the same card
 comes out of ``trainer.save_model``, ``RenyiEnsemble.save_pretrained`` and both ``push_to_hub`` methods.
 
-The routing share of member k is its mean gradient weight :math:`\bar r_k = \frac{1}{N}\sum_i \tilde r_{ik}` over the
-logged training steps after the α warm-up, with :math:`\tilde r_{ik} = (1-\lambda)\, r_{ik} + \lambda \pi_k` and
-:math:`r_{ik} = \operatorname{softmax}_k(\log\pi_k + (1-\alpha)\ell_{ik})` (λ: the responsibility floor, 0 by
-default): how much of the data each member was trained on.
+The routing share of member k (how much of the data each member was trained on) is recorded by the trainers; see
+:func:`trl_renyi.training.persistence.routing_share_from_log_history`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -27,58 +24,13 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-from trl_renyi import __version__
 from trl_renyi.model.loading import hub_id
+from trl_renyi.model.saved_format import CARD_FILE, LIBRARY_NAME, METADATA_FILE, member_names
+from trl_renyi.version import __version__
 
-CARD_FILE = "README.md"
 #: The Jinja template of the card (package data), rendered by ``huggingface_hub.ModelCard.from_template``.
 CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
-LIBRARY_NAME = "trl_renyi"
 BASE_TAGS = ("trl", "trl-renyi", "peft", "lora", "lora-ensemble", "uncertainty")
-_SHARE_KEY = "renyi/{name}/share"
-# fields of renyi_ensemble.json that only the card reads; kept when a loaded ensemble is saved again
-CARD_FIELDS = ("trainer", "routing_share", "eval_results", "dataset_name", "responsibility_floor")
-
-
-def routing_share_from_log_history(log_history: Sequence[Mapping], num_members: int, alpha: float | None = None):
-    """Mean logged routing share of every member, ``None`` when nothing was logged.
-
-    Only training log entries are used; when ``alpha`` is given, only those logged at that α (after the warm-up,
-    where α is held at 1 and routing is uniform by construction), unless there are none.
-    """
-    keys = [_SHARE_KEY.format(name=f"member_{k}") for k in range(num_members)]
-    entries = [e for e in log_history if all(key in e for key in keys)]
-    if alpha is not None:
-        settled = [e for e in entries if "renyi/alpha" in e and math.isclose(e["renyi/alpha"], alpha, abs_tol=1e-9)]
-        entries = settled or entries
-    if not entries:
-        return None
-    return [sum(float(e[key]) for e in entries) / len(entries) for key in keys]
-
-
-def eval_results_from_log_history(log_history: Sequence[Mapping]) -> dict[str, float] | None:
-    """The metrics of the last evaluation logged by the trainer (``eval_*`` keys), ``None`` when there was none."""
-    for entry in reversed(log_history):
-        figures = {
-            key: float(value)
-            for key, value in entry.items()
-            if key.startswith("eval_") and isinstance(value, (int, float)) and not key.endswith(("_runtime", "per_second"))
-        }
-        if figures:
-            return figures
-    return None
-
-
-def training_record(log_history: Sequence[Mapping], num_members: int, alpha: float) -> dict:
-    """What a trainer adds to ``renyi_ensemble.json`` for the card: routing shares and the last eval figures."""
-    record = {}
-    share = routing_share_from_log_history(log_history, num_members, alpha)
-    if share is not None:
-        record["routing_share"] = share
-    figures = eval_results_from_log_history(log_history)
-    if figures is not None:
-        record["eval_results"] = figures
-    return record
 
 
 def _fmt(value) -> str:
@@ -138,7 +90,7 @@ def model_card(
     k = int(metadata["num_members"])
     alpha = float(metadata["alpha"])
     weights = list(metadata.get("member_weights") or [1.0 / k] * k)
-    names = list(metadata.get("member_names") or [f"member_{i}" for i in range(k)])
+    names = list(metadata.get("member_names") or member_names(k))
     base_name = metadata.get("base_model_name_or_path") or ""
     base_model = _card_base_model(base_name)
     trainer = metadata.get("trainer")
@@ -190,23 +142,12 @@ def model_card(
 
 
 def write_model_card(directory: str | os.PathLike, metadata: Mapping, **kwargs) -> Path:
-    """Write the ensemble's ``README.md`` into ``directory`` (arguments as :func:`model_card`)."""
+    """Write the ensemble's ``README.md`` into ``directory`` in one rename (arguments as :func:`model_card`)."""
     path = Path(directory) / CARD_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model_card(metadata, **kwargs).save(str(path))
+    tmp = path.with_name(f".{CARD_FILE}.tmp")
+    model_card(metadata, **kwargs).save(str(tmp))
+    os.replace(tmp, path)
     return path
-
-
-def copy_ensemble_files(source: str | os.PathLike, target: str | os.PathLike, names: Sequence[str]) -> None:
-    """Copy a saved ensemble's member folders and ``renyi_ensemble.json`` from ``source`` to ``target``."""
-    import shutil
-
-    source, target = Path(source), Path(target)
-    for name in names:
-        if (source / name).is_dir():
-            shutil.copytree(source / name, target / name, dirs_exist_ok=True)
-    if (source / "renyi_ensemble.json").is_file():
-        shutil.copy2(source / "renyi_ensemble.json", target / "renyi_ensemble.json")
 
 
 def require_hub_access(what: str, saved_in: str | os.PathLike | None = None) -> None:
@@ -232,7 +173,7 @@ def upload_ensemble_folder(
 ):
     """Create ``repo_id`` if needed and upload a saved ensemble folder (members, ``renyi_ensemble.json``, card)."""
     folder = Path(folder)
-    for required in ("renyi_ensemble.json", CARD_FILE):
+    for required in (METADATA_FILE, CARD_FILE):
         if not (folder / required).is_file():
             raise FileNotFoundError(f"{folder / required} is missing: save the ensemble before uploading it.")
     require_hub_access(f"Uploading {folder} to {repo_id}")
@@ -257,9 +198,8 @@ def push_ensemble_to_hub(ensemble, repo_id: str, model_name: str | None = None, 
     Keyword arguments go to :func:`upload_ensemble_folder` (``token``, ``private``, ``revision``, ``commit_message``,
     ``create_pr``).
     """
+    require_hub_access(f"Pushing the ensemble to {repo_id}")  # before anything is written
     with tempfile.TemporaryDirectory() as tmp:
-        ensemble.save_pretrained(tmp)
-        from trl_renyi.model.saved_format import read_metadata
-
-        write_model_card(tmp, read_metadata(tmp), model_name=model_name, repo_id=repo_id, dataset_name=dataset_name)
+        extra = {"dataset_name": dataset_name} if dataset_name else {}
+        ensemble.save_pretrained(tmp, model_name=model_name, repo_id=repo_id, **extra)
         return upload_ensemble_folder(tmp, repo_id, **kwargs)

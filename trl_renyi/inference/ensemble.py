@@ -8,7 +8,7 @@ On disk (and on the Hub) an ensemble is a folder holding one plain PEFT adapter 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from functools import partial
 
 import torch
 from peft import PeftModel
@@ -27,17 +27,17 @@ from trl_renyi.model.members import (
     tile_for_members,
 )
 from trl_renyi.model.saved_format import (
+    CARD_FIELDS,
     METADATA_FILE,
     check_base_model_hash,
     check_base_model_name,
     check_member_weights,
     check_saved_members,
     ensemble_metadata,
-    members_for_saving,
     read_metadata,
     resolve_ensemble_folder,
-    write_metadata,
 )
+from trl_renyi.model.saving import save_ensemble
 from trl_renyi.model.trunk import shared_trunk
 from trl_renyi.objective import DEFAULT_ALPHA, normalized_log_weights
 
@@ -200,29 +200,37 @@ class RenyiEnsemble(EnsembleScorer):
             f"responsibility_floor={self.responsibility_floor}, member_weights={[round(w, 4) for w in self.member_weights]})"
         )
 
-    def settings(self) -> dict:
-        return {
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(
+        self, directory: str | os.PathLike, model_name: str | None = None, repo_id: str | None = None, **extra
+    ) -> None:
+        """Save the ensemble to ``directory`` in one atomic step (:func:`trl_renyi.model.saving.save_ensemble`).
+
+        Args:
+            directory: the target folder. A folder holding files this library did not write is refused.
+            model_name: the model card's title.
+            repo_id: the Hub repository the card's usage snippet loads from.
+            **extra: fields recorded in ``renyi_ensemble.json`` (e.g. ``eval_results={...}``, ``dataset_name=...``).
+
+        Writes every member as a plain PEFT adapter folder (safetensors), the tokenizer, ``renyi_ensemble.json`` and
+        the model card ``README.md``.
+        """
+        from trl_renyi.hub import model_card
+
+        settings = {
             **self.metadata,
-            "num_members": self.num_members,
             "alpha": self.alpha,
             "member_weights": self.member_weights,
+            "responsibility_floor": self.responsibility_floor,
         }
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | os.PathLike, **extra) -> None:
-        """Write every member as a plain PEFT adapter folder (safetensors), the tokenizer, ``renyi_ensemble.json`` and
-        the model card ``README.md``. ``extra`` entries (e.g. ``eval_results={...}``) are recorded in the metadata."""
-        from trl_renyi.hub import CARD_FIELDS, write_model_card
-
-        directory = Path(directory)
-        with members_for_saving(self.model, self.member_names):
-            self.model.save_pretrained(str(directory), selected_adapters=self.member_names, safe_serialization=True)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(directory))
         extra = {**{key: self.metadata[key] for key in CARD_FIELDS if key in self.metadata}, **extra}
-        metadata = ensemble_metadata(self.model, self.settings(), extra or None)
-        write_metadata(directory, metadata)
-        write_model_card(directory, metadata)
+        save_ensemble(
+            directory,
+            self.model,
+            ensemble_metadata(self.model, settings, extra),
+            tokenizer=self.tokenizer,
+            card=partial(model_card, model_name=model_name, repo_id=repo_id),
+        )
 
     def push_to_hub(self, repo_id: str, model_name: str | None = None, dataset_name: str | None = None, **kwargs):
         """Upload the ensemble to the Hub repository ``repo_id``: every member folder, ``renyi_ensemble.json``, the

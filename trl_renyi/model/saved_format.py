@@ -1,8 +1,13 @@
 """The saved ensemble format: one plain PEFT adapter folder per member plus ``renyi_ensemble.json``.
 
 On disk (and on the Hub) an ensemble is a folder holding ``member_k/adapter_config.json`` +
-``adapter_model.safetensors`` for every member (each loadable with ``PeftModel.from_pretrained(base, folder/member_k)``)
-and ``renyi_ensemble.json`` with the ensemble's settings. This module writes, reads and validates that layout.
+``adapter_model.safetensors`` for every member (each loadable with ``PeftModel.from_pretrained(base, folder/member_k)``),
+``renyi_ensemble.json`` with the ensemble's settings, the tokenizer and the model card ``README.md``. Every name of that
+layout, the metadata fields and the logged metric keys the metadata is filled from are defined here, once; this
+module builds, reads and validates the layout (:mod:`trl_renyi.model.saving` writes it).
+
+Every save records one id, ``save_id``, in ``renyi_ensemble.json`` and in the header of every member's
+``adapter_model.safetensors``, so a folder whose parts come from two saves is recognised and refused.
 """
 
 from __future__ import annotations
@@ -11,31 +16,52 @@ import hashlib
 import json
 import math
 import os
-import re
-import warnings
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trl_renyi import __version__
-from trl_renyi.model.layer import member_names
-from trl_renyi.model.loading import canonical_name, hub_id, is_embedded, loaded_vocab_size, model_name_or_path
+from trl_renyi.model.layer import MEMBER_PREFIX, member_names
+from trl_renyi.model.loading import canonical_name, model_name_or_path
+from trl_renyi.version import __version__
 
+# ---------------------------------------------------------------------------------------------------- names
 METADATA_FILE = "renyi_ensemble.json"
-
-
+CARD_FILE = "README.md"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
 PICKLE_ADAPTER_WEIGHTS = "adapter_model.bin"
-
-
 ADAPTER_CONFIG = "adapter_config.json"
+#: Member folders carry the adapter names, ``member_names(K)``: ``member_0 … member_{K-1}``.
+MEMBER_FOLDER_PATTERN = f"{MEMBER_PREFIX}*"
+LIBRARY_NAME = "trl_renyi"
+FORMAT_VERSION = 1
 
+#: The ensemble settings recorded in ``renyi_ensemble.json`` (``RenyiEnsembleArguments.renyi_metadata()``).
+SETTINGS_FIELDS = (
+    "num_members",
+    "alpha",
+    "member_weights",
+    "loglik_reduction",
+    "alpha_warmup_ratio",
+    "member_init_std",
+    "responsibility_floor",
+)
+#: Fields of ``renyi_ensemble.json`` only the model card reads; kept when a loaded ensemble is saved again.
+CARD_FIELDS = ("trainer", "routing_share", "eval_results", "dataset_name")
+#: The id of the save that wrote a folder: a field of ``renyi_ensemble.json`` and, under :data:`SAVE_ID_HEADER`, a
+#: key of every member's safetensors header.
+SAVE_ID_FIELD = "save_id"
+SAVE_ID_HEADER = "trl_renyi_save_id"
+#: The top-level entries a save wrote (what the next save into the same folder replaces).
+FILES_FIELD = "files"
+
+#: Keys of the routing metrics the trainers log in TRL's ``_metrics``; ``routing_share`` is read back from them.
+ALPHA_METRIC = "renyi/alpha"
+SHARE_METRIC = "renyi/{name}/share"
 
 # adapter_config.json fields every member must share (the member-batched forward stacks their LoRA weights)
 _SHARED_LORA_FIELDS = (
@@ -75,16 +101,26 @@ def base_config_hash(config) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def ensemble_metadata(peft_model: PeftModel, settings: dict, extra: dict | None = None) -> dict:
-    """The content of ``renyi_ensemble.json`` for ``peft_model`` and the ensemble ``settings``."""
-    names = member_names(settings["num_members"])
+def ensemble_metadata(peft_model: PeftModel, settings: Mapping, extra: Mapping | None = None) -> dict:
+    """The content of ``renyi_ensemble.json`` for ``peft_model``.
+
+    Args:
+        peft_model: the PeftModel holding the member adapters (their number is K).
+        settings: the ensemble settings (:data:`SETTINGS_FIELDS`; ``alpha`` is required, the others have defaults).
+            Other keys are ignored.
+        extra: further fields recorded as they are (e.g. :data:`CARD_FIELDS`).
+
+    Returns:
+        The metadata, without the save's own fields (:data:`SAVE_ID_FIELD`, :data:`FILES_FIELD`), which the save adds.
+    """
+    names = member_names(sum(1 for name in peft_model.peft_config if name.startswith(MEMBER_PREFIX)))
     base = peft_model.get_base_model()
     weights = settings.get("member_weights")
     if weights is None:
         weights = [1.0 / len(names)] * len(names)
     meta = {
-        "format_version": 1,
-        "library": "trl_renyi",
+        "format_version": FORMAT_VERSION,
+        "library": LIBRARY_NAME,
         "library_version": __version__,
         "num_members": len(names),
         "member_names": names,
@@ -93,6 +129,7 @@ def ensemble_metadata(peft_model: PeftModel, settings: dict, extra: dict | None 
         "loglik_reduction": settings.get("loglik_reduction", "sum"),
         "alpha_warmup_ratio": float(settings.get("alpha_warmup_ratio", 0.0)),
         "member_init_std": float(settings.get("member_init_std", 0.0)),
+        "responsibility_floor": float(settings.get("responsibility_floor", 0.0)),
         # the name the base was loaded by (an embedded alias stays an alias: those are the weights trained on)
         "base_model_name_or_path": model_name_or_path(base) or peft_model.peft_config[names[0]].base_model_name_or_path,
         "base_model_config_hash": base_config_hash(base.config),
@@ -100,46 +137,6 @@ def ensemble_metadata(peft_model: PeftModel, settings: dict, extra: dict | None 
     if extra:
         meta.update(extra)
     return meta
-
-
-@contextmanager
-def members_for_saving(peft_model: PeftModel, names):
-    """The state PEFT saves the member folders in: every ``adapter_config.json`` records the base model's Hub id.
-
-    For the embedded model the recorded name is the Hub id of its original (``HuggingFaceTB/SmolLM2-135M-Instruct``),
-    so ``AutoPeftModelForCausalLM`` and ``PeftModel.from_pretrained`` resolve the base as for any Hub model (the
-    members were trained on its Q4_1 GGUF dequantised to float32; ``renyi_ensemble.json`` keeps the alias, so
-    ``RenyiEnsemble.from_pretrained`` loads exactly those weights). PEFT's save asks the Hub whether the embeddings
-    were resized, which cannot be answered offline and warns "Could not find a config file"; for the embedded model
-    the answer is known here (the loaded vocabulary size equals the model's), and that one warning is not shown.
-    """
-    configs = {name: peft_model.peft_config[name] for name in names}
-    recorded = {name: config.base_model_name_or_path for name, config in configs.items()}
-    quiet = []
-    for name, config in configs.items():
-        base = config.base_model_name_or_path or model_name_or_path(peft_model.get_base_model())
-        if base and is_embedded(base):
-            vocab = loaded_vocab_size(base)
-            if vocab is not None and vocab == peft_model.get_base_model().config.vocab_size:
-                quiet.append(re.escape(f"Could not find a config file in {hub_id(base)}"))
-            config.base_model_name_or_path = hub_id(base)
-    try:
-        with warnings.catch_warnings():
-            for message in quiet:
-                warnings.filterwarnings("ignore", message=message)
-            yield
-    finally:
-        for name, config in configs.items():
-            config.base_model_name_or_path = recorded[name]
-
-
-def write_metadata(directory: str | os.PathLike, metadata: dict) -> None:
-    """Write ``renyi_ensemble.json`` atomically (a partial file never carries the final name)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (METADATA_FILE + ".tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / METADATA_FILE)
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:
@@ -190,12 +187,15 @@ def check_saved_members(folder: str | os.PathLike, names: list[str]) -> None:
 
     Every member listed in ``renyi_ensemble.json`` must have ``adapter_config.json`` and safetensors weights (a
     pickle ``adapter_model.bin`` is refused: unpickling can run arbitrary code), no unlisted ``member_*`` folder may
-    exist, and all members must share one LoRA configuration (:data:`_SHARED_LORA_FIELDS`).
+    exist, all members must share one LoRA configuration (:data:`_SHARED_LORA_FIELDS`), and every member must come
+    from the save that wrote ``renyi_ensemble.json`` (:func:`check_single_save`).
     """
     folder = Path(folder)
     metadata = folder / METADATA_FILE
     extra = sorted(
-        p.name for p in folder.glob("member_*") if p.is_dir() and p.name not in names and (p / ADAPTER_CONFIG).exists()
+        p.name
+        for p in folder.glob(MEMBER_FOLDER_PATTERN)
+        if p.is_dir() and p.name not in names and (p / ADAPTER_CONFIG).exists()
     )
     if extra:
         raise ValueError(f"{folder} holds member folders {extra} that {metadata} does not list (num_members={len(names)}).")
@@ -225,6 +225,36 @@ def check_saved_members(folder: str | os.PathLike, names: list[str]) -> None:
                 f"The members' LoRA configs disagree on {differing}: {member / ADAPTER_CONFIG} has {key}="
                 f"{shared[key]!r} but {reference[0]} has {key}={reference[1][key]!r}; all members must share one "
                 "LoraConfig."
+            )
+    check_single_save(folder, names)
+
+
+def member_save_id(weights: str | os.PathLike) -> str | None:
+    """The id of the save that wrote a member's ``adapter_model.safetensors`` (``None`` before save ids existed)."""
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return (handle.metadata() or {}).get(SAVE_ID_HEADER)
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"{weights} is not a readable safetensors file ({type(err).__name__}: {err}).") from None
+
+
+def check_single_save(folder: str | os.PathLike, names: list[str]) -> None:
+    """Refuse a folder whose members and ``renyi_ensemble.json`` were not all written by one save.
+
+    Every save records its id in the metadata (:data:`SAVE_ID_FIELD`) and in each member's safetensors header
+    (:data:`SAVE_ID_HEADER`); a member copied in from another save, or left by an interrupted save of an older
+    library version, carries another id (or none).
+    """
+    folder = Path(folder)
+    metadata = folder / METADATA_FILE
+    expected = read_metadata(folder).get(SAVE_ID_FIELD)
+    for name in names:
+        weights = folder / name / ADAPTER_WEIGHTS
+        found = member_save_id(weights)
+        if found != expected:
+            raise ValueError(
+                f"{folder} mixes two saves: {weights} was written by save {found or '(none recorded)'} but {metadata} "
+                f"by save {expected or '(none recorded)'}. Save the ensemble again, or restore the whole folder."
             )
 
 
@@ -261,16 +291,10 @@ def check_base_model_hash(base_model, metadata: dict, metadata_path: Path) -> No
         )
 
 
-
-
-
-
-
-
-
 def load_member_weights(model: PeftModel, checkpoint: str | Path, names: list[str]) -> None:
     """Load every member's LoRA weights from ``checkpoint/member_k/adapter_model.safetensors`` in place."""
     checkpoint = Path(checkpoint)
+    recorded = None
     if (checkpoint / METADATA_FILE).is_file():
         recorded = read_metadata(checkpoint)["member_names"]
         if recorded != list(names):
@@ -289,6 +313,10 @@ def load_member_weights(model: PeftModel, checkpoint: str | Path, names: list[st
             raise FileNotFoundError(
                 f"Checkpoint {checkpoint} lacks {name}/{ADAPTER_WEIGHTS}; every member must be saved as safetensors."
             )
+    if recorded is not None:
+        check_single_save(checkpoint, list(names))
+    for name in names:
+        path = checkpoint / name / ADAPTER_WEIGHTS
         result = set_peft_model_state_dict(model, read_member_weights(path, name), adapter_name=name)
         unexpected = [key for key in getattr(result, "unexpected_keys", []) if name in key or "lora_" in key]
         if unexpected:
@@ -317,10 +345,6 @@ def check_member_weights(folder: str | os.PathLike, names: list[str]) -> None:
         read_member_weights(Path(folder) / name / ADAPTER_WEIGHTS, name)
 
 
-def _looks_like_hub_id(value: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not value.startswith((".", "~"))
-
-
 def resolve_ensemble_folder(path: str | os.PathLike, revision: str | None = None) -> Path:
     """The local folder of a saved ensemble: ``path`` itself, or a Hub repo id downloaded at ``revision``.
 
@@ -331,9 +355,11 @@ def resolve_ensemble_folder(path: str | os.PathLike, revision: str | None = None
     if folder.is_dir():
         return folder
     if folder.exists():
-        raise NotADirectoryError(f"{folder} is a file; an ensemble is a folder holding renyi_ensemble.json.")
+        raise NotADirectoryError(f"{folder} is a file; an ensemble is a folder holding {METADATA_FILE}.")
+    from trl_renyi.data.loading import looks_like_hub_id
+
     text = str(path)
-    if _looks_like_hub_id(text) and not Path(text.split("/")[0]).is_dir():
+    if "/" in text and looks_like_hub_id(text) and not text.startswith("~") and not Path(text.split("/")[0]).is_dir():
         from huggingface_hub import snapshot_download
 
         try:

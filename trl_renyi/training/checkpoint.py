@@ -8,8 +8,9 @@ resuming from it fails, or worse, silently loads some members from nowhere.
 :class:`AtomicCheckpointMixin` makes the whole save one step. Every process writes into a hidden staging folder
 ``.staging-checkpoint-N/checkpoint-N`` (the Trainer's own ``_save_checkpoint``, with the run folder redirected
 through its ``_get_output_dir`` hook); after a barrier, the saving process flushes every file to disk (fsync) and
-renames the staged folder to ``checkpoint-N`` with one ``os.replace``, which is atomic on POSIX file systems. A crash
-before the rename leaves only the staging folder, which no checkpoint lookup matches and the next save removes.
+renames the staged folder to ``checkpoint-N`` in one rename (:func:`trl_renyi.atomic.replace_folder`, the same step
+that publishes every ensemble save). A crash before the rename leaves only the staging folder, which no checkpoint
+lookup matches and the next save removes.
 
 The checkpoint layout itself is unchanged, so plain ``Trainer`` / ``PeftModel`` tooling reads it as before.
 """
@@ -17,52 +18,17 @@ The checkpoint layout itself is unchanged, so plain ``Trainer`` / ``PeftModel`` 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from trl_renyi.atomic import fsync_tree, replace_folder
+
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
 TRAINER_STATE_NAME = "trainer_state.json"
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file below ``folder`` and the folders themselves to stable storage."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def publish_folder(staged: Path, final: Path) -> None:
-    """Move the complete folder ``staged`` to ``final`` in one rename (replacing an older ``final``)."""
-    retired = None
-    if final.exists():
-        retired = final.with_name(f"{STAGING_PREFIX}retired-{final.name}")
-        if retired.exists():
-            shutil.rmtree(retired)
-        os.replace(final, retired)
-    os.replace(staged, final)
-    _fsync_dir(final.parent)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
 
 
 def remove_stale_staging(run_dir: Path) -> list[Path]:
@@ -113,8 +79,8 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()  # every process has written its files (RNG states, shards)
 
         if self.args.should_save:
-            _fsync_tree(staged)
-            publish_folder(staged, final)
+            fsync_tree(staged)
+            replace_folder(staged, final)
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(
                 output_dir=str(run_dir),
@@ -125,7 +91,7 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()
         if self._deferred_push:
             self._deferred_push = False
-            super()._push_from_checkpoint(str(final))
+            self._push_from_checkpoint(str(final))  # the whole chain again, now from the published folder
 
     def _repoint_best_checkpoint(self, run_dir: Path, staging_root: Path) -> bool:
         """Point ``state.best_model_checkpoint`` at the published folder (the Trainer saw only the staging one)."""

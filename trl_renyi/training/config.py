@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig, SFTConfig
 
+from trl_renyi.model.saved_format import SETTINGS_FIELDS
 from trl_renyi.objective import DEFAULT_ALPHA
 
 
@@ -158,16 +159,8 @@ class RenyiEnsembleArguments:
         super().__post_init__()
 
     def renyi_metadata(self) -> dict:
-        """The ensemble fields, as written to ``renyi_ensemble.json``."""
-        return {
-            "num_members": self.num_members,
-            "alpha": self.alpha,
-            "member_weights": self.member_weights,
-            "loglik_reduction": self.loglik_reduction,
-            "alpha_warmup_ratio": self.alpha_warmup_ratio,
-            "member_init_std": self.member_init_std,
-            "responsibility_floor": self.responsibility_floor,
-        }
+        """The ensemble settings, as written to ``renyi_ensemble.json`` (``saved_format.SETTINGS_FIELDS``)."""
+        return {field: getattr(self, field) for field in SETTINGS_FIELDS}
 
 
 #: TrainingArguments fields redefined here (same meaning, a default that does not trip a deprecation warning)

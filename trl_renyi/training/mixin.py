@@ -1,8 +1,8 @@
 """The ensemble logic shared by RenyiSFTTrainer and RenyiDPOTrainer (one mixin, not two copies).
 
 It builds (or validates) the K-member PeftModel before TRL's trainer sees it, turns a ``(B, K)`` matrix of
-per-example member log-likelihoods into the α-Rényi loss, logs routing metrics through TRL's ``_metrics``, writes
-``renyi_ensemble.json`` with every save, and restores all K members when resuming from a checkpoint.
+per-example member log-likelihoods into the α-Rényi loss and logs routing metrics through TRL's ``_metrics``. Saving,
+loading and publishing are inherited from :class:`~trl_renyi.training.persistence.EnsemblePersistenceMixin`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from trl_renyi.compat import create_model_from_path, trainer_metrics
-from trl_renyi.inference.ensemble import RenyiEnsemble
 from trl_renyi.model.layer import (
     base_model_only,
     get_router,
@@ -32,12 +31,6 @@ from trl_renyi.model.members import (
     register_members_with_zero3,
     tile_for_members,
 )
-from trl_renyi.model.saved_format import (
-    ensemble_metadata,
-    load_member_weights,
-    members_for_saving,
-    write_metadata,
-)
 from trl_renyi.model.shared_prompt import model_inputs_only, shared_prompt_refusal
 from trl_renyi.model.trunk import enable_shared_trunk
 from trl_renyi.objective import (
@@ -48,9 +41,9 @@ from trl_renyi.objective import (
     routing_entropy,
     source_renyi_bound,
 )
-from trl_renyi.training.checkpoint import AtomicCheckpointMixin
 from trl_renyi.training.config import RenyiEnsembleArguments
 from trl_renyi.training.datasets import report_dropped_examples
+from trl_renyi.training.persistence import EnsemblePersistenceMixin
 from trl_renyi.training.step import MemberLogLik
 
 
@@ -79,8 +72,8 @@ def is_activation_checkpointing(model) -> bool:
     return False
 
 
-class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
-    """Mixed into TRL trainers, before the TRL class in the bases. Checkpoints are published atomically."""
+class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
+    """Mixed into TRL trainers, before the TRL class in the bases. Saves and checkpoints are published atomically."""
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -159,17 +152,6 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
     @property
     def num_members(self) -> int:
         return self.args.num_members
-
-    @property
-    def ensemble(self) -> RenyiEnsemble:
-        """The trained ensemble as a :class:`RenyiEnsemble` (shares the trainer's model)."""
-        return RenyiEnsemble(
-            self.accelerator.unwrap_model(self.model),
-            self.processing_class,
-            alpha=self.args.alpha,
-            member_weights=self.args.member_weights,
-            metadata=self.args.renyi_metadata(),
-        )
 
     # ------------------------------------------------------------------ forward
     def member_forward(self, model, inputs: dict):
@@ -455,82 +437,3 @@ class RenyiEnsembleTrainerMixin(AtomicCheckpointMixin):
         config = kwargs.get("args", next((a for a in args if isinstance(a, TrainingArguments)), None))
         report_dropped_examples(dataset, prepared, config, name)
         return prepared
-
-    # ------------------------------------------------------------------ saving and resuming
-    def _save(self, output_dir: str | None = None, state_dict=None):
-        model = self.accelerator.unwrap_model(self.model)
-        with members_for_saving(model, self.member_names):
-            super()._save(output_dir, state_dict)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        write_metadata(output_dir, self._ensemble_metadata(model))
-        if self.args.should_save:  # TRL convention: a model card with every save (replaces PEFT's adapter card)
-            self._write_ensemble_card(output_dir)
-
-    def _ensemble_metadata(self, model) -> dict:
-        """``renyi_ensemble.json`` content, with the logged routing shares and eval figures for the model card."""
-        from trl_renyi.hub import training_record
-
-        extra = {"trainer": type(self).__name__, "responsibility_floor": getattr(self.args, "responsibility_floor", 0.0)}
-        extra.update(training_record(self.state.log_history, self.num_members, self.args.alpha))
-        return ensemble_metadata(model, self.args.renyi_metadata(), extra)
-
-    def _write_ensemble_card(self, directory, model_name=None, dataset_name=None, tags=None) -> None:
-        from trl_renyi.hub import write_model_card
-
-        metadata = self._ensemble_metadata(self.accelerator.unwrap_model(self.model))
-        write_model_card(
-            directory, metadata, model_name=model_name, repo_id=self.hub_model_id, dataset_name=dataset_name, tags=tags
-        )
-
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
-        """TRL's model-card hook (called on saves, checkpoints and ``push_to_hub``): writes the ensemble's card
-        (K, α, weights, routing shares, eval figures, usage) to ``args.output_dir/README.md``."""
-        if not self.is_world_process_zero():
-            return
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        self._write_ensemble_card(self.args.output_dir, model_name, dataset_name, tags)
-
-    def push_to_hub(self, *args, **kwargs):
-        """Upload as transformers does (it saves to ``args.output_dir`` once the Hub repository exists). When the Hub is
-        switched off or the push fails (creating the repository comes before transformers' save), the ensemble is
-        saved to ``args.output_dir`` before the error propagates, so the members are never lost with the upload."""
-        from trl_renyi.hub import require_hub_access
-
-        try:
-            require_hub_access("push_to_hub", saved_in=self.args.output_dir)
-            return super().push_to_hub(*args, **kwargs)
-        except Exception:
-            self.save_model()  # the failure path only: the members must not be lost with the upload
-            raise
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Before transformers uploads ``output_dir`` during training (``push_to_hub`` with a save-time
-        ``hub_strategy``), copy the checkpoint's member folders and ``renyi_ensemble.json`` there: transformers copies
-        only single-model and single-adapter files."""
-        if self.is_world_process_zero() and self.args.hub_strategy != "end":
-            from trl_renyi.hub import copy_ensemble_files
-
-            copy_ensemble_files(checkpoint_folder, self.args.output_dir, self.member_names)
-        super()._push_from_checkpoint(checkpoint_folder)
-
-    def _load_best_model(self) -> None:
-        """``load_best_model_at_end``: restore every member from ``state.best_model_checkpoint``.
-
-        transformers looks for one root adapter (or full model) there and only warns when it finds none; an ensemble
-        checkpoint holds ``member_k/`` folders, which are loaded here (the engines' own formats still go to
-        transformers).
-        """
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._load_best_model()
-        best = self.state.best_model_checkpoint
-        logger.info("Loading the best members from %s (score: %s).", best, self.state.best_metric)
-        model = self.accelerator.unwrap_model(self.model)
-        load_member_weights(model, best, self.member_names)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        load_member_weights(model, resume_from_checkpoint, self.member_names)
-        attach_ensemble(model, self.num_members)
-        return None
