@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -33,8 +34,11 @@ SECTIONS = [
     ("Models", "trl_renyi.model.loading", ["load_causal_lm", "load_tokenizer", "hub_id"]),
     ("Data", "trl_renyi.data.conflict", None),
     ("Hub", "trl_renyi.hub", None),
-    ("Demo", "trl_renyi.cli.demo", ["run_demo", "DemoConfig", "DemoResult", "evaluate_families"]),
+    ("Demo", "trl_renyi.cli.demo", ["run_demo", "DemoConfig", "DemoResult"]),
+    ("Demo", "trl_renyi.evaluation.families", ["evaluate_families", "FamilyReport", "uncertainty_gap"]),
 ]
+# bare anchors in docstrings copied from TRL's configs point into TRL's dataset-formats page, not into this one
+TRL_DATASET_FORMATS = "https://huggingface.co/docs/trl/dataset_formats"
 # methods inherited from TRL / transformers are documented there; only these are listed for the trainers
 TRAINER_METHODS = {"ensemble", "member_forward", "renyi_objective", "current_alpha", "create_model_card"}
 
@@ -81,6 +85,35 @@ def _methods(cls) -> list[tuple[str, object]]:
     return out
 
 
+def heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a markdown heading: lower case, punctuation other than ``-`` and ``_`` dropped,
+    spaces as ``-``."""
+    text = heading.lstrip("#").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def local_anchors(markdown: str) -> set[str]:
+    """The anchors of every heading in ``markdown`` (outside code blocks)."""
+    anchors, in_code = set(), False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            anchors.add(heading_anchor(line))
+    return anchors
+
+
+def resolve_anchors(markdown: str) -> str:
+    """Point every ``](#anchor)`` link that names no heading of the page to TRL's dataset-formats page."""
+    anchors = local_anchors(markdown)
+
+    def resolve(match):
+        anchor = match.group(1)
+        return match.group(0) if anchor in anchors else f"]({TRL_DATASET_FORMATS}#{anchor})"
+
+    return re.sub(r"\]\(#([^)\s]+)\)", resolve, markdown)
+
+
 def render() -> str:
     lines = [
         "# API reference",
@@ -110,7 +143,7 @@ def render() -> str:
                 for method_name, method in _methods(obj):
                     lines += [f"#### `{name}.{method_name}`", "", "```python", _signature(method_name, method), "```", ""]
                     lines += [_doc(method), ""]
-    return "\n".join(lines).rstrip() + "\n"
+    return resolve_anchors("\n".join(lines).rstrip() + "\n")
 
 
 def main(argv=None) -> int:
