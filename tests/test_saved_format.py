@@ -61,3 +61,27 @@ def test_an_unrelated_file_with_the_same_suffix_is_not_suggested(tmp_path):
     assert did_you_mean(tmp_path / "nonexistent.jsonl") == ""
     assert did_you_mean(tmp_path / "trian.jsonl") == f" Did you mean {str(tmp_path / 'train.jsonl')!r}?"
     assert did_you_mean(tmp_path / "train", folders_only=True) == ""  # a file is no ensemble folder
+
+
+@pytest.mark.parametrize("part", ["member_1", "renyi_ensemble.json"])
+def test_a_folder_mixing_two_saves_is_refused_by_name(tmp_path, tokenizer, make_model, part):
+    """One part copied in from another save of the same layout: the save ids disagree."""
+    import shutil
+
+    from trl_renyi.model.saved_format import load_member_weights
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, seed in ((first, 0), (second, 1)):
+        model = build_ensemble(make_model(), lora_config(), 2, seed=seed, init_std=0.05)
+        RenyiEnsemble(model, tokenizer).save_pretrained(folder)
+    if part == "member_1":
+        shutil.rmtree(first / part)
+        shutil.copytree(second / part, first / part)
+    else:
+        shutil.copy2(second / part, first / part)
+    match = r"first mixes two saves: .*first/member_\d/adapter_model\.safetensors was written by save \w+ but .*first/renyi_ensemble\.json by save \w+"
+    with pytest.raises(ValueError, match=match):
+        RenyiEnsemble.from_pretrained(first, base_model=make_model(), tokenizer=tokenizer)
+    model = build_ensemble(make_model(), lora_config(), 2, seed=2, init_std=0.05)
+    with pytest.raises(ValueError, match=match):  # resuming from such a checkpoint too
+        load_member_weights(model, first, ["member_0", "member_1"])

@@ -187,8 +187,7 @@ def check_saved_members(folder: str | os.PathLike, names: list[str]) -> None:
 
     Every member listed in ``renyi_ensemble.json`` must have ``adapter_config.json`` and safetensors weights (a
     pickle ``adapter_model.bin`` is refused: unpickling can run arbitrary code), no unlisted ``member_*`` folder may
-    exist, all members must share one LoRA configuration (:data:`_SHARED_LORA_FIELDS`), and every member must come
-    from the save that wrote ``renyi_ensemble.json`` (:func:`check_single_save`).
+    exist, and all members must share one LoRA configuration (:data:`_SHARED_LORA_FIELDS`).
     """
     folder = Path(folder)
     metadata = folder / METADATA_FILE
@@ -226,7 +225,6 @@ def check_saved_members(folder: str | os.PathLike, names: list[str]) -> None:
                 f"{shared[key]!r} but {reference[0]} has {key}={reference[1][key]!r}; all members must share one "
                 "LoraConfig."
             )
-    check_single_save(folder, names)
 
 
 def member_save_id(weights: str | os.PathLike) -> str | None:
@@ -313,14 +311,16 @@ def load_member_weights(model: PeftModel, checkpoint: str | Path, names: list[st
             raise FileNotFoundError(
                 f"Checkpoint {checkpoint} lacks {name}/{ADAPTER_WEIGHTS}; every member must be saved as safetensors."
             )
+    weights = {name: read_member_weights(checkpoint / name / ADAPTER_WEIGHTS, name) for name in names}
     if recorded is not None:
         check_single_save(checkpoint, list(names))
     for name in names:
-        path = checkpoint / name / ADAPTER_WEIGHTS
-        result = set_peft_model_state_dict(model, read_member_weights(path, name), adapter_name=name)
+        result = set_peft_model_state_dict(model, weights[name], adapter_name=name)
         unexpected = [key for key in getattr(result, "unexpected_keys", []) if name in key or "lora_" in key]
         if unexpected:
-            raise ValueError(f"{path} holds weights that fit no layer of the model: {unexpected[:5]}.")
+            raise ValueError(
+                f"{checkpoint / name / ADAPTER_WEIGHTS} holds weights that fit no layer of the model: {unexpected[:5]}."
+            )
 
 
 def read_member_weights(path: str | os.PathLike, name: str) -> dict:
@@ -340,9 +340,11 @@ def read_member_weights(path: str | os.PathLike, name: str) -> dict:
 
 
 def check_member_weights(folder: str | os.PathLike, names: list[str]) -> None:
-    """Read and check every member's weights file before any of them is loaded into a model."""
+    """Read and check every member's weights file before any of them is loaded into a model: readable, finite, and
+    written by the save that wrote ``renyi_ensemble.json`` (:func:`check_single_save`)."""
     for name in names:
         read_member_weights(Path(folder) / name / ADAPTER_WEIGHTS, name)
+    check_single_save(folder, names)
 
 
 def resolve_ensemble_folder(path: str | os.PathLike, revision: str | None = None) -> Path:
