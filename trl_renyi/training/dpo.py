@@ -38,6 +38,7 @@ from trl_renyi.compat import (
 )
 from trl_renyi.data.formats import prepare_training_datasets
 from trl_renyi.model.layer import get_router
+from trl_renyi.model.loading import with_quantization_config
 from trl_renyi.model.modes import eval_mode
 from trl_renyi.model.shared_prompt import attention_implementation, pack_preference_pairs
 from trl_renyi.objective import floored_renyi_bound
@@ -188,11 +189,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         check_options(args)
         train_dataset, eval_dataset, self.dataset_format = prepare_training_datasets(train_dataset, eval_dataset, "dpo")
         check_likelihood_loss(args)
-        if quantization_config is not None:
-            raise ValueError(
-                "quantization_config is not supported: the member-batched forward serves LoRA on plain "
-                "torch.nn.Linear layers only."
-            )
+        args.model_init_kwargs = with_quantization_config(args.model_init_kwargs, model, quantization_config)
         loaded_here = isinstance(model, str) and not isinstance(ref_model, str)  # a ref model by name uses them
         model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
         self.share_prompt = self._resolve_share_prompt(args, model, {})

@@ -8,6 +8,7 @@ from trl import SFTTrainer
 from trl_renyi.compat import log_num_tokens, trainer_metrics
 from trl_renyi.data.formats import prepare_training_datasets
 from trl_renyi.model.layer import get_router
+from trl_renyi.model.loading import with_quantization_config
 from trl_renyi.model.shared_prompt import attention_implementation
 from trl_renyi.training.config import RenyiSFTConfig
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config
@@ -69,6 +70,8 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
             train_dataset, eval_dataset, "sft", args.dataset_text_field
         )
         loaded_here = isinstance(model, str)
+        quantization_config = kwargs.pop("quantization_config", None)
+        args.model_init_kwargs = with_quantization_config(args.model_init_kwargs, model, quantization_config)
         model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
         multi = has_multi_completion(train_dataset, eval_dataset)
         self.share_prompt = self._resolve_share_prompt(
