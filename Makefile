@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 # The CPU build of torch is installed first so that the range in pyproject.toml is already satisfied and pip never
 # pulls a multi-GB CUDA build on a CPU machine. Override with e.g. `make TORCH_SPEC=torch==2.13.0+cu128 install`.
 TORCH_SPEC ?= torch==2.13.0
-# Extras of the package to install, comma-separated: `make install EXTRAS=dev,tensorboard` adds TensorBoard logging.
-EXTRAS ?= dev
+# Extras of the package to install, comma-separated: `make install EXTRAS=dev,quantization,tensorboard` adds TensorBoard
+# logging; `quantization` (bitsandbytes) lets the QLoRA tests run instead of skipping.
+EXTRAS ?= dev,quantization
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
