@@ -27,6 +27,15 @@ def make_model(tokenizer):
     return factory
 
 
+@pytest.fixture
+def tiny_model_dir(make_model, tokenizer, tmp_path):
+    """A tiny Llama and its tokenizer saved to a folder, for commands that load a model by path."""
+    path = tmp_path / "tiny-llama"
+    make_model().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 PROMPTS = [
     "What colour is the sky?",
     "What is two plus three?",

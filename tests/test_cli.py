@@ -18,14 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 CPU_FLAGS = ["--bf16", "false", "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
 
 
-@pytest.fixture
-def tiny_model_dir(make_model, tokenizer, tmp_path):
-    path = tmp_path / "tiny-llama"
-    make_model().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def sft_rows():
     return {
         "prompt": ["Greet Alice.", "Greet Bob.", "What is 2 + 3?", "What is 4 + 4?"] * 2,

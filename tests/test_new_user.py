@@ -277,14 +277,6 @@ def test_report_to_tensorboard_logs_the_renyi_metrics(make_model, tokenizer, pro
 CPU_FLAGS = ["--bf16", "false", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true"]
 
 
-@pytest.fixture
-def tiny_model_dir(make_model, tokenizer, tmp_path):
-    path = tmp_path / "tiny-llama"
-    make_model().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def one_error_line(lines, command):
     errors = [line for line in lines if line.startswith(f"trl-renyi {command}: error:")]
     assert len(errors) == 1 and "Traceback" not in "\n".join(lines), lines
@@ -444,6 +436,6 @@ def test_the_example_scripts_are_the_commands_complete_scripts():
         path = REPO / "examples" / example
         assert os.path.samefile(path, module.__file__)
         text = path.read_text()
-        assert trainer in text and "trainer.train(" in text and "trainer.save_model(" in text
+        assert trainer in text and "trainer.train(" in text and "save_and_push(trainer" in text
         assert callable(module.make_parser) and callable(module.main)
     assert "importlib" not in (REPO / "trl_renyi" / "cli" / "training.py").read_text()

@@ -97,18 +97,8 @@ def main(script_args, training_args, model_args, dataset_args):
     # Train the model
     trainer.train(resume_from_checkpoint=checkpoint)
 
-    # Save (member_k/ adapters, renyi_ensemble.json, model card) and push to the Hub
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(
-        f"Ensemble of {training_args.num_members} members saved to {training_args.output_dir} "
-        "(member_k/ adapters, renyi_ensemble.json, README.md)."
-    )
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
-
-    # Finish the trackers and the process group
-    trainer.end()
+    # Save (member_k/ adapters, renyi_ensemble.json, model card), push to the Hub, finish the trackers
+    training.save_and_push(trainer, script_args, training_args)
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None):

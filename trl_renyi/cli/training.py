@@ -153,3 +153,17 @@ def ignore_bias_buffers(trainer) -> None:
     from trl_renyi.compat import ignore_in_ddp
 
     ignore_in_ddp(trainer.model, [name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool])
+
+
+def save_and_push(trainer, script_args, training_args) -> None:
+    """The end of a training script: save the ensemble to ``--output_dir`` (members, ``renyi_ensemble.json``, model
+    card), push it with ``--push_to_hub``, and finish the trackers and the process group (``trainer.end()``)."""
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(
+        f"Ensemble of {training_args.num_members} members saved to {training_args.output_dir} "
+        "(member_k/ adapters, renyi_ensemble.json, README.md)."
+    )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    trainer.end()
