@@ -17,6 +17,10 @@ and reports peak GPU memory for
     batched      the K members in one member-batched forward + backward (rows tiled K times, every LoRA layer adds
                  member k's delta to its own rows) with the α-Rényi bound over the members, one AdamW step
 
+    batched_nf4  ``batched`` on the same architecture loaded in 4-bit (bitsandbytes NF4, bfloat16 compute; QLoRA):
+                 only when bitsandbytes is importable (``--no-quantized`` skips it); step time and peak memory
+                 against ``batched`` on the float base
+
 and, per model at K = 4, a DPO step (reference pass of the base model + member pass, sigmoid loss, Rényi bound)
 with the chosen and rejected sequences run separately (``dpo_unshared``) or as one packed row per pair that runs
 the prompt once (``dpo_shared``). Before timing it checks the maths on the device: the member-batched per-member
@@ -76,6 +80,7 @@ def parse_args(argv=None):
     parser.add_argument("--alpha", type=float, default=-1.0)
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "gpu_suite.json"))
     parser.add_argument("--dry-run", action="store_true", help="tiny model, float32, on CPU: checks that it all runs")
+    parser.add_argument("--no-quantized", dest="quantized", action="store_false", help="skip the 4-bit (NF4) base")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.models, args.members, args.batch_size, args.seq_len = "tiny", "1,2", 2, 16
@@ -92,6 +97,26 @@ def build_model(name: str, device, dtype):
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     return model.eval()  # no dropout anywhere; LoRA dropout is 0
+
+
+def build_quantized_model(name: str, device, dtype, folder: Path):
+    """The same random-initialised architecture loaded in 4-bit NF4 by bitsandbytes (saved once to ``folder``, then
+    quantised on load as ``from_pretrained(..., quantization_config=...)`` does for QLoRA)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = folder / name
+    if not path.exists():
+        build_model(name, "cpu", dtype).save_pretrained(str(path))
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    device_map = {"": torch.cuda.current_device()} if device.type == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=config, dtype=dtype, device_map=device_map)
+    return model.eval()
+
+
+def bitsandbytes_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def lora_config(args):
@@ -328,6 +353,22 @@ def run(args) -> dict:
                 del single, optimizer
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if args.quantized and bitsandbytes_available():
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="gpu_suite_nf4_") as folder:
+                for k in members:
+                    model = build_ensemble(build_quantized_model(model_name, device, dtype, Path(folder)),
+                                           lora_config(args), k)  # fmt: skip
+                    randomise_lora_b(model)
+                    optimizer = optimizer_for(model)
+                    figures = timer.measure(
+                        lambda: batched_step(model, optimizer, ids, labels, k, args.alpha), args.warmup, args.steps
+                    )
+                    record(model_name, k, "batched_nf4", figures, k * tokens)
+                    del model, optimizer
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
         k = 4 if 4 in members else members[-1]
         batch = dpo_batch(args, vocab, args.batch_size, device, seed=1)
         model = build_ensemble(build_model(model_name, device, dtype), lora_config(args), k)
@@ -380,6 +421,13 @@ def ratios(results) -> dict:
                 out[f"{model} K={k} batched / sequential"] = {"value": batched / sequential, "target": target}
             if batched and single:
                 out[f"{model} K={k} batched / single"] = {"value": batched / single, "target": None}
+            nf4 = step(model, k, "batched_nf4")
+            if batched and nf4:
+                out[f"{model} K={k} batched_nf4 / batched (time)"] = {"value": nf4 / batched, "target": None}
+                memory = [next(r["peak_memory_gib"] for r in results if (r["model"], r["k"], r["mode"]) == (model, k, m))
+                          for m in ("batched_nf4", "batched")]  # fmt: skip
+                if None not in memory:
+                    out[f"{model} K={k} batched_nf4 / batched (peak memory)"] = {"value": memory[0] / memory[1], "target": None}
         shared = [r for r in results if r["model"] == model and r["mode"] == "dpo_shared"]
         if shared:
             k = shared[0]["k"]

@@ -2,6 +2,7 @@
 lacks (trl, datasets, gguf), and its on-device checks hold: member-batched log-likelihoods equal the sequential
 adapters', the shared-prompt DPO loss equals the unshared one."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -21,6 +22,9 @@ def test_gpu_suite_dry_run(tmp_path):
     assert {("tiny", 1, "single"), ("tiny", 1, "batched"), ("tiny", 2, "batched"), ("tiny", 2, "sequential"),
             ("tiny", 2, "dpo_shared"), ("tiny", 2, "dpo_unshared")} <= modes  # fmt: skip
     assert all(row["median_step_s"] > 0 for row in payload["results"])
+    if importlib.util.find_spec("bitsandbytes") is not None:  # the 4-bit (NF4) base, as in QLoRA
+        assert {("tiny", 1, "batched_nf4"), ("tiny", 2, "batched_nf4")} <= modes
+        assert "tiny K=2 batched_nf4 / batched (time)" in payload["ratios"]
     checks = payload["checks"]
     assert any("batched_vs_sequential" in key for key in checks) and any("dpo_shared" in key for key in checks)
     assert all(value < 1e-4 for value in checks.values()), checks
