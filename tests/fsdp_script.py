@@ -60,7 +60,7 @@ def loss_of(model, rows: dict, total_tokens: int, scale: float = 1.0) -> torch.T
     with member_routing(model, rows_per_member=count):
         tiled = tile_for_members(rows, NUM_MEMBERS)
         out = model(**tiled, completion_head=True, num_members=NUM_MEMBERS)
-        loglik = out.log_probs.sum(-1).view(NUM_MEMBERS, count).t()  # (B, K)
+        loglik = out.log_probs.sum(-1).view(NUM_MEMBERS, count).t()  # ℓ_ik, (B, K)
         loss = -renyi_bound(loglik, ALPHA).value.sum() / total_tokens * scale
         loss.backward()
     return loss.detach()

@@ -119,7 +119,9 @@ def _trainer(cls, config_cls, base_dir, dataset, tokenizer, tmp_path, bits, as_a
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_k1_matches_sft_trainer_on_a_4bit_base(base_dir, tokenizer, prompt_completion_dataset, tmp_path, gradient_checkpointing):
+def test_k1_matches_sft_trainer_on_a_4bit_base(
+    base_dir, tokenizer, prompt_completion_dataset, tmp_path, gradient_checkpointing
+):
     from trl import SFTConfig, SFTTrainer
 
     from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer

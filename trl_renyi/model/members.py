@@ -3,7 +3,8 @@
 The ensemble is one :class:`peft.PeftModel` holding K adapters named ``member_0 … member_{K-1}``; PEFT's own
 storage is the single source of truth (saving, checkpoints, ``disable_adapter()`` and the Hub layout stay standard).
 Every adapted ``Linear`` is a :class:`~trl_renyi.model.layer.MemberBatchedLinear` (on a bitsandbytes 4-bit or 8-bit
-base, its QLoRA counterpart from :mod:`trl_renyi.model.quantized`), which PEFT creates itself from a registered config; the layers share one :class:`~trl_renyi.model.layer.MemberRouter` (routing is opt-in, see
+base, its QLoRA counterpart from :mod:`trl_renyi.model.quantized`), which PEFT creates itself from a registered
+config; the layers share one :class:`~trl_renyi.model.layer.MemberRouter` (routing is opt-in, see
 :func:`~trl_renyi.model.layer.member_routing`).
 """
 
