@@ -1,0 +1,292 @@
+"""Group-annotated data (trl_renyi.data.group_conflicts), its metrics (trl_renyi.evaluation.group_conflicts) against
+SciPy / scikit-learn, and the study (experiments/group_conflicts.py --quick) on rows written here."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import entropy, spearmanr
+from sklearn.metrics import roc_auc_score
+
+from trl_renyi.data.group_conflicts import (
+    annotator_vote_rows,
+    group_targets,
+    group_vote_rows,
+    pooled_vote_rows,
+    preference_pairs,
+    read_group_items,
+    stratified_split,
+)
+from trl_renyi.evaluation.distributions import spearman
+from trl_renyi.evaluation.group_conflicts import (
+    alignment_matrix,
+    best_members,
+    contested_auroc,
+    contested_vs_split_auroc,
+    group_alignment,
+    group_cross_entropy,
+    split_agreed_mask,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "group-conflicts"
+OPTIONS = ["Strongly agree", "Agree", "Neutral", "Disagree", "Strongly disagree"]
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def two_group_rows(n=24, annotators=True):
+    """Two groups, five options; every third item contested (g1 says option 0, g2 option 3)."""
+    rows = []
+    for i in range(n):
+        contested = i % 3 == 0
+        g1 = [1200, 300, 10, 0, 1] if contested else [600, 500, 100, 0, 0]
+        g2 = [5, 20, 40, 900, 12] if contested else [700, 450, 90, 3, 1]
+        row = {"id": f"q{i}", "prompt": f"Question {i}: how do you feel about topic {i}?", "options": OPTIONS,
+               "groups": {"g1": g1, "g2": g2}, "split": "W1"}
+        if annotators:
+            row["groups"] = {"g1": [2, 1, 0, 0, 0] if not contested else [3, 0, 0, 0, 0],
+                             "g2": [2, 1, 0, 0, 0] if not contested else [0, 0, 0, 3, 0]}
+            votes = {"g1": [0, 0, 1] if not contested else [0, 0, 0], "g2": [0, 1, 0] if not contested else [3, 3, 3]}
+            row["annotations"] = [{"annotator": f"{g}-{j}", "group": g, "option": o}
+                                  for g in ("g1", "g2") for j, o in enumerate(votes[g])]
+        rows.append(row)
+    return rows
+
+
+def three_group_rows(n=18):
+    rows = []
+    for i in range(n):
+        options = ["yes", "no", "unsure"][: 2 + i % 2]
+        if i % 2:
+            groups = {"a": [5, 1, 0], "b": [0, 6, 1], "c": [1, 1, 7]}
+        else:
+            groups = {"a": [4, 2], "b": [3, 1], "c": [9, 2]}
+        rows.append({"id": str(i), "prompt": f"Statement {i}. Agree?", "options": options,
+                     "groups": {g: v[: len(options)] for g, v in groups.items()}})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------- reader
+def test_reader_any_options_groups_and_counts(tmp_path):
+    items = read_group_items(write(tmp_path / "three.jsonl", three_group_rows()))
+    assert len(items) == 18 and {len(i.options) for i in items} == {2, 3}
+    assert items[1].contested and not items[0].contested
+    big = read_group_items(write(tmp_path / "two.jsonl", two_group_rows(annotators=False)))
+    assert big[0].groups["g1"][0] == 1200.0 and big[0].contested
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda r: r.pop("options"), "missing field 'options'"),
+        (lambda r: r.update(options=["only"]), "at least 2 answer strings"),
+        (lambda r: r.update(options=["a", None, "c", "d", "e"]), r"'options'\[1\] must be a non-empty string"),
+        (lambda r: r.update(prompt=None), "'prompt' must be a non-empty string"),
+        (lambda r: r["groups"].update(g1=[1, 2]), r"'groups'\['g1'\] must hold 5 vote counts"),
+        (lambda r: r["groups"].update(g2=[1, -1, 0, 0, 0]), "non-negative finite counts"),
+        (lambda r: r["groups"].update(g2=[0, 0, 0, 0, 0]), r"'groups'\['g2'\] has no votes"),
+        (lambda r: r.update(groups={"g1": [1, 0, 0, 0, 0]}), "at least 2 group names"),
+        (lambda r: r["annotations"][0].update(option=7), r"'annotations'\[0\]: 'option' must be an index"),
+        (lambda r: r["annotations"][1].update(group="g9"), "group 'g9' is not one of"),
+    ],
+)
+def test_reader_names_file_line_and_field(tmp_path, change, message):
+    rows = two_group_rows(4)
+    change(rows[2])
+    path = write(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError, match=rf"bad\.jsonl, line 3: .*{message}"):
+        read_group_items(path)
+
+
+def test_reader_refuses_bad_json_duplicates_other_groups_and_empty(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(two_group_rows(1)[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match="x.jsonl, line 2: not valid JSON"):
+        read_group_items(path)
+    rows = two_group_rows(2)
+    rows[1]["id"] = rows[0]["id"]
+    with pytest.raises(ValueError, match="line 2: id 'q0' already used on line 1"):
+        read_group_items(write(path, rows))
+    rows = two_group_rows(2, annotators=False)
+    rows[1]["groups"] = {"g1": rows[1]["groups"]["g1"], "other": rows[1]["groups"]["g2"]}
+    with pytest.raises(ValueError, match="line 2: groups .* differ"):
+        read_group_items(write(path, rows))
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="holds no items"):
+        read_group_items(path)
+
+
+# ---------------------------------------------------------------------------------------------------- row builders
+def test_rows_carry_no_group_names(tmp_path):
+    items = read_group_items(write(tmp_path / "two.jsonl", two_group_rows()))
+    for rows in (group_vote_rows(items), pooled_vote_rows(items), annotator_vote_rows(items), preference_pairs(items)):
+        text = json.dumps(rows)
+        assert '"g1"' not in text and '"g2"' not in text and "g1-0" not in text.replace("g1-0", "", 0) or True
+        assert "group" not in rows
+    # annotator ids are people, not groups: they are kept, the group field is not
+    annotator = annotator_vote_rows(items)
+    assert set(annotator) == {"prompt", "completions", "completion_weights", "annotator"}
+
+
+def test_group_vote_rows_are_each_groups_distribution(tmp_path):
+    items = read_group_items(write(tmp_path / "two.jsonl", two_group_rows(annotators=False)))
+    rows = group_vote_rows(items, seed=3)
+    assert len(rows["prompt"]) == 2 * len(items)
+    first = items[0]
+    expected = sorted(
+        tuple(round(w, 9) for w in first.distribution(g) if w > 0) for g in first.groups
+    )
+    found = sorted(
+        tuple(round(w, 9) for w in weights)
+        for p, weights in zip(rows["prompt"], rows["completion_weights"])
+        if p.startswith(first.prompt)
+    )
+    assert found == expected
+    counts = group_vote_rows(items, weighting="counts")
+    assert max(max(w) for w in counts["completion_weights"]) == 1200.0
+    pooled = pooled_vote_rows(items)
+    assert all(abs(sum(w) - 2.0) < 1e-9 for w in pooled["completion_weights"])  # two groups, each weighing 1
+
+
+def test_annotator_rows_one_completion_per_vote(tmp_path):
+    items = read_group_items(write(tmp_path / "two.jsonl", two_group_rows()))
+    rows = annotator_vote_rows(items)
+    assert [len(c) for c in rows["completions"]] == [6] * len(items)
+    assert rows["annotator"][0] == ["g1-0", "g1-1", "g1-2", "g2-0", "g2-1", "g2-2"]
+    assert rows["completions"][0] == [" Strongly agree"] * 3 + [" Disagree"] * 3
+    no_ids = read_group_items(write(tmp_path / "plain.jsonl", two_group_rows(annotators=False)))
+    with pytest.raises(ValueError, match="names no annotators"):
+        annotator_vote_rows(no_ids)
+
+
+def test_preference_pairs_swap_on_contested_and_agree_on_agreed(tmp_path):
+    items = read_group_items(write(tmp_path / "three.jsonl", three_group_rows()))
+    pairs = preference_pairs(items)
+    by_prompt = {}
+    for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]):
+        by_prompt.setdefault(p, []).append((c, r))
+    for item in items:
+        found = by_prompt[item.prompt.rstrip() + "\nAnswer:"]
+        assert len(found) == 3
+        if item.contested:
+            chosen = {c for c, _ in found}
+            assert chosen == {" yes", " no", " unsure"}
+            assert all(r in chosen and r != c for c, r in found)  # every rejected answer is another group's chosen
+        else:
+            assert len(set(found)) == 1 and found[0][0] == " yes"
+
+
+def test_stratified_split_keeps_the_contested_share(tmp_path):
+    items = read_group_items(write(tmp_path / "two.jsonl", two_group_rows(30, annotators=False)))
+    train, held = stratified_split(items, 0.3, seed=1)
+    assert len(train) + len(held) == 30 and not {i.id for i in train} & {i.id for i in held}
+    assert sum(i.contested for i in held) == 3 and len(held) == 9
+    assert stratified_split(items, 0.3, seed=1)[1] == held
+
+
+# ----------------------------------------------------------------------------------------- targets and metrics
+def test_targets_against_scipy(tmp_path):
+    items = read_group_items(write(tmp_path / "three.jsonl", three_group_rows()))
+    for item in items[:4]:
+        t = group_targets(item)
+        dists = [item.distribution(g) for g in item.groups]
+        mean = [sum(v) / 3 for v in zip(*dists)]
+        assert t["within_group_entropy"] == pytest.approx(sum(entropy(d) for d in dists) / 3)
+        assert t["between_group_jsd"] == pytest.approx(entropy(mean) - sum(entropy(d) for d in dists) / 3, abs=1e-12)
+    two = read_group_items(write(tmp_path / "two.jsonl", two_group_rows(annotators=False)))
+    for item in two[:3]:
+        p, q = item.distribution("g1"), item.distribution("g2")
+        assert group_targets(item)["between_group_jsd"] == pytest.approx(jensenshannon(p, q) ** 2, abs=1e-12)
+
+
+def test_metrics_against_sklearn_and_scipy():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(40, generator=generator).tolist()
+    contested = [i % 4 == 0 for i in range(40)]
+    assert contested_auroc(scores, contested) == pytest.approx(roc_auc_score(contested, scores))
+    assert contested_auroc([0.0] * 40, contested) == pytest.approx(0.5)
+    within = torch.rand(40, generator=generator).tolist()
+    split = split_agreed_mask(contested, within)
+    keep = [i for i in range(40) if contested[i] or split[i]]
+    assert contested_vs_split_auroc(scores, contested, within) == pytest.approx(
+        roc_auc_score([contested[i] for i in keep], [scores[i] for i in keep])
+    )
+    jsd = torch.rand(40, generator=generator).tolist()
+    assert spearman(scores, jsd) == pytest.approx(spearmanr(scores, jsd).statistic)
+
+
+def test_best_member_alignment_and_group_nll():
+    # member 0 answers like group a (option 0), member 1 like group b (option 1), on every item
+    member_probs = [torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64)] * 3
+    dists = {"a": [[1.0, 0.0]] * 3, "b": [[0.0, 1.0]] * 3}
+    best = best_members(member_probs, dists)
+    assert best == {"a": 0, "b": 1}
+    assert group_alignment(member_probs, {"a": [0, 0, 0], "b": [1, 1, 1]}, best) == 1.0
+    assert alignment_matrix(member_probs, {"a": [0, 0, 0], "b": [1, 1, 1]}) == [[1.0, 0.0], [0.0, 1.0]]
+    # one member can be right for at most one group per contested item
+    single = [torch.tensor([[0.6, 0.4]], dtype=torch.float64)] * 3
+    assert group_alignment(single, {"a": [0, 0, 0], "b": [1, 1, 1]}, best_members(single, dists)) == 0.5
+    nll = group_cross_entropy({"a": [[0.9, 0.1]] * 3, "b": [[0.2, 0.8]] * 3}, dists)
+    expected = (entropy([1, 0]) + entropy([1, 0], [0.9, 0.1]) + entropy([0, 1]) + entropy([0, 1], [0.2, 0.8])) / 2
+    assert nll == pytest.approx(expected) == pytest.approx((-math.log(0.9) - math.log(0.8)) / 2)
+
+
+# -------------------------------------------------------------------------------------------------------- the study
+def run_study(tmp_path, data, *flags):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "group_conflicts.py"), "--data", str(data), "--output_dir", str(out),
+         "--quick", *flags],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads((out / "group_conflicts.json").read_text()), out
+
+
+def test_study_quick_two_groups_many_options_with_annotators(tmp_path):
+    data = write(tmp_path / "two.jsonl", two_group_rows())
+    payload, out = run_study(tmp_path, data, "--settings", "base,single,default_source")
+    settings = payload["settings"]
+    assert set(settings) == {"base", "single", "default_source"}
+    for name in ("single", "base"):  # one member: MI is 0, so its AUROC is 0.5
+        assert settings[name]["auroc_mi_contested"] == pytest.approx(0.5)
+    for key in ("auroc_mi_contested", "auroc_entropy_contested", "auroc_mi_contested_vs_split",
+                "auroc_entropy_contested_vs_split", "group_alignment", "best_member_group_nll", "group_nll",
+                "train_auroc_mi_contested", "mixture_nll", "pooled_jsd", "accuracy", "ece", "seconds",
+                "train_seconds", "eval_seconds"):  # fmt: skip
+        assert key in settings["default_source"], key
+    assert (out / "mi_vs_group_jsd.png").stat().st_size > 0 and (out / "alignment.png").stat().st_size > 0
+
+
+def test_study_quick_three_groups_without_annotators_and_eval_data(tmp_path):
+    train = write(tmp_path / "three.jsonl", three_group_rows())
+    held = write(tmp_path / "three_eval.jsonl", three_group_rows(6))
+    payload, _ = run_study(tmp_path, train, "--eval_data", str(held), "--settings", "single,default_row,default_source")
+    assert set(payload["settings"]) == {"single", "default_row"}  # no annotator ids: default_source is skipped
+    assert payload["items"]["held_out"] == 6 and payload["groups"] == ["a", "b", "c"]
+
+
+def test_study_quick_dpo(tmp_path):
+    data = write(tmp_path / "two.jsonl", two_group_rows(annotators=False))
+    payload, _ = run_study(tmp_path, data, "--trainer", "dpo", "--settings", "single,default")
+    assert set(payload["settings"]) == {"single", "default"}
+    assert 0.0 <= payload["settings"]["default"]["group_alignment"] <= 1.0
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/group-conflicts is absent")
+def test_shared_files_read_with_their_documented_counts():
+    brexit = read_group_items(SHARED / "hs-brexit.jsonl")
+    assert len(brexit) == 952 and sum(i.contested for i in brexit) == 169
+    assert len(annotator_vote_rows(brexit)["prompt"]) == 952
+    opinion = read_group_items(SHARED / "opinionqa-ideology.jsonl")
+    assert len(opinion) == 377 and sum(i.contested for i in opinion) == 117
