@@ -139,3 +139,16 @@ def test_an_ensemble_saved_before_files_were_listed_is_replaced(tmp_path):
     new.save_pretrained(folder)
     assert not (folder / "member_2").exists()
     assert RenyiEnsemble.from_pretrained(folder, base_model=base()).num_members == 2
+
+
+def test_what_the_library_left_behind_is_not_foreign(tmp_path):
+    """A half-rendered card and a damaged renyi_ensemble.json are the library's own: the next save replaces them."""
+    folder = tmp_path / "ensemble"
+    old, base = tiny_ensemble(num_members=2, seed=1)
+    old.save_pretrained(folder)
+    (folder / ".README.md.tmp").write_text("half a card")
+    (folder / "renyi_ensemble.json").write_text('{"num_members": 2, "alph')
+    new, _ = tiny_ensemble(num_members=2, seed=2)
+    new.save_pretrained(folder)
+    assert not (folder / ".README.md.tmp").exists()
+    RenyiEnsemble.from_pretrained(folder, base_model=base())

@@ -25,7 +25,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from trl_renyi.model.loading import hub_id
-from trl_renyi.model.saved_format import CARD_FILE, LIBRARY_NAME, METADATA_FILE, member_names
+from trl_renyi.model.saved_format import CARD_FILE, CARD_TMP_FILE, LIBRARY_NAME, METADATA_FILE, member_names
 from trl_renyi.version import __version__
 
 #: The Jinja template of the card (package data), rendered by ``huggingface_hub.ModelCard.from_template``.
@@ -144,7 +144,7 @@ def model_card(
 def write_model_card(directory: str | os.PathLike, metadata: Mapping, **kwargs) -> Path:
     """Write the ensemble's ``README.md`` into ``directory`` in one rename (arguments as :func:`model_card`)."""
     path = Path(directory) / CARD_FILE
-    tmp = path.with_name(f".{CARD_FILE}.tmp")
+    tmp = path.with_name(CARD_TMP_FILE)
     model_card(metadata, **kwargs).save(str(tmp))
     os.replace(tmp, path)
     return path

@@ -32,6 +32,8 @@ from trl_renyi.version import __version__
 # ---------------------------------------------------------------------------------------------------- names
 METADATA_FILE = "renyi_ensemble.json"
 CARD_FILE = "README.md"
+#: Where the card is rendered before it replaces ``README.md`` of a saved ensemble in one rename.
+CARD_TMP_FILE = f".{CARD_FILE}.tmp"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_ADAPTER_WEIGHTS = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -34,6 +34,7 @@ from trl_renyi.model.loading import hub_id, is_embedded, loaded_vocab_size, mode
 from trl_renyi.model.saved_format import (
     ADAPTER_WEIGHTS,
     CARD_FILE,
+    CARD_TMP_FILE,
     FILES_FIELD,
     MEMBER_FOLDER_PATTERN,
     METADATA_FILE,
@@ -110,14 +111,14 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 def ensemble_entries(folder: str | os.PathLike) -> set[str]:
     """The top-level entries of the ensemble saved in ``folder`` (empty when it holds none)."""
     folder = Path(folder)
-    try:
-        metadata = json.loads((folder / METADATA_FILE).read_text())
-    except (OSError, ValueError):
-        metadata = None
-    if not isinstance(metadata, dict):
+    if not (folder / METADATA_FILE).is_file():
         return set()
-    if isinstance(metadata.get(FILES_FIELD), list):
-        return {str(name) for name in metadata[FILES_FIELD]}
+    try:
+        files = json.loads((folder / METADATA_FILE).read_text()).get(FILES_FIELD)
+    except (OSError, ValueError, AttributeError):  # damaged metadata: the ensemble's entries are known by name
+        files = None
+    if isinstance(files, list):
+        return {str(name) for name in files}
     return {p.name for p in folder.iterdir() if _matches(p.name, _UNLISTED_ENSEMBLE_ENTRIES)}
 
 
@@ -135,7 +136,7 @@ def check_save_target(directory: str | os.PathLike) -> list[Path]:
         raise NotADirectoryError(f"{target} is a file; an ensemble is saved into a folder.")
     if not target.is_dir():
         return []
-    ours = ensemble_entries(target)
+    ours = ensemble_entries(target) | {CARD_TMP_FILE}  # a card left half-rendered goes with the old ensemble
     entries = [p for p in target.iterdir() if p.name not in ours]
     foreign = sorted(p.name for p in entries if not _matches(p.name, RUN_ENTRIES))
     if foreign:
