@@ -31,6 +31,7 @@ from trl_renyi.model.members import (
     register_members_with_zero3,
     tile_for_members,
 )
+from trl_renyi.model.saved_format import ALPHA_METRIC, SHARE_METRIC
 from trl_renyi.model.shared_prompt import model_inputs_only, shared_prompt_refusal
 from trl_renyi.model.trunk import enable_shared_trunk
 from trl_renyi.objective import (
@@ -417,11 +418,11 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
         k = self.num_members
         shares, nll = stats[4 : 4 + k], stats[4 + k : 4 + 2 * k]
         metrics = trainer_metrics(self, mode)
-        metrics["renyi/alpha"] = [alpha]  # the α in force at the last step logged, not a mean over the window
+        metrics[ALPHA_METRIC] = [alpha]  # the α in force at the last step logged, not a mean over the window
         metrics["renyi/routing_entropy"].append(entropy_sum / max(count, 1.0))
         metrics["renyi/loglik_std"].append(std_sum / max(count, 1.0))
         for index, name in enumerate(self.member_names):
-            metrics[f"renyi/{name}/share"].append(float(shares[index]) / max(count, 1.0))
+            metrics[SHARE_METRIC.format(name=name)].append(float(shares[index]) / max(count, 1.0))
             metrics[f"renyi/{name}/nll"].append(float(nll[index]) / max(token_sum, 1.0))
 
     # ------------------------------------------------------------------ data
