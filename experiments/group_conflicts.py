@@ -49,7 +49,6 @@ import argparse
 import gc
 import json
 import math
-import random
 import sys
 from pathlib import Path
 
@@ -61,11 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runs  # noqa: E402  (the studies' shared plumbing)
 
 SETTINGS = {
-    "base": {"label": "base model (zero-shot)"},
-    "single": {"label": "single LoRA (K = 1)", "num_members": 1, "alpha": 1.0},
-    "independent": {"label": "independent LoRAs (deep ensemble)", "num_members": 1, "alpha": 1.0},
-    "alpha1": {"label": "ensemble α = 1", "alpha": 1.0},
-    "alpha0": {"label": "ensemble α = 0", "alpha": 0.0},
+    **runs.STUDY_SETTINGS,
     "default": None,  # the library's defaults, filled at run time
     "default_row": None,
     "default_source": None,
@@ -181,16 +176,10 @@ def train_setting(name: str, args, base, tokenizer, train: list, budget: dict):
     if args.trainer == "dpo":
         run["config"] = {**run.get("config", {}), "beta": args.beta}
     print(f"    {len(dataset)} training rows, {budget['steps']} steps of {args.batch_size}", flush=True)
-    if name == "independent":
-        singles = [
-            runs.train_ensemble(trainer_cls, config_cls, base, tokenizer, dataset, budget, {**run, "seed": args.seed + k})
-            for k in range(args.num_members)
-        ]
-        model = runs.combine_independent(singles, base, tokenizer, args.lora_r)
-        del singles
-    else:
-        model = runs.train_ensemble(trainer_cls, config_cls, base, tokenizer, dataset, budget, run)
-    model.use_chat_template = False  # the rows were trained as plain text
+    model = runs.train_setting(
+        trainer_cls, config_cls, base, tokenizer, dataset, budget, run,
+        name == "independent", args.num_members, args.seed, args.lora_r,
+    )  # fmt: skip
     return model, budget["steps"]
 
 
@@ -355,12 +344,7 @@ COLUMNS = (
 
 
 def table(payload: dict) -> str:
-    columns = [(k, t) for k, t in COLUMNS if any(k in m for m in payload["settings"].values())]
-    lines = ["| setting | " + " | ".join(t for _, t in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, metrics in payload["settings"].items():
-        cells = [runs.fmt(metrics.get(k), 0 if k == "seconds" else 3) for k, _ in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return runs.metrics_table(payload["settings"], COLUMNS)
 
 
 def earlier_results(path: Path, config: dict) -> dict:
@@ -456,5 +440,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    random.seed(0)
     sys.exit(main())

@@ -63,11 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runs  # noqa: E402  (the studies' shared plumbing)
 
 SETTINGS = {
-    "base": {"label": "base model (zero-shot)"},
-    "single": {"label": "single LoRA (K = 1)", "num_members": 1, "alpha": 1.0},
-    "independent": {"label": "independent LoRAs (deep ensemble)", "num_members": 1, "alpha": 1.0},
-    "alpha1": {"label": "ensemble α = 1", "alpha": 1.0},
-    "alpha0": {"label": "ensemble α = 0", "alpha": 0.0},
+    **runs.STUDY_SETTINGS,
     "default": None,  # filled from the library's defaults at run time
     "default_nofloor": None,
     "default_row": None,
@@ -260,17 +256,10 @@ def run_setting(name: str, args, base, tokenizer, dataset, budget: dict):
         if name == "default_row":
             run["config"] = {"multi_annotator_routing": "row"}
     run.setdefault("num_members", args.num_members)
-    if name == "independent":
-        singles = [
-            runs.train_ensemble(RenyiSFTTrainer, RenyiSFTConfig, base, tokenizer, dataset, budget, {**run, "seed": args.seed + k})
-            for k in range(args.num_members)
-        ]
-        model = runs.combine_independent(singles, base, tokenizer, args.lora_r)
-        del singles
-    else:
-        model = runs.train_ensemble(RenyiSFTTrainer, RenyiSFTConfig, base, tokenizer, dataset, budget, run)
-    model.use_chat_template = False  # the rows were trained as plain text
-    return model
+    return runs.train_setting(
+        RenyiSFTTrainer, RenyiSFTConfig, base, tokenizer, dataset, budget, run,
+        name == "independent", args.num_members, args.seed, args.lora_r,
+    )  # fmt: skip
 
 
 def setting_label(name: str) -> str:
@@ -316,11 +305,7 @@ COLUMNS = (
 
 
 def table(payload: dict) -> str:
-    columns = [(key, title) for key, title in COLUMNS if any(key in m for m in payload["settings"].values())]
-    lines = ["| setting | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, metrics in payload["settings"].items():
-        cells = [runs.fmt(metrics.get(key), 0 if key == "seconds" else 3) for key, _ in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines = [runs.metrics_table(payload["settings"], COLUMNS)]
     random_share = next((m["audit_random_share"] for m in payload["settings"].values() if "audit_random_share" in m), None)
     if random_share is not None:
         lines.append(f"\nAudit: a random ranking's expected P@100 is the contested share of the training items, {random_share:.3f}.")

@@ -59,6 +59,43 @@ def library_defaults() -> dict:
     }
 
 
+#: the settings every real-data study compares (the library's defaults are added by each study)
+STUDY_SETTINGS = {
+    "base": {"label": "base model (zero-shot)"},
+    "single": {"label": "single LoRA (K = 1)", "num_members": 1, "alpha": 1.0},
+    "independent": {"label": "independent LoRAs (deep ensemble)", "num_members": 1, "alpha": 1.0},
+    "alpha1": {"label": "ensemble α = 1", "alpha": 1.0},
+    "alpha0": {"label": "ensemble α = 0", "alpha": 0.0},
+}
+
+
+def train_setting(trainer_cls, config_cls, base, tokenizer, dataset, budget: dict, run: dict, independent: bool,
+                  num_members: int, seed: int, lora_r: int) -> RenyiEnsemble:
+    """One study setting: ``run`` trained as one ensemble, or (``independent``) ``num_members`` single LoRAs with
+    seeds ``seed, seed + 1, …`` mixed uniformly (a deep ensemble). Plain-text prompts, as the studies train them."""
+    if independent:
+        singles = [
+            train_ensemble(trainer_cls, config_cls, base, tokenizer, dataset, budget, {**run, "seed": seed + k})
+            for k in range(num_members)
+        ]
+        model = combine_independent(singles, base, tokenizer, lora_r)
+        del singles
+    else:
+        model = train_ensemble(trainer_cls, config_cls, base, tokenizer, dataset, budget, run)
+    model.use_chat_template = False
+    return model
+
+
+def metrics_table(settings: dict, columns) -> str:
+    """A markdown table of ``settings`` (name → metrics) with the ``(key, title)`` columns any setting has."""
+    columns = [(key, title) for key, title in columns if any(key in m for m in settings.values())]
+    lines = ["| setting | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in settings.items():
+        cells = [fmt(metrics.get(key), 0 if key == "seconds" else 3) for key, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def lora_config(rank: int) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
 
