@@ -164,3 +164,32 @@ def test_plain_rows_with_a_source_column(make_model, tokenizer, tmp_path):
     assert trainer.source_memory.names == ["a", "b"]
     loss, _ = step_grads(trainer, checkpointing=False)
     assert torch.isfinite(loss)
+
+
+def test_source_memory_is_saved_with_checkpoints_and_restored_on_resume(make_model, tokenizer, tmp_path):
+    """A checkpoint holds the memory (``source_routing.pt``); resuming restores it, so the stochastic EM goes on
+    from the sources' tracked log-likelihoods instead of from an empty memory."""
+    from trl_renyi.training.source_routing import MEMORY_FILE
+
+    dataset = Dataset.from_dict(ROWS)
+    first = make(make_model(), dataset, tokenizer, tmp_path, alpha=-1.0, source_column="annotator",
+                 save_strategy="steps", save_steps=1, max_steps=1)
+    first.train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert (checkpoint / MEMORY_FILE).is_file()
+    assert (first.source_memory.loglik < 0).all()
+
+    second = make(make_model(), dataset, tokenizer, tmp_path, alpha=-1.0, source_column="annotator")
+    assert second.source_memory.loglik.abs().sum() == 0
+    second._load_from_checkpoint(str(checkpoint))
+    torch.testing.assert_close(second.source_memory.loglik, first.source_memory.loglik)
+
+    resumed = make(make_model(), dataset, tokenizer, tmp_path, alpha=-1.0, source_column="annotator",
+                   save_strategy="steps", save_steps=1, max_steps=2)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 2 and (tmp_path / "out" / "checkpoint-2" / MEMORY_FILE).is_file()
+
+    other = make(make_model(), Dataset.from_dict(unique_sources(ROWS)), tokenizer, tmp_path, alpha=-1.0,
+                 source_column="annotator")
+    with pytest.raises(ValueError, match="same data"):
+        other._load_from_checkpoint(str(checkpoint))

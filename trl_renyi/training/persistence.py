@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from trl_renyi.inference.ensemble import RenyiEnsemble
 from trl_renyi.model.members import attach_ensemble
 from trl_renyi.model.saved_format import (
@@ -35,6 +37,7 @@ from trl_renyi.model.saved_format import (
 )
 from trl_renyi.model.saving import check_save_target, copy_ensemble, save_ensemble
 from trl_renyi.training.checkpoint import AtomicCheckpointMixin
+from trl_renyi.training.source_routing import MEMORY_FILE as SOURCE_MEMORY_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +126,16 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
             model,
             self._ensemble_metadata(model),
             card=partial(model_card, repo_id=self.hub_model_id),
-            write_model=lambda folder: transformers_save(str(folder), state_dict),
+            write_model=lambda folder: self._write_model_and_routing_state(transformers_save, folder, state_dict),
         )
+
+    def _write_model_and_routing_state(self, transformers_save, folder, state_dict) -> None:
+        """transformers' save into ``folder``, plus the source-routing memory where the run routes by source (so a
+        resumed run continues the stochastic EM where it stopped, instead of from an empty memory)."""
+        transformers_save(str(folder), state_dict)
+        memory = getattr(self, "source_memory", None)
+        if memory is not None:
+            torch.save(memory.state_dict(), Path(folder) / SOURCE_MEMORY_FILE)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
         """TRL's model-card hook (called on checkpoints and ``push_to_hub``): renders the card of the ensemble saved
@@ -199,4 +210,8 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         load_member_weights(model, resume_from_checkpoint, self.member_names)
         attach_ensemble(model, self.args.num_members)
+        memory = getattr(self, "source_memory", None)
+        memory_file = Path(resume_from_checkpoint) / SOURCE_MEMORY_FILE
+        if memory is not None and memory_file.is_file():
+            memory.load_state_dict(torch.load(memory_file, weights_only=True))
         return None
