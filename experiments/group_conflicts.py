@@ -178,7 +178,7 @@ def train_setting(name: str, args, base, tokenizer, train: list, budget: dict):
     print(f"    {len(dataset)} training rows, {budget['steps']} steps of {args.batch_size}", flush=True)
     model = runs.train_setting(
         trainer_cls, config_cls, base, tokenizer, dataset, budget, run,
-        name == "independent", args.num_members, args.seed, args.lora_r,
+        independent=name == "independent", num_members=args.num_members, seed=args.seed, lora_r=args.lora_r,
     )  # fmt: skip
     return model, budget["steps"]
 

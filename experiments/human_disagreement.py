@@ -258,7 +258,7 @@ def run_setting(name: str, args, base, tokenizer, dataset, budget: dict):
     run.setdefault("num_members", args.num_members)
     return runs.train_setting(
         RenyiSFTTrainer, RenyiSFTConfig, base, tokenizer, dataset, budget, run,
-        name == "independent", args.num_members, args.seed, args.lora_r,
+        independent=name == "independent", num_members=args.num_members, seed=args.seed, lora_r=args.lora_r,
     )  # fmt: skip
 
 

@@ -69,7 +69,7 @@ STUDY_SETTINGS = {
 }
 
 
-def train_setting(trainer_cls, config_cls, base, tokenizer, dataset, budget: dict, run: dict, independent: bool,
+def train_setting(trainer_cls, config_cls, base, tokenizer, dataset, budget: dict, run: dict, *, independent: bool,
                   num_members: int, seed: int, lora_r: int) -> RenyiEnsemble:
     """One study setting: ``run`` trained as one ensemble, or (``independent``) ``num_members`` single LoRAs with
     seeds ``seed, seed + 1, …`` mixed uniformly (a deep ensemble). Plain-text prompts, as the studies train them."""

@@ -92,6 +92,10 @@ def training_record(log_history: Sequence[Mapping], num_members: int, alpha: flo
 class EnsemblePersistenceMixin(AtomicCheckpointMixin):
     """Trainer mixin (before the TRL trainer in the bases): every save, load and upload of the K members."""
 
+    #: trainer state that checkpoints carry besides the members: the source-routing memory (SFT with
+    #: ``source_column``; ``None`` otherwise)
+    source_memory = None
+
     @property
     def ensemble(self) -> RenyiEnsemble:
         """The trained ensemble as a :class:`RenyiEnsemble` (shares the trainer's model), with the metadata a save
@@ -133,9 +137,8 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
         """transformers' save into ``folder``, plus the source-routing memory where the run routes by source (so a
         resumed run continues the stochastic EM where it stopped, instead of from an empty memory)."""
         transformers_save(str(folder), state_dict)
-        memory = getattr(self, "source_memory", None)
-        if memory is not None:
-            torch.save(memory.state_dict(), Path(folder) / SOURCE_MEMORY_FILE)
+        if self.source_memory is not None:
+            torch.save(self.source_memory.state_dict(), Path(folder) / SOURCE_MEMORY_FILE)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
         """TRL's model-card hook (called on checkpoints and ``push_to_hub``): renders the card of the ensemble saved
@@ -210,8 +213,7 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         load_member_weights(model, resume_from_checkpoint, self.member_names)
         attach_ensemble(model, self.args.num_members)
-        memory = getattr(self, "source_memory", None)
         memory_file = Path(resume_from_checkpoint) / SOURCE_MEMORY_FILE
-        if memory is not None and memory_file.is_file():
-            memory.load_state_dict(torch.load(memory_file, weights_only=True))
+        if self.source_memory is not None and memory_file.is_file():
+            self.source_memory.load_state_dict(torch.load(memory_file, weights_only=True))
         return None
