@@ -384,7 +384,8 @@ def main(argv=None) -> int:
         "bf16": False if args.quick else runs.resolve_precision(args.precision),
         "extra_config": {"padding_free": True} if args.trainer == "sft" else {},
     }  # fmt: skip
-    config = {k: v for k, v in vars(args).items()}
+    # the precision as resolved on this machine, so that results of another precision are not mixed in
+    config = {**vars(args), "precision": "bf16" if budget["bf16"] else "fp32"}
     results = earlier_results(out_dir / RESULT_FILE, config)
     for index, name in enumerate(args.settings, start=1):
         run_clock = runs.Stopwatch()

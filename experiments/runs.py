@@ -101,14 +101,22 @@ def lora_config(rank: int) -> LoraConfig:
 
 
 def native_bf16() -> bool:
-    """Whether this machine multiplies bfloat16 natively (a CUDA device that supports it, or a CPU with AVX512-BF16
-    or AMX, where oneDNN's bf16 matmuls run about twice as fast as float32 ones)."""
+    """Whether this machine multiplies bfloat16 natively: a CUDA device that supports it, or a CPU with AVX512-BF16
+    or AMX-BF16 (where oneDNN's bf16 matmuls beat float32 ones). oneDNN *accepts* bfloat16 on any AVX512 CPU
+    (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is true there) but emulates it: on an AVX512F-only CPU a
+    bfloat16 matmul measured five times slower than float32, so the instruction set is read, not that flag."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere: float32 is then the safe choice)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        return False
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
 def resolve_precision(precision: str) -> bool:
