@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         say("scoring held-out pairs")
         scores = trainer.score_pairs(held_out)
 
-    weights = trainer._renyi_log_weights.exp()
+    weights = trainer.objective.log_weights.exp()
     member_accuracy = (scores.margins > 0).float().mean(0)
     ensemble_accuracy = float(((scores.margins @ weights) > 0).float().mean())
     shares = scores.responsibilities.mean(0)

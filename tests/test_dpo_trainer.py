@@ -437,3 +437,22 @@ def test_save_and_resume(make_model, tokenizer, preference_dataset, tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for name in member_names(3):
         assert_close_dicts(lora_weights(resumed.model, name), final[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_step_keeps_its_state_in_its_own_scope_not_in_the_batch(make_model, tokenizer, preference_dataset, tmp_path, chunked):
+    """DPO's per-batch values (reference log-probs, packed pairs) live in the step's scope: the batch dict leaves a
+    training step with the keys it came with, and no scope outlives its step."""
+    overrides = {"member_chunk_size": 1} if chunked else {}
+    trainer = make_trainer(RenyiDPOTrainer, RenyiDPOConfig, make_model(), preference_dataset, tokenizer, tmp_path,
+                           num_members=2, member_init_std=0.3, **overrides)  # fmt: skip
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = first_batch(trainer)
+    keys = set(batch)
+    trainer.training_step(trainer.model, batch)
+    assert set(batch) == keys
+    assert trainer._scope is None
+    # by hand, outside a step: compute_loss opens no scope and leaves none behind
+    trainer.compute_loss(trainer.model, batch).backward()
+    assert set(batch) == keys and trainer._scope is None

@@ -142,7 +142,7 @@ def test_source_routing_routes_a_source_as_one(make_model, tokenizer, tmp_path):
     assert memory.loglik.abs().sum() == 0
     step_grads(trainer, checkpointing=False)
     assert (memory.loglik < 0).all()
-    responsibilities = memory.responsibilities(trainer._renyi_log_weights, -1.0)
+    responsibilities = memory.responsibilities(trainer.objective.log_weights, -1.0)
     assert torch.allclose(responsibilities.sum(-1), torch.ones(3, dtype=torch.float64))
 
 

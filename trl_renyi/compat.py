@@ -7,7 +7,7 @@ internal, instead of deep inside a training step.
 
 Checked against the versions in :data:`CHECKED_VERSIONS`; ``tests/test_compat.py`` fails with a named message when an
 expected internal is missing from the installed libraries. ``EXPECTED_INTERNALS`` also lists the private methods and
-class attributes that trl_renyi's trainers override (``Trainer._save``, ``DPOTrainer._compute_loss``, …), since an
+class attributes that trl_renyi's trainers override (``Trainer._save``, ``Trainer._load_best_model``, …), since an
 upgrade that renames one of them silently bypasses the override.
 """
 
@@ -239,7 +239,6 @@ EXPECTED_INTERNALS = [
     ("transformers", "transformers.Trainer._set_signature_columns_if_needed"),
     ("transformers", "transformers.Trainer._signature_columns"),
     ("transformers", "transformers.PretrainedConfig._attn_implementation"),
-    ("trl", "trl.DPOTrainer._compute_loss"),
     ("trl", "trl.SFTTrainer._metrics"),
     ("trl", "trl.DPOTrainer._metrics"),
     ("trl", "trl.SFTTrainer._total_train_tokens"),

@@ -36,15 +36,12 @@ from trl_renyi.compat import (
     quiet_checkpointing_alias,
     trainer_metrics,
 )
-from trl_renyi.data.formats import prepare_training_datasets
 from trl_renyi.model.layer import get_router
-from trl_renyi.model.loading import with_quantization_config
 from trl_renyi.model.modes import eval_mode
 from trl_renyi.model.shared_prompt import attention_implementation, pack_preference_pairs
-from trl_renyi.objective import floored_renyi_bound
 from trl_renyi.training.config import RenyiDPOConfig
-from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config
-from trl_renyi.training.options import check_options
+from trl_renyi.training.construction import construct_ensemble, model_init_kwargs_spent, resolve_share_prompt
+from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin
 from trl_renyi.training.step import PreferenceLogLik
 
 logger = logging.getLogger(__name__)
@@ -53,10 +50,6 @@ logger = logging.getLogger(__name__)
 LIKELIHOOD_LOSS_TYPES = ("sigmoid", "robust")
 # batch keys that are not model inputs (TRL's own list)
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-# where the reference log-probs of a batch are kept once computed, so chunked member passes reuse them
-_REF_CACHE_KEY = "_renyi_ref_logps"
-# where the shared-prompt layout of a batch is kept once built (reference and member passes use it)
-_LAYOUT_CACHE_KEY = "_renyi_shared_layout"
 
 
 def pair_log_likelihood(margins: torch.Tensor, loss_type: str, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -169,6 +162,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
 
     _tag_names = ["trl", "dpo", "trl-renyi", "lora-ensemble"]
     _name = "Rényi DPO"
+    _no_outputs_hint = "evaluate without compute_metrics, and use score_pairs() or RenyiEnsemble.score for per-member scores"
 
     def __init__(
         self,
@@ -185,33 +179,24 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         quantization_config=None,
         peft_config=None,
     ):
-        args = coerce_config(args, RenyiDPOConfig, model if isinstance(model, str) else "model", "RenyiDPO")
-        check_options(args)
-        train_dataset, eval_dataset, self.dataset_format = prepare_training_datasets(train_dataset, eval_dataset, "dpo")
-        check_likelihood_loss(args)
-        args.model_init_kwargs = with_quantization_config(args.model_init_kwargs, model, quantization_config)
-        loaded_here = isinstance(model, str) and not isinstance(ref_model, str)  # a ref model by name uses them
-        model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
-        self.share_prompt = self._resolve_share_prompt(args, model, {})
-        with dpo_trainer_accepts_ensemble(model, ref_model), self._model_init_kwargs_applied(args, loaded_here):
-            super().__init__(
-                model=model,
-                ref_model=ref_model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                compute_metrics=compute_metrics,
-                callbacks=callbacks,
+        built = construct_ensemble(
+            model, args, RenyiDPOConfig, "dpo", peft_config, processing_class, train_dataset, eval_dataset,
+            quantization_config=quantization_config, spends_init_kwargs=not isinstance(ref_model, str),
+            check_config=check_likelihood_loss,
+        )  # fmt: skip
+        self.dataset_format = built.dataset_format
+        self.share_prompt = resolve_share_prompt(built.args, built.model, {})
+        with dpo_trainer_accepts_ensemble(built.model, ref_model), model_init_kwargs_spent(built.args, built.loaded_here):
+            super().__init__(**built.trl_arguments(
+                ref_model=ref_model, data_collator=data_collator, compute_metrics=compute_metrics, callbacks=callbacks,
                 optimizers=optimizers,
-            )
+            ))  # fmt: skip
         self._finish_ensemble_setup()
 
     # ------------------------------------------------------------------ forward passes
     @staticmethod
     def _model_inputs(inputs: dict) -> dict:
-        kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS and not k.startswith("_renyi")}
+        kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         kwargs["use_cache"] = False
         kwargs["labels"] = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         return kwargs
@@ -240,12 +225,13 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         :mod:`trl_renyi.model.shared_prompt`) and the outputs are moved back to the 2B rows."""
         if not self.share_prompt:
             return forward(model, self._model_inputs(inputs))
-        if _LAYOUT_CACHE_KEY not in inputs:
-            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor's tokenizer
-            inputs[_LAYOUT_CACHE_KEY] = pack_preference_pairs(
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor's tokenizer
+        layout = self._once(
+            "packed pairs",
+            lambda: pack_preference_pairs(
                 inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], tokenizer.pad_token_id or 0
-            )
-        layout = inputs[_LAYOUT_CACHE_KEY]
+            ),
+        )
         base = self.accelerator.unwrap_model(model).get_base_model()
         packed = layout.model_inputs(attention_implementation(base), base.dtype)
         packed["use_cache"] = False
@@ -272,9 +258,8 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
     def _reference_logps(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.precompute_ref_logps and "ref_chosen_logps" in inputs:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        if _REF_CACHE_KEY not in inputs:  # once per batch, also when members are processed in chunks
-            inputs[_REF_CACHE_KEY] = self.compute_ref_log_probs(self.model, inputs)
-        return inputs[_REF_CACHE_KEY]
+        # once per step, also when members are processed in chunks
+        return self._once("reference", lambda: self.compute_ref_log_probs(self.model, inputs))
 
     # ------------------------------------------------------------------ objective (the mixin's template)
     def _member_loglik(self, model, inputs: dict):
@@ -306,14 +291,6 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         """TRL's normaliser: the number of pairs of the batch (times the single loss weight)."""
         return negative_bound_sum / max(step.num_examples, 1) * self.loss_weights[0]
 
-    def _compute_loss(self, model, inputs, return_outputs):
-        if return_outputs:
-            raise ValueError(
-                "RenyiDPOTrainer does not return logits from compute_loss (evaluate without compute_metrics); use "
-                "score_pairs() or RenyiEnsemble.score for per-member scores."
-            )
-        return self._ensemble_loss(model, inputs)
-
     # ------------------------------------------------------------------ metrics
     def _log_forward_metrics(self, steps: list[PreferenceLogLik], inputs: dict, mode: str) -> None:
         """TRL's DPO metrics for the ensemble (rewards of the π-weighted member mean), the same per member under
@@ -329,7 +306,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         )  # (B, K, 4)
         pair_stats = self.accelerator.gather(pair_stats)
         chosen_rewards, rejected_rewards = self.beta * pair_stats[..., 0], self.beta * pair_stats[..., 1]
-        weights = self._renyi_log_weights.to(pair_stats.device).exp()
+        weights = self.objective.log_weights.to(pair_stats.device).exp()
         ensemble_chosen, ensemble_rejected = chosen_rewards @ weights, rejected_rewards @ weights
         metrics["rewards/chosen"].append(ensemble_chosen.mean().item())
         metrics["rewards/rejected"].append(ensemble_rejected.mean().item())
@@ -391,17 +368,14 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
             dataset, batch_size=batch_size or self.args.per_device_eval_batch_size, collate_fn=self.data_collator
         )
         margins, logliks = [], []
-        try:
-            with eval_mode(self.model):
-                for batch in loader:
+        with eval_mode(self.model):
+            for batch in loader:
+                with self.member_routing(self.model):  # one step per batch: its reference and layout computed once
                     step = self._member_loglik(self.model, self._prepare_inputs(batch))
-                    logliks.append(step.loglik.float().cpu())
-                    margins.append(step.margins.float().cpu())
-        finally:
-            get_router(self.accelerator.unwrap_model(self.model)).trunk_active = False  # as after any step
+                logliks.append(step.loglik.float().cpu())
+                margins.append(step.margins.float().cpu())
         loglik = torch.cat(logliks)
-        floor = getattr(self.args, "responsibility_floor", 0.0)
-        bound = floored_renyi_bound(loglik, self.current_alpha(), self._renyi_log_weights, floor)
+        bound = self.objective.bound(loglik, self.current_alpha())
         return PairScores(margins=torch.cat(margins), loglik=loglik, responsibilities=bound.responsibilities)
 
 

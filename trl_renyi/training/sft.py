@@ -6,13 +6,11 @@ import torch
 from trl import SFTTrainer
 
 from trl_renyi.compat import log_num_tokens, trainer_metrics
-from trl_renyi.data.formats import prepare_training_datasets
 from trl_renyi.model.layer import get_router
-from trl_renyi.model.loading import with_quantization_config
 from trl_renyi.model.shared_prompt import attention_implementation
 from trl_renyi.training.config import RenyiSFTConfig
-from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin, coerce_config
-from trl_renyi.training.options import check_options
+from trl_renyi.training.construction import construct_ensemble, model_init_kwargs_spent, resolve_share_prompt
+from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin
 from trl_renyi.training.prompt_sharing import SharedPrefixCollator
 from trl_renyi.training.step import MemberLogLik
 from trl_renyi.training.weighted_rows import (
@@ -64,35 +62,24 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         peft_config=None,
         **kwargs,
     ):
-        args = coerce_config(args, RenyiSFTConfig, model if isinstance(model, str) else "model", "RenyiSFT")
-        check_options(args, compute_loss_func=kwargs.get("compute_loss_func"))
-        train_dataset, eval_dataset, self.dataset_format = prepare_training_datasets(
-            train_dataset, eval_dataset, "sft", args.dataset_text_field
+        built = construct_ensemble(
+            model, args, RenyiSFTConfig, "sft", peft_config, processing_class, train_dataset, eval_dataset,
+            quantization_config=kwargs.pop("quantization_config", None), compute_loss_func=kwargs.get("compute_loss_func"),
+        )  # fmt: skip
+        args = built.args
+        # multi-annotator rows (prompt + weighted completions): expanded for TRL's tokenisation, routed as configured
+        multi = has_multi_completion(built.train_dataset, built.eval_dataset)
+        self.dataset_format = built.dataset_format
+        self.share_prompt = resolve_share_prompt(
+            args, built.model, share_prompt_blockers(args, built.train_dataset, data_collator, regroup=multi)
         )
-        loaded_here = isinstance(model, str)
-        quantization_config = kwargs.pop("quantization_config", None)
-        args.model_init_kwargs = with_quantization_config(args.model_init_kwargs, model, quantization_config)
-        model, processing_class = self._prepare_ensemble_model(model, args, peft_config, processing_class)
-        multi = has_multi_completion(train_dataset, eval_dataset)
-        self.share_prompt = self._resolve_share_prompt(
-            args, model, share_prompt_blockers(args, train_dataset, data_collator, regroup=multi)
-        )
-        train_dataset, eval_dataset, weighted = prepare_multi_completion(
-            args, train_dataset, eval_dataset, self.share_prompt
+        built.train_dataset, built.eval_dataset, weighted = prepare_multi_completion(
+            args, built.train_dataset, built.eval_dataset, self.share_prompt
         )
         check_row_routing(args, weighted, self.share_prompt)
         check_source_routing(args)
-        self.source_memory = None  # set from the prepared rows when args.source_column names a source
-        with self._model_init_kwargs_applied(args, loaded_here):
-            super().__init__(
-                model=model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                **kwargs,
-            )
+        with model_init_kwargs_spent(args, built.loaded_here):
+            super().__init__(**built.trl_arguments(data_collator=data_collator, **kwargs))
         self._finish_ensemble_setup()
         if weighted:
             enable_completion_weights(self, self.share_prompt)
@@ -100,15 +87,9 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
             base = self.accelerator.unwrap_model(self.model).get_base_model()
             self.data_collator = SharedPrefixCollator(self.data_collator, attention_implementation(base), base.dtype)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs["use_cache"] = False
-        loss = self._ensemble_loss(model, inputs, num_items_in_batch)
-        if return_outputs:
-            raise ValueError("RenyiSFTTrainer does not return logits from compute_loss; use RenyiEnsemble.score.")
-        return loss
-
     def _member_loglik(self, model, inputs):
-        inputs["use_cache"] = False
+        """A :class:`MemberLogLik` with ℓ ``(N, K_routed)``: each example's summed (or mean) completion log-prob under
+        each routed member, from one member-batched forward; multi-annotator rows carry their weights."""
         weights = inputs.get("completion_weights")
         outputs = self.member_forward(model, inputs)
         routed = get_router(self.accelerator.unwrap_model(model)).num_members

@@ -1,13 +1,18 @@
-r"""Typed results passed between the stages of one training step.
+r"""The state of one training or prediction step, and the typed results passed between its stages.
 
-A trainer's ``_member_loglik`` runs one member-batched forward and returns a :class:`MemberLogLik`; the shared mixin
+A trainer's ``_member_loglik`` runs one member-batched forward and returns a :class:`MemberLogLik`; ``compute_loss``
 turns its ``loglik`` matrix into the α-Rényi bound, normalises it the trainer's way, adds the MoE router auxiliary
 loss and logs metrics from it. DPO extends it with the per-pair quantities TRL logs (:class:`PreferenceLogLik`).
+
+What a step computes once and reads several times (DPO's reference log-probs and packed pair layout, the chunk of
+members a chunked step is training) lives in a :class:`StepScope`, opened and closed by the step that owns it
+(``training_step``, ``prediction_step``, or one routed forward called by hand) — never in the batch dict.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,3 +68,29 @@ class PreferenceLogLik(MemberLogLik):
     rejected_logratios: torch.Tensor | None = None
     chosen_logps: torch.Tensor | None = None
     rejected_logps: torch.Tensor | None = None
+
+
+@dataclass
+class ChunkPass:
+    """One chunk of members inside an exact chunked training step: the chunk's member names, their responsibilities
+    ``(N, len(names))`` from the all-member scoring pass, the loss value this chunk's ``compute_loss`` reports (the
+    step's loss on the last chunk, 0 before) and the list that collects each chunk's :class:`MemberLogLik`."""
+
+    names: list[str]
+    responsibilities: torch.Tensor
+    value: torch.Tensor
+    steps: list[MemberLogLik]
+
+
+@dataclass
+class StepScope:
+    """State that lives for one step: values computed once per batch, by name, and the chunk being trained."""
+
+    values: dict[str, object] = field(default_factory=dict)
+    chunk: ChunkPass | None = None
+
+    def once(self, name: str, compute: Callable[[], object]):
+        """``compute()`` the first time ``name`` is asked for in this step, the same value after that."""
+        if name not in self.values:
+            self.values[name] = compute()
+        return self.values[name]
