@@ -29,7 +29,8 @@ Metrics per setting (held-out items unless named ``train_*``; definitions in
 ``group_alignment`` (with the best member per group chosen on contested training items), ``best_member_group_nll``,
 ``group_nll``, ``train_auroc_mi_contested`` (training items scored as ``trl-renyi audit`` scores SFT data, pooled
 majority as the completion, ranked by its default score), ``mixture_nll`` and ``pooled_jsd`` (mixture vs all votes
-pooled), ``accuracy`` (vs the pooled majority), ``ece``, and ``seconds`` with its split. Plots: MI against the
+pooled), ``accuracy`` (vs the pooled majority), ``ece``, ``member_agreed_accuracy`` (each member's accuracy on the
+agreed items: a member that has become a label specialist loses it), and ``seconds`` with its split. Plots: MI against the
 between-group JSD per setting; member × group alignment on held-out contested items.
 
 Usage:
@@ -256,6 +257,12 @@ def evaluate(model, held_out: list, train: list) -> dict:
         "entropy_contested": _mean([entropy[i] for i in held_contested]),
         "entropy_agreed": _mean([h for h, c in zip(entropy, contested) if not c]),
         "alignment_matrix": alignment_matrix([member_probs[i] for i in held_contested], majorities),
+        # diagnostic: does each member still answer what both groups answer where they agree? (a label specialist
+        # that always gives one group's contested answer does not)
+        "member_agreed_accuracy": [
+            _mean([float(int(member_probs[i][k].argmax()) == pooled_majority[i]) for i in range(len(held_out)) if not contested[i]])
+            for k in range(member_probs[0].shape[0])
+        ] if member_probs else [],  # fmt: skip
         "_mi": mi,
         "_jsd": jsd,
     }
