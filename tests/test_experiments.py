@@ -97,3 +97,20 @@ def test_step_profile_quick(tmp_path):
     payload = json.loads(out.read_text())
     for side in ("single", "ensemble"):
         assert payload[side]["matmul"] > 0 and payload[side]["wall clock of the step"] > 0
+
+
+@pytest.mark.parametrize(
+    "flags,expected", [({"avx512f", "avx2"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True), (set(), False)]
+)
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, flags, expected):
+    """oneDNN accepts bfloat16 on any AVX512 CPU but emulates it without AVX512-BF16 / AMX (five times slower than
+    float32 there): the studies' ``--precision auto`` reads the instruction set, not oneDNN's flag."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    monkeypatch.syspath_prepend(str(EXPERIMENTS.parent / "benchmarks"))
+    import runs
+
+    monkeypatch.setattr(runs.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runs, "cpu_flags", lambda: flags)
+    assert runs.native_bf16() is expected
+    assert runs.resolve_precision("auto") is expected
+    assert runs.resolve_precision("fp32") is False and runs.resolve_precision("bf16") is True
