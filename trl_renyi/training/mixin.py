@@ -162,7 +162,11 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
     _no_outputs_hint = "use RenyiEnsemble.score for per-member scores"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The α-Rényi loss of one batch, logging its metrics through TRL's ``_metrics``."""
+        r"""The α-Rényi loss of one batch, :math:`\mathcal{L} = -\frac{1}{N}\sum_i J_i` (+ TRL's MoE term), in order:
+        the routed members' ℓ_ik (the trainer's ``_member_loglik``, one member-batched forward), the bound J_i at the
+        α in force (:meth:`renyi_objective`; over sources with ``source_column``), TRL's normaliser N (the trainer's
+        ``_normalised_loss``), TRL's ``router_aux_loss_coef · aux`` for MoE models, and the metrics through TRL's
+        ``_metrics``. With K = 1 it is TRL's own loss, for every α."""
         if return_outputs:
             raise ValueError(f"{type(self).__name__} does not return logits from compute_loss; {self._no_outputs_hint}.")
         mode = "train" if self.model.training else "eval"
