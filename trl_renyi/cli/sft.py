@@ -79,22 +79,13 @@ from trl_renyi.cli import training
 def main(script_args, training_args, model_args, dataset_args):
     from trl_renyi.training.sft import RenyiSFTTrainer
 
-    # The base model's loading arguments, as TRL's script builds them
-    training_args.model_init_kwargs = training.model_init_kwargs(model_args, training_args)
-
-    # Load the dataset and check it (columns, empty splits, null fields) before the model loads
-    train_dataset, eval_dataset = training.training_datasets(script_args, training_args, dataset_args, "sft")
-    training.check_output_dir(training_args.output_dir)
-    checkpoint = training.checkpoint_to_resume(training_args)
+    # The base model's loading arguments, the dataset checked (columns, empty splits, null fields), the output
+    # folder and the checkpoint to resume from, all before the model loads
+    datasets, checkpoint = training.prepare_run(script_args, training_args, model_args, dataset_args, "sft")
 
     # Initialize the trainer: K LoRA members (the --lora_* flags) on one frozen base model
-    trainer = RenyiSFTTrainer(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=training.ensemble_peft_config(model_args),
-    )
+    peft_config = training.ensemble_peft_config(model_args)
+    trainer = RenyiSFTTrainer(model_args.model_name_or_path, training_args, peft_config=peft_config, **datasets)
 
     # Train the model
     trainer.train(resume_from_checkpoint=checkpoint)

@@ -99,6 +99,17 @@ def model_init_kwargs(model_args, training_args) -> dict:
     return kwargs
 
 
+def prepare_run(script_args, training_args, model_args, dataset_args, kind: str) -> tuple[dict, str | None]:
+    """Everything a training script settles before the model loads, in order: the base model's loading arguments
+    (into ``training_args.model_init_kwargs``, as TRL's scripts build them), the dataset loaded and checked for
+    trainer ``kind``, the output folder writable, the checkpoint to resume from. Returns ``(datasets, checkpoint)``
+    with ``datasets`` the trainer's ``train_dataset`` / ``eval_dataset`` keywords."""
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    train_dataset, eval_dataset = training_datasets(script_args, training_args, dataset_args, kind)
+    check_output_dir(training_args.output_dir)
+    return {"train_dataset": train_dataset, "eval_dataset": eval_dataset}, checkpoint_to_resume(training_args)
+
+
 def training_datasets(script_args, training_args, dataset_args, kind: str):
     """``(train, eval or None)``: the splits named on the command line, each checked for trainer ``kind``
     (``"sft"`` / ``"dpo"``) before any model loads, so that a wrong column, an empty split or a null field is one
