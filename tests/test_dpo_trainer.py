@@ -456,3 +456,18 @@ def test_a_step_keeps_its_state_in_its_own_scope_not_in_the_batch(make_model, to
     # by hand, outside a step: compute_loss opens no scope and leaves none behind
     trainer.compute_loss(trainer.model, batch).backward()
     assert set(batch) == keys and trainer._scope is None
+
+
+def test_two_batches_in_one_routing_block_each_get_their_own_reference(make_model, tokenizer, preference_dataset, tmp_path):
+    """A hand-written loop inside one ``member_routing`` block: the second batch's loss equals its own step's."""
+    trainer = make_trainer(RenyiDPOTrainer, RenyiDPOConfig, make_model(), preference_dataset, tokenizer, tmp_path,
+                           num_members=2, member_init_std=0.3)  # fmt: skip
+    trainer.model.eval()
+    batches = [trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()][:2]
+    with torch.no_grad():
+        alone = [trainer.compute_loss(trainer.model, b) for b in batches]
+        with trainer.member_routing(trainer.model):
+            together = [trainer.compute_loss(trainer.model, b) for b in batches]
+    assert not torch.allclose(alone[0], alone[1])
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(a, b)

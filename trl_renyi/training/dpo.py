@@ -228,6 +228,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor's tokenizer
         layout = self._once(
             "packed pairs",
+            inputs["input_ids"],
             lambda: pack_preference_pairs(
                 inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], tokenizer.pad_token_id or 0
             ),
@@ -259,7 +260,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         if self.precompute_ref_logps and "ref_chosen_logps" in inputs:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         # once per step, also when members are processed in chunks
-        return self._once("reference", lambda: self.compute_ref_log_probs(self.model, inputs))
+        return self._once("reference", inputs["input_ids"], lambda: self.compute_ref_log_probs(self.model, inputs))
 
     # ------------------------------------------------------------------ objective (the mixin's template)
     def _member_loglik(self, model, inputs: dict):

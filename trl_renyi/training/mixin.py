@@ -121,9 +121,9 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
             router.trunk_active = False
             self._scope = outer
 
-    def _once(self, name: str, compute):
-        """``compute()`` once per step (:meth:`StepScope.once`); outside a step, every time."""
-        return compute() if self._scope is None else self._scope.once(name, compute)
+    def _once(self, name: str, batch, compute):
+        """``compute()`` once per step and batch (:meth:`StepScope.once`); outside a step, every time."""
+        return compute() if self._scope is None else self._scope.once(name, batch, compute)
 
     def _member_loglik(self, model, inputs: dict) -> MemberLogLik:
         """The batch's log-likelihoods under the routed members (one member-batched forward). Implemented by each

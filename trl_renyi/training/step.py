@@ -86,11 +86,14 @@ class ChunkPass:
 class StepScope:
     """State that lives for one step: values computed once per batch, by name, and the chunk being trained."""
 
-    values: dict[str, object] = field(default_factory=dict)
+    values: dict[str, tuple[object, object]] = field(default_factory=dict)
     chunk: ChunkPass | None = None
 
-    def once(self, name: str, compute: Callable[[], object]):
-        """``compute()`` the first time ``name`` is asked for in this step, the same value after that."""
-        if name not in self.values:
-            self.values[name] = compute()
-        return self.values[name]
+    def once(self, name: str, batch: object, compute: Callable[[], object]):
+        """``compute()`` the first time ``name`` is asked for ``batch`` (compared by identity, e.g. the batch's
+        ``input_ids`` tensor) in this step, the same value after that; another batch in the same block (a
+        hand-written loop inside one ``member_routing``) is computed afresh, never served a stale value."""
+        cached = self.values.get(name)
+        if cached is None or cached[0] is not batch:
+            self.values[name] = (batch, compute())
+        return self.values[name][1]
