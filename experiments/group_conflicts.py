@@ -350,6 +350,18 @@ COLUMNS = (
 )  # fmt: skip
 
 
+def docs_marker(data: str, trainer: str, model: str) -> str:
+    """The results-page section a run replaces: one per data file and trainer, and per base model other than the
+    embedded default (so a run on another model never overwrites the default model's table)."""
+    from trl_renyi.model.loading import DEFAULT_MODEL, canonical_name
+
+    marker = f"group-conflicts-{Path(data).stem}-{trainer}"
+    name = canonical_name(model)
+    if name == DEFAULT_MODEL:
+        return marker
+    return f"{marker}-" + "".join(c if c.isalnum() or c in "-." else "-" for c in name.lower()).strip("-")
+
+
 def table(payload: dict) -> str:
     return runs.metrics_table(payload["settings"], COLUMNS)
 
@@ -442,8 +454,7 @@ def main(argv=None) -> int:
     print(table(payload))
     print(f"Wrote {out_dir / RESULT_FILE} and the plots in {clock}.")
     if args.docs:
-        marker = f"group-conflicts-{Path(args.data).stem}-{args.trainer}"
-        runs.update_results_page(marker, table(payload), Path(args.docs))
+        runs.update_results_page(docs_marker(args.data, args.trainer, args.model), table(payload), Path(args.docs))
     return 0
 
 

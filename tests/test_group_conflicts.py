@@ -271,9 +271,29 @@ def test_study_quick_two_groups_many_options_with_annotators(tmp_path):
 def test_study_quick_three_groups_without_annotators_and_eval_data(tmp_path):
     train = write(tmp_path / "three.jsonl", three_group_rows())
     held = write(tmp_path / "three_eval.jsonl", three_group_rows(6))
-    payload, _ = run_study(tmp_path, train, "--eval_data", str(held), "--settings", "single,default_row,default_source")
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\n<!-- group-conflicts-three-sft-gemma3-270m:start -->\nother model\n"
+                    "<!-- group-conflicts-three-sft-gemma3-270m:end -->\n")  # fmt: skip
+    payload, _ = run_study(
+        tmp_path, train, "--eval_data", str(held), "--settings", "single,default_row,default_source", "--docs", str(page)
+    )
     assert set(payload["settings"]) == {"single", "default_row"}  # no annotator ids: default_source is skipped
     assert payload["items"]["held_out"] == 6 and payload["groups"] == ["a", "b", "c"]
+    text = page.read_text()  # the run's table went into its own section and left another model's alone
+    section = text.split("<!-- group-conflicts-three-sft:start -->")[1].split("<!-- group-conflicts-three-sft:end -->")[0]
+    assert "| single |" in section and "| default_row |" in section and "other model" in text
+
+
+def test_a_results_section_per_data_file_trainer_and_base_model():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("group_conflicts_study", REPO / "experiments" / "group_conflicts.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    assert study.docs_marker("x/opinionqa-ideology.jsonl", "sft", "default") == "group-conflicts-opinionqa-ideology-sft"
+    assert study.docs_marker("x/a.jsonl", "dpo", "smollm2-135m-instruct") == "group-conflicts-a-dpo"
+    assert study.docs_marker("x/a.jsonl", "sft", "gemma3-270m") == "group-conflicts-a-sft-gemma3-270m"
+    assert study.docs_marker("a.jsonl", "sft", "Org/Model_1B") == "group-conflicts-a-sft-org-model-1b"
 
 
 def test_study_quick_dpo(tmp_path):
