@@ -304,6 +304,41 @@ def preference_pairs(items: Sequence[GroupItem], seed: int = 0) -> dict[str, lis
     return {"prompt": [r[0] for r in rows], "chosen": [r[1] for r in rows], "rejected": [r[2] for r in rows]}
 
 
+def group_choice_rows(items: Sequence[GroupItem], weighting: str = "counts") -> list[dict]:
+    """Choice rows for the stability criterion (:func:`trl_renyi.stability.choice_votes`), one per (item, group):
+    ``prompt`` (:func:`answer_prompt`), ``options`` (:func:`answer_completions`), ``label_counts`` (the group's votes)
+    and ``weight`` (of each vote: 1 for ``weighting="counts"``, 1/n for ``"distribution"``, where the group's
+    distribution weighs 1 as in :func:`group_vote_rows`). No group name: rows of one item differ only in their votes.
+    Measure them per row (a group's votes on an item together) or per vote (``unit="completion"``)."""
+    rows = []
+    for item in items:
+        for group in item.groups:
+            counts = item.groups[group]
+            if any(not float(c).is_integer() for c in counts):
+                raise ValueError(f"item {item.id!r}: group vote counts must be whole numbers for choice rows, got {counts}")
+            total = sum(counts)
+            rows.append({
+                "prompt": answer_prompt(item), "options": answer_completions(item),
+                "label_counts": [int(c) for c in counts], "weight": 1.0 if weighting == "counts" else 1.0 / total,
+            })  # fmt: skip
+        if weighting not in ("counts", "distribution"):
+            raise ValueError(f"weighting must be 'counts' or 'distribution', got {weighting!r}")
+    return rows
+
+
+def annotator_choice_rows(items: Sequence[GroupItem]) -> list[dict]:
+    """Choice rows for the stability criterion, one per annotator vote: ``prompt``, ``options``, ``label`` and the
+    annotator id in :data:`ANNOTATOR_COLUMN` (measure them with ``unit="source", source_key="annotator"``)."""
+    if not has_annotators(items):
+        missing = next(item.id for item in items if not item.annotations)
+        raise ValueError(f"item {missing!r} names no annotators: annotator rows need 'annotations' on every item")
+    return [
+        {"prompt": answer_prompt(item), "options": answer_completions(item), "label": option, ANNOTATOR_COLUMN: annotator}
+        for item in items
+        for annotator, _, option in item.annotations
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ evaluation targets
 def _entropy(distribution: Sequence[float]) -> float:
     return -sum(p * math.log(p) for p in distribution if p > 0)

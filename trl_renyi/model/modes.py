@@ -18,3 +18,12 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+def is_activation_checkpointing(model) -> bool:
+    """Whether the model recomputes activations in backward (transformers 5 renamed ``is_gradient_checkpointing``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(base), name):
+            return bool(getattr(model, name))
+    return False

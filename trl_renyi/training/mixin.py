@@ -14,7 +14,6 @@ import contextlib
 import logging
 
 import torch
-from peft import PeftModel
 from transformers import TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -22,6 +21,7 @@ from trl_renyi.compat import trainer_metrics
 from trl_renyi.model.layer import base_model_only, get_router, member_names, member_routing, routed_members
 from trl_renyi.model.lm_head import add_completion_lm_head
 from trl_renyi.model.loading import check_vocabulary
+from trl_renyi.model.modes import is_activation_checkpointing
 from trl_renyi.model.members import attach_ensemble, register_members_with_zero3, tile_for_members
 from trl_renyi.model.saved_format import ALPHA_METRIC
 from trl_renyi.model.shared_prompt import model_inputs_only
@@ -34,14 +34,6 @@ from trl_renyi.training.persistence import EnsemblePersistenceMixin
 from trl_renyi.training.step import ChunkPass, MemberLogLik, StepScope
 
 logger = logging.getLogger(__name__)
-
-
-def is_activation_checkpointing(model) -> bool:
-    """Whether the model recomputes activations in backward (transformers 5 renamed ``is_gradient_checkpointing``)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model.get_base_model() if isinstance(model, PeftModel) else model), name):
-            return bool(getattr(model, name))
-    return False
 
 
 class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
