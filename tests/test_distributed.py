@@ -91,6 +91,26 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(two_proc
         torch.testing.assert_close(rank0[key], reference[key], rtol=0, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
+def test_two_processes_resolve_alpha_auto_identically(tmp_path):
+    """alpha='auto' on two DDP processes: measured once (on the main process), the same resolution on both ranks, the
+    same α in force after the warm-up, and the same weights."""
+    overrides = {**DISTRIBUTED, "max_steps": 4, "alpha": "auto", "alpha_warmup_ratio": 0.5, "auto_alpha_null_draws": 10}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(CONFIGS / "ddp_cpu.yaml"), "--main_process_port", str(free_port()),
+        str(SCRIPT), "distributed", "--kind", "sft", "--output-dir", str(tmp_path), "--overrides", json.dumps(overrides),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    reports = [json.loads((tmp_path / "sft" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    first, second = (r["auto_alpha"] for r in reports)
+    assert first is not None and first == second and first["step"] == 2
+    assert reports[0]["alphas"] == reports[1]["alphas"] and reports[0]["alphas"][2:] == [first["alpha"]] * 2
+    rank0, rank1 = (load_file(str(tmp_path / "sft" / f"rank{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+
+
 def _lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoraLinear)]
 

@@ -152,6 +152,8 @@ def run_distributed(opts) -> None:
             "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
             "pid": os.getpid(),
             "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            "alphas": [entry["renyi/alpha"] for entry in trainer.state.log_history if "renyi/alpha" in entry],
+            "auto_alpha": trainer.auto_alpha.resolution.to_dict() if trainer.auto_alpha.resolution else None,
         }
         save_file(member_weights(trainer), str(out / f"rank{rank}.safetensors"))
         (out / f"rank{rank}.json").write_text(json.dumps(report))

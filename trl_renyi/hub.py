@@ -110,6 +110,14 @@ def model_card(
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{base_name or 'unknown'}`"
     warmup = float(metadata.get("alpha_warmup_ratio", 0.0) or 0.0)
     alpha_text = f"{alpha:g}" + (f" (held at 1 for the first {warmup:.0%} of the steps)" if warmup > 0 else "")
+    auto = metadata.get("alpha_auto")
+    if isinstance(auto, Mapping) and auto.get("lambda1") is not None:
+        alpha_text += (
+            f"; chosen by the stability criterion (`alpha='auto'`) at step {auto.get('step')}: λ₁ = "
+            f"{_fmt(auto['lambda1'])} against the null's {_fmt(auto.get('lambda_null'))} on {auto.get('num_units')} units"
+        )
+    elif isinstance(auto, Mapping):
+        alpha_text += "; `alpha='auto'`" + (f": {auto['reason']}" if auto.get("reason") else " (not yet resolved)")
     share = metadata.get("routing_share")
     results = metadata.get("eval_results")
     return ModelCard.from_template(

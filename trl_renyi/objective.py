@@ -48,20 +48,74 @@ class RenyiBound(NamedTuple):
 
 #: The Rényi order the trainers apply after the warm-up unless told otherwise (see docs/results.md).
 DEFAULT_ALPHA = -1.0
+#: ``alpha="auto"``: α chosen by the local stability criterion at the end of the warm-up (:mod:`trl_renyi.stability`)
+AUTO_ALPHA = "auto"
+
+
+def check_alpha(value, allow_auto: bool = False) -> float | str:
+    """α as a float (any finite value), or :data:`AUTO_ALPHA` where ``allow_auto``; otherwise ``ValueError`` naming it."""
+    if allow_auto and isinstance(value, str) and value.strip().lower() == AUTO_ALPHA:
+        return AUTO_ALPHA
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        alpha = math.nan
+    if isinstance(value, bool) or not math.isfinite(alpha):
+        expected = f"a finite float or {AUTO_ALPHA!r}" if allow_auto else "a finite float"
+        raise ValueError(f"alpha must be {expected}, got {value!r}.")
+    return alpha
+
+
+# ------------------------------------------------------------------------------------------ the settings, checked once
+# Each setting of the objective is checked here and nowhere else: the configs, the saved metadata, the member builder
+# and the bound itself call these, so a value has one valid range wherever it enters.
+
+
+def check_num_members(value) -> int:
+    """K, an integer ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"num_members must be an integer >= 1, got {value!r}.")
+    return value
+
+
+def check_member_weights(weights, num_members: int) -> list[float] | None:
+    """The prior mixture weights π: ``None`` (uniform) or ``num_members`` finite positive numbers, returned normalised."""
+    if weights is None:
+        return None
+    raw = list(weights.tolist() if isinstance(weights, torch.Tensor) else weights)
+    if len(raw) != num_members:
+        raise ValueError(f"member_weights must have num_members={num_members} entries, got {len(raw)}.")
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in raw):
+        raise ValueError(f"member_weights must be finite and positive, got {raw}.")
+    total = float(sum(raw))
+    return [float(w) / total for w in raw]
+
+
+def check_floor(value) -> float:
+    """The responsibility floor λ ∈ [0, 1) (λ = 1 would leave only the α = 1 bound, whatever α)."""
+    floor = math.nan if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+    if not 0.0 <= floor < 1.0:
+        raise ValueError(f"responsibility_floor must lie in [0, 1), got {value!r}.")
+    return floor
+
+
+def check_warmup_ratio(value) -> float:
+    """The share of the steps α is held at 1, in [0, 1]."""
+    ratio = math.nan if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"alpha_warmup_ratio must lie in [0, 1], got {value!r}.")
+    return ratio
 
 
 def normalized_log_weights(
     num_members: int, weights=None, device=None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Return :math:`\\log \\pi_k` for ``weights`` (positive, any scale; uniform when ``None``)."""
-    if weights is None:
+    check_num_members(num_members)
+    normalised = check_member_weights(weights, num_members)
+    if normalised is None:
         return torch.full((num_members,), -math.log(num_members), device=device, dtype=dtype)
-    w = torch.as_tensor(weights, device=device, dtype=torch.float64)
-    if w.shape != (num_members,):
-        raise ValueError(f"member_weights must have {num_members} entries, got shape {tuple(w.shape)}.")
-    if not torch.isfinite(w).all() or (w <= 0).any():
-        raise ValueError(f"member_weights must be finite and positive, got {w.tolist()}.")
-    return (w / w.sum()).log().to(dtype)
+    return torch.tensor(normalised, dtype=torch.float64).log().to(device=device, dtype=dtype)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,9 +157,7 @@ def renyi_bound(loglik: torch.Tensor, alpha: float, log_weights: torch.Tensor | 
     """
     if loglik.dim() != 2:
         raise ValueError(f"loglik must have shape (batch, num_members), got {tuple(loglik.shape)}.")
-    alpha = float(alpha)
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite float, got {alpha}.")
+    alpha = check_alpha(alpha)
     dtype = _accumulation_dtype(loglik.dtype)
     ll = loglik.to(dtype)
     num_members = ll.shape[-1]
@@ -139,14 +191,12 @@ def floored_renyi_bound(
     At small α a member whose responsibility for an example fell to ~0 receives no gradient from it, so it can
     forget what every member should know (the data's agreed part). The floor guarantees each member a share
     λ·π_k of every example's gradient: shared knowledge is kept, while the (1−λ) part still routes the
-    contradictory examples to specialists. λ = 0 is :func:`renyi_bound`; λ = 1 is the α = 1 bound.
+    contradictory examples to specialists. λ = 0 is :func:`renyi_bound`; as λ → 1 it tends to the α = 1 bound.
 
     Returns :class:`RenyiBound` whose ``responsibilities`` are the gradient weights
     :math:`(1-\lambda) r_{ik} + \lambda \pi_k` (how much example i trains member k).
     """
-    floor = float(floor)
-    if not 0.0 <= floor <= 1.0:
-        raise ValueError(f"responsibility_floor must lie in [0, 1], got {floor}.")
+    floor = check_floor(floor)
     bound = renyi_bound(loglik, alpha, log_weights)
     if floor == 0.0:
         return bound

@@ -1,4 +1,4 @@
-"""The ``trl-renyi`` command: ``trl-renyi {sft,dpo,eval,audit,demo} ...``, in the style of ``trl sft``.
+"""The ``trl-renyi`` command: ``trl-renyi {sft,dpo,eval,audit,demo,stability} ...``, in the style of ``trl sft``.
 
 Every command is a module of this package with the two functions of TRL's scripts: ``make_parser()`` (a
 :class:`~trl_renyi.cli.parsing.RenyiParser` over the command's dataclasses) and ``main(*parsed)`` (the parsed
@@ -17,12 +17,13 @@ COMMANDS = {
     "eval": ("eval", "Evaluate an ensemble (and baselines) on multiple-choice or preference data."),
     "audit": ("audit", "List the training examples the ensemble disagrees on most."),
     "demo": ("demo", "Train a small ensemble on the embedded model and show what it is for."),
+    "stability": ("stability", "When does spreading pay? The stability criterion, α* and a recommended α for a dataset."),
 }
 
 
 def usage() -> str:
     lines = ["usage: trl-renyi <command> [options]", "", "commands:"]
-    lines += [f"  {name:<7}{description}" for name, (_, description) in COMMANDS.items()]
+    lines += [f"  {name:<10}{description}" for name, (_, description) in COMMANDS.items()]
     lines.append("\nRun `trl-renyi <command> --help` for the options of a command.")
     return "\n".join(lines)
 

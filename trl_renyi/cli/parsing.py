@@ -8,6 +8,7 @@ missing files, data in the wrong format) into one line on stderr and exit status
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import re
@@ -39,8 +40,27 @@ def chat_field():
     )
 
 
+def parse_alpha(text: str) -> float | str:
+    """``--alpha``: a number, or ``auto`` (chosen by the stability criterion)."""
+    from trl_renyi.objective import check_alpha
+
+    try:
+        return check_alpha(text, allow_auto=True)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 class RenyiParser(TrlParser):
-    """``TrlParser`` with "did you mean" for unknown flags."""
+    """``TrlParser`` with "did you mean" for unknown flags, and ``--alpha`` taking a number or ``auto``.
+
+    (``HfArgumentParser`` turns the ``float | str`` field ``alpha`` into a float-only flag, so its type is set here.)"""
+
+    def __init__(self, dataclass_types=None, **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        for action in self._actions:
+            if action.dest == "alpha" and action.type is float:
+                action.type = parse_alpha
+                action.metavar = "{FLOAT,auto}"
 
     def known_flags(self) -> list[str]:
         return [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]

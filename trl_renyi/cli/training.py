@@ -178,3 +178,116 @@ def save_and_push(trainer, script_args, training_args) -> None:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
     trainer.end()
+
+
+# ------------------------------------------------------------------------------------------------ trl-renyi stability
+def stability_data(script_args, training_args, dataset_args, stability_args):
+    """``(fit rows, choice rows or None)`` of ``trl-renyi stability``: for a group-annotated file or choice rows
+    (``options`` with ``label`` / ``label_counts``) the rows one LoRA is fitted on and the choice rows the criterion is
+    measured on (exact Fisher); for any other data the checked training rows and ``None`` (the trainer's own rows
+    are measured)."""
+    from datasets import Dataset
+
+    from trl_renyi.data.group_conflicts import (
+        annotator_choice_rows,
+        group_choice_rows,
+        group_items_from_rows,
+        is_group_annotated,
+        pooled_vote_rows,
+    )
+
+    dataset = load_training_data(script_args, dataset_args, seed=training_args.seed)
+    split = script_args.dataset_train_split
+    if split not in dataset:
+        raise ValueError(f"dataset_train_split {split!r} not in the dataset's splits {list(dataset)}.")
+    train = dataset[split]
+    name = f"{script_args.dataset_name} (split {split!r})"
+    columns = train.column_names
+    if is_group_annotated(columns):
+        items = group_items_from_rows(train.to_list(), name)
+        rows = annotator_choice_rows(items) if stability_args.unit == "source" else group_choice_rows(items)
+        return Dataset.from_dict(pooled_vote_rows(items)), rows
+    if {"prompt", "options"} <= set(columns) and ({"label", "label_counts"} & set(columns)):
+        rows = train.to_list()
+        fit = {"prompt": [], "completions": [], "completion_weights": []}
+        for row in rows:
+            counts = row.get("label_counts") or [int(c == row["label"]) for c in range(len(row["options"]))]
+            fit["prompt"].append(row["prompt"])
+            fit["completions"].append(list(row["options"]))
+            fit["completion_weights"].append([float(c) for c in counts])
+        return Dataset.from_dict(fit), rows
+    kind = stability_args.trainer
+    text_field = training_args.dataset_text_field if kind == "sft" else "text"
+    return prepare_training_dataset(train, kind, name, text_field)[0], None
+
+
+def single_fit_trainer(fit_rows, stability_args, training_args, model_args):
+    """A one-member trainer (α = 1: plain TRL training) on ``fit_rows``, whose member 0 is θ*: fitted by
+    ``trainer.train()``, or holding ``stability_args.adapter`` (a PEFT adapter folder, or member
+    ``stability_args.member`` of a saved ensemble) when one is given."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    from trl_renyi.training.construction import coerce_config
+    from trl_renyi.training.dpo import RenyiDPOTrainer
+    from trl_renyi.training.sft import RenyiSFTTrainer
+
+    dpo = stability_args.trainer == "dpo"
+    fit_dir = str(Path(training_args.output_dir) / "fit")  # the fit's run files apart from the report
+    values = {"num_members": 1, "alpha": 1.0, "alpha_warmup_ratio": 0.0, "save_strategy": "no", "output_dir": fit_dir}
+    if dpo or stability_args.unit != "source":
+        values["source_column"] = None  # one member: routing by source would train exactly the same
+    args = dataclasses.replace(training_args, **values)
+    args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    if dpo:
+        from trl_renyi.training.config import RenyiDPOConfig
+
+        args = coerce_config(args, RenyiDPOConfig, model_args.model_name_or_path, "DPO")
+    adapter = _adapter_folder(stability_args)
+    peft_config = LoraConfig.from_pretrained(str(adapter)) if adapter else ensemble_peft_config(model_args)
+    trainer_class = RenyiDPOTrainer if dpo else RenyiSFTTrainer
+    trainer = trainer_class(model_args.model_name_or_path, args, train_dataset=fit_rows, peft_config=peft_config)
+    if adapter:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from trl_renyi.model.saved_format import ADAPTER_WEIGHTS
+
+        state = load_file(str(adapter / ADAPTER_WEIGHTS))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        result = set_peft_model_state_dict(model, state, adapter_name=trainer.member_names[0])
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"--adapter {adapter}: weights {result.unexpected_keys[:3]} do not fit the model.")
+    return trainer
+
+
+def _adapter_folder(stability_args) -> Path | None:
+    """The folder holding the adapter weights of ``--adapter`` (an ensemble's ``member_k/``), or ``None``."""
+    from trl_renyi.model.saved_format import ADAPTER_CONFIG, METADATA_FILE, member_names
+
+    if stability_args.adapter is None:
+        return None
+    folder = Path(stability_args.adapter).expanduser()
+    if (folder / METADATA_FILE).is_file():
+        folder = folder / member_names(stability_args.member + 1)[-1]
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"--adapter {stability_args.adapter}: no {ADAPTER_CONFIG} in {folder}.")
+    return folder
+
+
+def stability_votes(trainer, choice_rows, stability_args, source_column: str | None = None):
+    """The votes ``trl-renyi stability`` measures: the choice rows (group files keep annotator ids in
+    ``annotator``), or the trainer's own prepared rows per ``--unit`` (sources named by ``source_column``)."""
+    from trl_renyi.data.group_conflicts import ANNOTATOR_COLUMN
+    from trl_renyi.stability import choice_votes, pair_votes, sequence_votes
+
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    if choice_rows is not None:
+        source = source_column or ANNOTATOR_COLUMN
+        return choice_votes(choice_rows, tokenizer, unit=stability_args.unit, source_key=source)
+    if stability_args.trainer == "dpo":
+        return pair_votes(trainer.train_dataset, trainer.beta, unit=stability_args.unit, source_key=source_column)
+    if stability_args.unit == "source" and source_column is None:
+        raise ValueError("--unit source needs --source_column (the column naming each row's source).")
+    return sequence_votes(trainer.train_dataset, stability_args.unit)

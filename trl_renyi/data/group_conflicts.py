@@ -339,6 +339,69 @@ def annotator_choice_rows(items: Sequence[GroupItem]) -> list[dict]:
     ]
 
 
+#: The training rows a group-annotated file can become (``group_dataset(rows=...)``, ``--group_rows``), with the
+#: trainer settings each needs. Group names are dropped in every one.
+GROUP_ROWS = {
+    "vote": "every vote its own example: one prompt/completion row per annotator vote where annotators are named, "
+    "else one multi-annotator row per item weighted by the vote counts (SFT)",
+    "annotator": "one row per annotator vote carrying the annotator id, routed by annotator (source_column="
+    f"'{ANNOTATOR_COLUMN}'; SFT; needs annotations)",
+    "group": "one multi-annotator row per (item, group) holding that group's vote distribution, group unseen (SFT; "
+    "routed whole with multi_annotator_routing='row')",
+    "pooled": "one multi-annotator row per item, every group's distribution weighing 1 (SFT)",
+    "pairs": "one preference pair per (item, group): the group's majority against the rival answer (DPO)",
+}
+#: what each kind of rows needs from the trainer (config field -> value)
+GROUP_ROW_SETTINGS = {"annotator": {"source_column": ANNOTATOR_COLUMN}, "group": {"multi_annotator_routing": "row"}}
+
+
+def is_group_annotated(columns) -> bool:
+    """Whether a dataset's columns are those of a group-annotated file (``prompt``, ``options``, ``groups``)."""
+    return {"prompt", "options", "groups"} <= set(columns)
+
+
+def group_training_rows(items: Sequence[GroupItem], rows: str, seed: int = 0) -> dict[str, list]:
+    """The training rows ``rows`` (a key of :data:`GROUP_ROWS`) of ``items``, as dataset columns."""
+    if rows not in GROUP_ROWS:
+        raise ValueError(f"group rows must be one of {list(GROUP_ROWS)}, got {rows!r}")
+    if rows == "vote":
+        if has_annotators(items):
+            return {
+                "prompt": [answer_prompt(i) for i in items for _ in i.annotations],
+                "completion": [answer_completions(i)[option] for i in items for _, _, option in i.annotations],
+            }
+        return pooled_vote_rows(items, weighting="counts")
+    if rows == "annotator":
+        return annotator_vote_rows(items)
+    if rows == "group":
+        return group_vote_rows(items, seed=seed)
+    if rows == "pooled":
+        return pooled_vote_rows(items)
+    return preference_pairs(items, seed)
+
+
+def group_dataset(path, rows: str = "vote", seed: int = 0):
+    """A group-annotated file (:func:`read_group_items`) as a ``datasets.Dataset`` of training rows ``rows``
+    (:data:`GROUP_ROWS`), group names dropped. Train it with the settings of :data:`GROUP_ROW_SETTINGS` (e.g.
+    ``source_column="annotator"`` for ``rows="annotator"``)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(group_training_rows(read_group_items(path), rows, seed))
+
+
+def group_items_from_rows(records: Sequence[dict], source: str = "dataset") -> list[GroupItem]:
+    """Group items from rows already loaded (e.g. by ``datasets``), checked as :func:`read_group_items` checks a
+    file; errors name ``source`` and the row (counting from 0)."""
+    items = []
+    for index, row in enumerate(records):
+        row = {k: v for k, v in row.items() if v is not None}
+        try:
+            items.append(_parse_item(row, source, index))
+        except ValueError as error:
+            raise ValueError(str(error).replace(f", line {index}:", f", row {index} (counting from 0):")) from None
+    return items
+
+
 # ------------------------------------------------------------------------------------------------ evaluation targets
 def _entropy(distribution: Sequence[float]) -> float:
     return -sum(p * math.log(p) for p in distribution if p > 0)

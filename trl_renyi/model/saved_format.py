@@ -53,7 +53,7 @@ SETTINGS_FIELDS = (
     "responsibility_floor",
 )
 #: Fields of ``renyi_ensemble.json`` only the model card reads; kept when a loaded ensemble is saved again.
-CARD_FIELDS = ("trainer", "routing_share", "eval_results", "dataset_name")
+CARD_FIELDS = ("trainer", "routing_share", "eval_results", "dataset_name", "alpha_auto")
 #: The id of the save that wrote a folder: a field of ``renyi_ensemble.json`` and, under :data:`SAVE_ID_HEADER`, a
 #: key of every member's safetensors header.
 SAVE_ID_FIELD = "save_id"

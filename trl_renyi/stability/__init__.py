@@ -66,6 +66,7 @@ def measure_stability(
     null_samples: int = 2,
     seed: int = 0,
     show_progress: bool = True,
+    gradient_checkpointing_kwargs: dict | None = None,
 ) -> StabilityReport:
     r"""Measure the stability criterion of ``votes`` at ``model``'s fit.
 
@@ -81,6 +82,8 @@ def measure_stability(
             λ_1 that λ_1 must clear.
         max_units: measure on a random sample of at most this many units.
         fisher_samples, null_samples: sampled completions per free-text vote for the Fisher and for the null.
+        gradient_checkpointing_kwargs: how to switch gradient checkpointing on again after the measurement (which
+            runs without it), e.g. a trainer's ``args.gradient_checkpointing_kwargs``.
     """
     start = time.perf_counter()
     votes = subsample_units(votes, max_units, seed)
@@ -89,7 +92,7 @@ def measure_stability(
     try:
         table = gradient_table(
             model, tokenizer, votes, adapter=adapter, sketch_dim=sketch_dim, seed=seed, fisher_samples=fisher_samples,
-            null_samples=null_samples, progress=bar.update,
+            null_samples=null_samples, progress=bar.update, checkpointing_kwargs=gradient_checkpointing_kwargs,
         )  # fmt: skip
         spectrum = spread_spectrum(
             table, damping=damping, num_directions=num_directions, null_draws=null_draws, seed=seed,

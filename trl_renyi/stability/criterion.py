@@ -39,6 +39,14 @@ v = 1`, is :math:`v_j = L^{-\top}\hat A z_j/\sqrt{\lambda_j}` and **unit u's spl
 :math:`g_u^\top v_j = \sqrt{\lambda_j}\, z_{ju}`: its sign says on which side of the split the unit would go, its
 square its share :math:`\lambda_j z_{ju}^2` of :math:`v_j^\top F v_j = \lambda_j`.
 
+**Away from a fit.** The spread term does not depend on :math:`\sum_u g_u` (it enters only the mean shift
+:math:`\bar\delta`), but where the fit is unfinished the units share an ascent direction, and "one member up it,
+another down it" then scores as spread although moving both up is better. The spread directions are therefore taken
+orthogonal to the total gradient (:math:`v^\top \sum_u g_u = 0`; in whitened coordinates, the units' columns
+projected off their sum) whenever ``stationarity``, :math:`\lVert\sum_u \hat g_u\rVert^2 / \sum_u \lVert\hat
+g_u\rVert^2` (0 at a fit, 1 when every unit pulls the same way), exceeds :data:`STATIONARY`; closer to a fit the sum
+is treated as zero, its direction being mostly rounding.
+
 **The calibrated null.** Information equality makes every λ ≈ 1 *on average* for data drawn from the model, but the
 top eigenvalue of a finite sample sits above 1 by an amount that depends on N, P and the sketch. The null redraws
 every vote's outcome from the fitted model (exactly, for choices; from held-out samples, for free text), recomputes
@@ -140,11 +148,13 @@ class GradientTable:
 
     def unit_matrix(self, columns: torch.Tensor, index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``(D', U)``: :math:`\sum_{v\in u} w_v \sum_a n_{va}\, c_{i_{va}}` for per-outcome columns ``columns``
-        ``(D', M)``, outcome indices ``index`` ``(V, A)`` (−1: none) and counts ``counts`` ``(V, A)``."""
-        scale = counts.to(columns.dtype) * self.group_weight.to(columns.dtype)[:, None]  # (V, A)
-        gathered = columns[:, index.clamp(min=0).reshape(-1)].view(columns.shape[0], *index.shape)  # (D', V, A)
-        per_group = (gathered * scale.masked_fill(index < 0, 0)).sum(-1)  # (D', V)
-        return columns.new_zeros(columns.shape[0], self.num_units).index_add_(1, self.group_unit, per_group)
+        ``(D', M)``, outcome indices ``index`` ``(V, A)`` (−1: none) and counts ``counts`` ``(V, A)``: one product with
+        the ``(M, U)`` matrix of each outcome's total weight in each unit."""
+        scale = (counts.to(columns.dtype) * self.group_weight.to(columns.dtype)[:, None]).masked_fill(index < 0, 0.0)
+        units = self.group_unit[:, None].expand_as(index)
+        weights = columns.new_zeros(columns.shape[1], self.num_units)
+        weights.index_put_((index.clamp(min=0).reshape(-1), units.reshape(-1)), scale.reshape(-1), accumulate=True)
+        return columns @ weights
 
     def observed_matrix(self, columns: torch.Tensor) -> torch.Tensor:
         """The units' data gradients in the space of ``columns`` (:meth:`unit_matrix` of the observed counts)."""
@@ -183,6 +193,7 @@ class Spectrum:
         null_spectra: ``(draws, num_directions)`` the null's top eigenvalues, for the spectrum plot.
         damping: δ as used (absolute).
         directions: ``(num_directions, D)`` :math:`v_j` in the gradient space (parameter space when exact).
+        stationarity: how far the fit is from stationary (module docstring; 0 at a fit).
     """
 
     eigenvalues: list[float]
@@ -191,6 +202,7 @@ class Spectrum:
     null_spectra: torch.Tensor
     damping: float
     directions: torch.Tensor
+    stationarity: float = 0.0
 
     def null_quantile(self, level: float) -> float:
         if not self.null_top:
@@ -214,6 +226,25 @@ def _top_eigen(columns: torch.Tensor, count: int, vectors: bool):
     left = vecs.flip(1)[:, :count]  # (D, count)
     unit_vecs = columns.T @ left / values.clamp(min=1e-300).sqrt()
     return values, unit_vecs
+
+
+#: below this stationarity the units' sum is treated as zero (a fit): its direction is then rounding noise
+STATIONARY = 1e-3
+
+
+def stationarity(columns: torch.Tensor) -> float:
+    """:math:`\lVert\sum_u c_u\rVert^2 / \sum_u \lVert c_u\rVert^2` for columns ``(D, U)``."""
+    total = columns.sum(1)
+    return float(total @ total) / max(float((columns * columns).sum()), 1e-300)
+
+
+def off_total(columns: torch.Tensor) -> torch.Tensor:
+    """``columns`` ``(D, U)`` projected off their sum (see "Away from a fit" in the module docstring), unless their
+    :func:`stationarity` is below :data:`STATIONARY`."""
+    if stationarity(columns) < STATIONARY:
+        return columns
+    total = columns.sum(1, keepdim=True)
+    return columns - total @ (total.T @ columns) / float((total * total).sum())
 
 
 def relative_damping(table: GradientTable, fisher: torch.Tensor, damping: float) -> float:
@@ -244,7 +275,8 @@ def spread_spectrum(
     del fisher
     whitened = torch.linalg.solve_triangular(chol, table.vectors.to(dtype).T, upper=False)  # (D, M)
     count = max(1, min(num_directions, table.num_units))
-    data = table.observed_matrix(whitened)
+    raw = table.observed_matrix(whitened)
+    data = off_total(raw)
     values, unit_vecs = _top_eigen(data, count, vectors=True)
     scores = unit_vecs.T * values.sqrt()[:, None]  # (count, U)
     lead = scores.abs().argmax(dim=1)
@@ -255,7 +287,7 @@ def spread_spectrum(
     generator = torch.Generator().manual_seed(seed)
     null_top, null_spectra = [], []
     for _ in range(null_draws):
-        null = table.unit_matrix(whitened, table.null_index, table.sample_null_counts(generator))
+        null = off_total(table.unit_matrix(whitened, table.null_index, table.sample_null_counts(generator)))
         null_values, _ = _top_eigen(null, count, vectors=False)
         null_top.append(float(null_values[0]))
         null_spectra.append(torch.nn.functional.pad(null_values, (0, count - len(null_values))))
@@ -268,6 +300,7 @@ def spread_spectrum(
         null_spectra=torch.stack(null_spectra) if null_spectra else torch.zeros(0, count, dtype=dtype),
         damping=delta,
         directions=directions.T.contiguous(),
+        stationarity=stationarity(raw),
     )
 
 

@@ -51,8 +51,9 @@ def active_adapter(model, adapter: str | None) -> str:
 
 
 @contextmanager
-def measuring(model, adapter: str):
-    """The model as one adapter, in evaluation mode, without gradient checkpointing, its weights requiring gradients."""
+def measuring(model, adapter: str, checkpointing_kwargs: dict | None = None):
+    """The model as one adapter, in evaluation mode, without gradient checkpointing (switched on again afterwards with
+    ``checkpointing_kwargs``, e.g. the trainer's ``gradient_checkpointing_kwargs``), its weights requiring gradients."""
     from trl_renyi.compat import disable_gradient_checkpointing, quiet_checkpointing_alias
 
     router = _router(model)
@@ -61,7 +62,7 @@ def measuring(model, adapter: str):
         stack.enter_context(eval_mode(model))
         if is_activation_checkpointing(base):
             stack.enter_context(quiet_checkpointing_alias())
-            stack.enter_context(disable_gradient_checkpointing(base, None))
+            stack.enter_context(disable_gradient_checkpointing(base, checkpointing_kwargs))
         stack.enter_context(adapter_requires_grad(model, adapter))
         if router is not None:
             if adapter not in router.member_names:
@@ -245,7 +246,8 @@ def _option_differences_unshared(model, capture, items, votes, pad_id, device, p
 
 
 def choice_table(
-    model, tokenizer, votes: ChoiceVotes, adapter=None, sketch_dim=4096, seed=0, progress=None, share_prompt=None
+    model, tokenizer, votes: ChoiceVotes, adapter=None, sketch_dim=4096, seed=0, progress=None, share_prompt=None,
+    checkpointing_kwargs=None,
 ):  # fmt: skip
     """The :class:`GradientTable` of choice votes (exact Fisher). ``share_prompt``: run each item's prompt once for
     all its options (default: wherever the model takes the shared layout, see
@@ -257,7 +259,7 @@ def choice_table(
         share_prompt = shared_prompt_refusal(model) is None
     capture = LoraGradientCapture(model, adapter, sketch_dim, seed)
     differences = _option_differences_shared if share_prompt else _option_differences_unshared
-    with measuring(model, adapter):
+    with measuring(model, adapter, checkpointing_kwargs):
         per_item = differences(model, capture, items, votes, _pad_id(tokenizer), device, progress)
     blocks, probs, start, offset = [], [], {}, 0
     for item in items:
@@ -284,7 +286,7 @@ def choice_table(
 
 def sequence_table(
     model, tokenizer, votes: SequenceVotes, adapter=None, sketch_dim=4096, seed=0, fisher_samples=2, null_samples=2,
-    progress=None,
+    progress=None, checkpointing_kwargs=None,
 ):  # fmt: skip
     """The :class:`GradientTable` of free-text votes (Fisher and null from completions sampled along each prefix)."""
     if fisher_samples < 1 or null_samples < 1:
@@ -297,7 +299,7 @@ def sequence_table(
     vectors = torch.zeros(len(votes.input_ids) * draws, capture.dim, dtype=dtype)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     sampled_tokens: list = [None] * len(votes.input_ids)  # per vote: (draws − 1, completion tokens), for checks
-    with measuring(model, adapter):
+    with measuring(model, adapter, checkpointing_kwargs):
         for batch in _batches([len(s) for s in votes.input_ids]):
             ids, lab, mask = _pad([votes.input_ids[i] for i in batch], [votes.labels[i] for i in batch], _pad_id(tokenizer), device)
             capture.clear()
@@ -326,7 +328,9 @@ def sequence_table(
     return table
 
 
-def pair_table(model, tokenizer, votes: PairVotes, adapter=None, sketch_dim=4096, seed=0, progress=None):
+def pair_table(
+    model, tokenizer, votes: PairVotes, adapter=None, sketch_dim=4096, seed=0, progress=None, checkpointing_kwargs=None
+):  # fmt: skip
     """The :class:`GradientTable` of preference pairs (exact Bernoulli Fisher)."""
     adapter = active_adapter(model, adapter)
     device = next(model.parameters()).device
@@ -337,7 +341,7 @@ def pair_table(model, tokenizer, votes: PairVotes, adapter=None, sketch_dim=4096
             labels.append([-100] * len(prompt) + list(completion))
     capture = LoraGradientCapture(model, adapter, sketch_dim, seed)
     pad = _pad_id(tokenizer)
-    with measuring(model, adapter):
+    with measuring(model, adapter, checkpointing_kwargs):
         scores, grads = _sequence_scores(model, capture, sequences, labels, pad, device, progress)
         with torch.no_grad(), reference_model(model):
             reference = torch.zeros(len(sequences), dtype=torch.float64)
@@ -366,15 +370,17 @@ def pair_table(model, tokenizer, votes: PairVotes, adapter=None, sketch_dim=4096
 
 def gradient_table(
     model, tokenizer, votes, adapter=None, sketch_dim=4096, seed=0, fisher_samples=2, null_samples=2, progress=None,
-    share_prompt=None,
+    share_prompt=None, checkpointing_kwargs=None,
 ):  # fmt: skip
-    """The table of any kind of votes (``share_prompt``: see :func:`choice_table`)."""
+    """The table of any kind of votes (``share_prompt``: see :func:`choice_table`; ``checkpointing_kwargs``: see
+    :func:`measuring`)."""
+    common = dict(adapter=adapter, sketch_dim=sketch_dim, seed=seed, progress=progress, checkpointing_kwargs=checkpointing_kwargs)
     if isinstance(votes, ChoiceVotes):
-        return choice_table(model, tokenizer, votes, adapter, sketch_dim, seed, progress, share_prompt)
+        return choice_table(model, tokenizer, votes, share_prompt=share_prompt, **common)
     if isinstance(votes, SequenceVotes):
-        return sequence_table(model, tokenizer, votes, adapter, sketch_dim, seed, fisher_samples, null_samples, progress)
+        return sequence_table(model, tokenizer, votes, fisher_samples=fisher_samples, null_samples=null_samples, **common)
     if isinstance(votes, PairVotes):
-        return pair_table(model, tokenizer, votes, adapter, sketch_dim, seed, progress)
+        return pair_table(model, tokenizer, votes, **common)
     raise TypeError(f"votes must be ChoiceVotes, SequenceVotes or PairVotes, got {type(votes).__name__}")
 
 

@@ -31,6 +31,8 @@ class StabilityReport:
         significant: λ_1 > λ_0; ``num_significant``: how many eigenvalues clear λ_0.
         recommended_alpha: the geometric middle of [α_bulk, α*_floor) when significant, else 1; ``reason`` says why.
         unit_names: the units; ``scores``: per top direction, every unit's split score g_uᵀv_j.
+        stationarity: how far the fit is from stationary, ‖Σ_u ĝ_u‖² / Σ_u ‖ĝ_u‖² in the whitened metric (0 at a
+            fit; the spread directions are taken orthogonal to the total gradient either way).
         seconds: wall time of the measurement.
     """
 
@@ -58,6 +60,7 @@ class StabilityReport:
     reason: str
     unit_names: list = field(default_factory=list)
     scores: list[list[float]] = field(default_factory=list)
+    stationarity: float = 0.0
     seconds: float = 0.0
 
     @property
@@ -105,6 +108,7 @@ class StabilityReport:
             reason=reason,
             unit_names=[_name(u) for u in table.unit_names],
             scores=spectrum.scores.tolist(),
+            stationarity=spectrum.stationarity,
             seconds=float(seconds),
         )
 
@@ -125,7 +129,7 @@ class StabilityReport:
             f"Stability criterion over {self.num_units} {self.unit} units ({self.num_votes} {self.kind} votes; "
             f"P = {self.num_parameters:,} adapter parameters, "
             + ("exact gradients" if self.sketch_dim is None else f"sketched to D = {self.sketch_dim}")
-            + f"; damping {self.damping:g} votes of curvature)",
+            + f"; damping {self.damping:g} votes of curvature; stationarity {self.stationarity:.3g}, 0 at a fit)",
             "  top eigenvalues: " + ", ".join(f"{v:.3g}" for v in self.eigenvalues[:8]),
             f"  null λ1 over {len(self.null_top)} draws of labels from the fitted model: {quantiles}",
             f"  critical α* = 1 − 1/λ1 = {self.alpha_critical:.3f}; with the floor φ = {self.floor:g}: "

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from trl import DPOConfig, SFTConfig
 
 from trl_renyi.model.saved_format import SETTINGS_FIELDS
-from trl_renyi.objective import DEFAULT_ALPHA
+from trl_renyi.objective import (
+    AUTO_ALPHA,
+    DEFAULT_ALPHA,
+    check_alpha,
+    check_floor,
+    check_member_weights,
+    check_num_members,
+    check_warmup_ratio,
+)
 
 
 @dataclass
@@ -30,13 +38,16 @@ class RenyiEnsembleArguments:
         default=4,
         metadata={"help": "Number K of LoRA members in the ensemble (>= 1). K = 1 reproduces plain TRL training."},
     )
-    alpha: float = field(
+    alpha: float | str = field(
         default=DEFAULT_ALPHA,
         metadata={
             "help": "Rényi order α of the objective J = 1/(1-α)·log Σ_k π_k exp((1-α)ℓ_k), applied after the warm-up. "
             "α → 1: independent deep ensemble (every member fits everything); α = 0: predictive mixture "
             "(complementary specialists); α < 0: sharper, winner-take-all routing, where specialists strictly beat "
-            "hedging on two-way conflicts; α > 1: soft minimum. Default -1 (see docs/results.md)."
+            "hedging on two-way conflicts; α > 1: soft minimum. 'auto': chosen at the end of the warm-up by the local "
+            "stability criterion, measured on auto_alpha_units training units: members spread along the directions "
+            "that clear a calibrated null and not along the bulk, and α stays 1 when nothing clears it (see "
+            "docs/method.md). Default -1 (see docs/results.md)."
         },
     )
     member_weights: list[float] | None = field(
@@ -75,6 +86,28 @@ class RenyiEnsembleArguments:
             "specialising on what it contradicts. 0 disables it."
         },
     )
+    auto_alpha_units: int = field(
+        default=256,
+        metadata={
+            "help": "alpha='auto': how many training units (rows, completions, pairs or sources, as the bound takes "
+            "them) the stability criterion is measured on at the end of the warm-up, drawn at random."
+        },
+    )
+    auto_alpha_damping: float = field(
+        default=1.0,
+        metadata={
+            "help": "alpha='auto': the prior's curvature added to the model's Fisher, in votes' worth of its mean "
+            "curvature (δ = damping · tr G / Σ w); LoRA has flat directions that only a prior makes finite."
+        },
+    )
+    auto_alpha_null_draws: int = field(
+        default=20,
+        metadata={"help": "alpha='auto': draws of labels from the fitted model for the null that λ1 must clear (q95)."},
+    )
+    auto_alpha_sketch_dim: int = field(
+        default=4096,
+        metadata={"help": "alpha='auto': dimension of the count sketch of the members' per-example gradients."},
+    )
     member_chunk_size: int | None = field(
         default=None,
         metadata={
@@ -106,31 +139,14 @@ class RenyiEnsembleArguments:
     )
 
     def _validate_renyi_fields(self) -> None:
-        if isinstance(self.num_members, bool) or not isinstance(self.num_members, int) or self.num_members < 1:
-            raise ValueError(f"num_members must be an integer >= 1, got {self.num_members!r}.")
-        try:
-            alpha = float(self.alpha)
-        except (TypeError, ValueError):
-            raise ValueError(f"alpha must be a finite float, got {self.alpha!r}.") from None
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite float, got {self.alpha!r}.")
-        self.alpha = alpha
-        if self.member_weights is not None:
-            weights = list(self.member_weights)
-            if len(weights) != self.num_members:
-                raise ValueError(
-                    f"member_weights must have num_members={self.num_members} entries, got {len(weights)}."
-                )
-            if not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights):
-                raise ValueError(f"member_weights must be finite and positive, got {weights}.")
-            total = float(sum(weights))
-            self.member_weights = [float(w) / total for w in weights]
+        self.num_members = check_num_members(self.num_members)
+        self.alpha = check_alpha(self.alpha, allow_auto=True)
+        self.member_weights = check_member_weights(self.member_weights, self.num_members)
         if self.loglik_reduction not in ("sum", "mean"):
             raise ValueError(f"loglik_reduction must be 'sum' or 'mean', got {self.loglik_reduction!r}.")
-        if not (0.0 <= float(self.alpha_warmup_ratio) <= 1.0):
-            raise ValueError(f"alpha_warmup_ratio must lie in [0, 1], got {self.alpha_warmup_ratio!r}.")
-        if not (0.0 <= float(self.responsibility_floor) < 1.0):
-            raise ValueError(f"responsibility_floor must lie in [0, 1), got {self.responsibility_floor!r}.")
+        self.alpha_warmup_ratio = check_warmup_ratio(self.alpha_warmup_ratio)
+        self.responsibility_floor = check_floor(self.responsibility_floor)
+        check_auto_alpha(self)
         if self.member_chunk_size is not None and (
             isinstance(self.member_chunk_size, bool)
             or not isinstance(self.member_chunk_size, int)
@@ -161,6 +177,27 @@ class RenyiEnsembleArguments:
     def renyi_metadata(self) -> dict:
         """The ensemble settings, as written to ``renyi_ensemble.json`` (``saved_format.SETTINGS_FIELDS``)."""
         return {field: getattr(self, field) for field in SETTINGS_FIELDS}
+
+
+def check_auto_alpha(args) -> None:
+    """The fields of ``alpha='auto'``: a warm-up to measure at the end of, and sizes of the measurement."""
+    for name in ("auto_alpha_units", "auto_alpha_null_draws", "auto_alpha_sketch_dim"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    damping = args.auto_alpha_damping
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (math.isfinite(damping) and damping > 0):
+        raise ValueError(f"auto_alpha_damping must be a positive number, got {damping!r}.")
+    if args.alpha == AUTO_ALPHA and getattr(args, "packing", False):
+        raise ValueError(
+            "alpha='auto' measures every training unit on its own, which packed rows (several examples in one row) "
+            "do not allow: set packing=False or alpha to a number."
+        )
+    if args.alpha == AUTO_ALPHA and args.alpha_warmup_ratio == 0 and args.num_members > 1:
+        raise ValueError(
+            "alpha='auto' measures the stability criterion at the end of the α = 1 warm-up, when every member has "
+            "fitted all the data; with alpha_warmup_ratio=0 there is no warm-up. Set alpha_warmup_ratio > 0."
+        )
 
 
 #: TrainingArguments fields redefined here (same meaning, a default that does not trip a deprecation warning)

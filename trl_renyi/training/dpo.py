@@ -39,6 +39,8 @@ from trl_renyi.compat import (
 from trl_renyi.model.layer import get_router
 from trl_renyi.model.modes import eval_mode
 from trl_renyi.model.shared_prompt import attention_implementation, pack_preference_pairs
+from trl_renyi.stability.votes import pair_votes
+from trl_renyi.training.auto_alpha import sample_rows
 from trl_renyi.training.config import RenyiDPOConfig
 from trl_renyi.training.construction import construct_ensemble, model_init_kwargs_spent, resolve_share_prompt
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin
@@ -100,6 +102,12 @@ def check_likelihood_loss(args) -> None:
             "(Bradley–Terry log σ(m)) and 'robust' (its label-noise-corrected estimate) are; hinge, IPO, EXO, NCA, "
             "BCO, SPPO, AOT, APO, DiscoPOP, SFT and combinations of several losses are margins, regressions or "
             "sums whose exp(−loss) is no probability of the preference, and a mixture of them means nothing."
+        )
+    if args.alpha == "auto" and (args.f_divergence_type != "reverse_kl" or args.ld_alpha is not None):
+        raise ValueError(
+            "alpha='auto' measures the stability criterion with the Bradley–Terry likelihood log σ(m) of the plain DPO "
+            f"margin; with f_divergence_type={args.f_divergence_type!r} and ld_alpha={args.ld_alpha!r} the trained "
+            "margin is another one. Set alpha to a number, or use the reverse KL without ld_alpha."
         )
     if args.use_weighting:
         raise ValueError(
@@ -261,6 +269,10 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         # once per step, also when members are processed in chunks
         return self._once("reference", inputs["input_ids"], lambda: self.compute_ref_log_probs(self.model, inputs))
+
+    def stability_votes(self, count: int, seed: int):
+        """``alpha="auto"``: about ``count`` training pairs as :class:`~trl_renyi.stability.PairVotes` at this β."""
+        return pair_votes(sample_rows(self.train_dataset, count, seed), self.beta)
 
     # ------------------------------------------------------------------ objective (the mixin's template)
     def _member_loglik(self, model, inputs: dict):

@@ -26,6 +26,9 @@ from trl_renyi.objective import (
     RenyiBound,
     SourceBound,
     alpha_at_step,
+    check_alpha,
+    check_floor,
+    check_warmup_ratio,
     floored_renyi_bound,
     normalized_log_weights,
     routing_entropy,
@@ -52,15 +55,16 @@ class EnsembleObjective:
     floor: float = 0.0
 
     @classmethod
-    def from_args(cls, args, member_names) -> EnsembleObjective:
-        """From a :class:`~trl_renyi.training.config.RenyiEnsembleArguments` (``alpha``, ``alpha_warmup_ratio``,
-        ``member_weights``, ``responsibility_floor``)."""
+    def from_args(cls, args, member_names, alpha: float | None = None) -> EnsembleObjective:
+        """From a :class:`~trl_renyi.training.config.RenyiEnsembleArguments` as it is now (``alpha``,
+        ``alpha_warmup_ratio``, ``member_weights``, ``responsibility_floor``), each checked by its one definition in
+        :mod:`trl_renyi.objective`; ``alpha`` given here replaces ``args.alpha`` (the resolution of ``"auto"``)."""
         return cls(
             member_names=tuple(member_names),
             log_weights=normalized_log_weights(len(member_names), args.member_weights),
-            alpha=float(args.alpha),
-            warmup_ratio=float(args.alpha_warmup_ratio),
-            floor=float(getattr(args, "responsibility_floor", 0.0)),
+            alpha=check_alpha(args.alpha if alpha is None else alpha),
+            warmup_ratio=check_warmup_ratio(args.alpha_warmup_ratio),
+            floor=check_floor(getattr(args, "responsibility_floor", 0.0)),
         )
 
     @property

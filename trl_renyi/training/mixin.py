@@ -26,7 +26,8 @@ from trl_renyi.model.members import attach_ensemble, register_members_with_zero3
 from trl_renyi.model.saved_format import ALPHA_METRIC
 from trl_renyi.model.shared_prompt import model_inputs_only
 from trl_renyi.model.trunk import enable_shared_trunk
-from trl_renyi.objective import RenyiBound
+from trl_renyi.objective import AUTO_ALPHA, RenyiBound
+from trl_renyi.training.auto_alpha import AutoAlpha
 from trl_renyi.training.config import RenyiEnsembleArguments
 from trl_renyi.training.datasets import report_dropped_examples
 from trl_renyi.training.ensemble_objective import EnsembleObjective
@@ -43,7 +44,8 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
     def _finish_ensemble_setup(self) -> None:
         args: RenyiEnsembleArguments = self.args
         self.member_names = member_names(args.num_members)
-        self.objective = EnsembleObjective.from_args(args, self.member_names)
+        self.auto_alpha = AutoAlpha(self)  # resolves alpha="auto" at the end of the warm-up (a no-op otherwise)
+        self.add_callback(self.auto_alpha)
         # TRL may have touched PEFT's active adapter (which freezes the others): every member trains.
         peft_model = self.accelerator.unwrap_model(self.model)
         check_vocabulary(peft_model, self.processing_class)  # before a token id past the embeddings fails a step
@@ -56,6 +58,17 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
     @property
     def num_members(self) -> int:
         return self.args.num_members
+
+    @property
+    def objective(self) -> EnsembleObjective:
+        """The objective as ``self.args`` says at this moment (read at use, as TRL reads its own settings, so that a
+        value set on ``trainer.args`` after construction — e.g. by ``hyperparameter_search`` — is the one trained
+        with), with ``alpha="auto"`` replaced by its resolution (1 until the end of the warm-up)."""
+        return EnsembleObjective.from_args(self.args, self.member_names, alpha=self.alpha_after_warmup())
+
+    def alpha_after_warmup(self) -> float:
+        """The α that applies after the warm-up: ``args.alpha``, or the resolution of ``"auto"``."""
+        return self.auto_alpha.alpha if self.args.alpha == AUTO_ALPHA else float(self.args.alpha)
 
     # ------------------------------------------------------------------ forward
     def member_forward(self, model, inputs: dict):
@@ -302,6 +315,8 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
                 metrics[key] = [value]  # the α in force at the last step logged, not a mean over the window
             else:
                 metrics[key].append(value)
+        for key, value in self.auto_alpha.metrics().items():  # alpha="auto": what α was chosen from
+            metrics[key] = [value]
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, *args, **kwargs):

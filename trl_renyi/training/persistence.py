@@ -36,6 +36,7 @@ from trl_renyi.model.saved_format import (
     read_metadata,
 )
 from trl_renyi.model.saving import check_save_target, copy_ensemble, save_ensemble
+from trl_renyi.objective import AUTO_ALPHA
 from trl_renyi.training.checkpoint import AtomicCheckpointMixin
 from trl_renyi.training.source_routing import MEMORY_FILE as SOURCE_MEMORY_FILE
 
@@ -104,16 +105,20 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
         return RenyiEnsemble(
             model,
             self.processing_class,
-            alpha=self.args.alpha,
+            alpha=self.alpha_after_warmup(),
             member_weights=self.args.member_weights,
             metadata=self._ensemble_metadata(model),
         )
 
     def _ensemble_metadata(self, model) -> dict:
         """``renyi_ensemble.json`` content, with the logged routing shares and eval figures for the model card."""
+        alpha = self.alpha_after_warmup()
         extra = {"trainer": type(self).__name__}
-        extra.update(training_record(self.state.log_history, self.args.num_members, self.args.alpha))
-        return ensemble_metadata(model, self.args.renyi_metadata(), extra)
+        if self.args.alpha == AUTO_ALPHA:  # what α was chosen from (not yet resolved: the warm-up's α = 1)
+            resolution = self.auto_alpha.resolution
+            extra["alpha_auto"] = resolution.to_dict() if resolution is not None else {"resolved": False}
+        extra.update(training_record(self.state.log_history, self.args.num_members, alpha))
+        return ensemble_metadata(model, {**self.args.renyi_metadata(), "alpha": alpha}, extra)
 
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict=None):
@@ -134,11 +139,13 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
         )
 
     def _write_model_and_routing_state(self, transformers_save, folder, state_dict) -> None:
-        """transformers' save into ``folder``, plus the source-routing memory where the run routes by source (so a
-        resumed run continues the stochastic EM where it stopped, instead of from an empty memory)."""
+        """transformers' save into ``folder``, plus the routing state a resumed run needs: the source-routing memory
+        where the run routes by source (so the stochastic EM continues where it stopped, instead of from an empty
+        memory) and the resolution of ``alpha="auto"`` (so a resumed run keeps the α it chose)."""
         transformers_save(str(folder), state_dict)
         if self.source_memory is not None:
             torch.save(self.source_memory.state_dict(), Path(folder) / SOURCE_MEMORY_FILE)
+        self.auto_alpha.save(folder)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
         """TRL's model-card hook (called on checkpoints and ``push_to_hub``): renders the card of the ensemble saved
@@ -208,6 +215,7 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
         load_member_weights(model, best, self.member_names)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self.auto_alpha.load(resume_from_checkpoint)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
