@@ -161,7 +161,7 @@ def reference_eigen(gradients, fisher, total_weight, damping=DAMPING):
     total = inverse @ gradients.sum(1)  # the total gradient, whitened; treated as zero close to a fit
     whitened = inverse @ gradients
     projector = torch.eye(size, dtype=torch.float64)
-    if total @ total > 1e-3 * (whitened * whitened).sum():
+    if total @ total > 1e-3 * whitened.shape[1] * (whitened * whitened).sum():
         projector -= torch.outer(total, total) / (total @ total)
     values, vectors = torch.linalg.eigh(projector @ inverse @ gradients @ gradients.T @ inverse.T @ projector)
     values, vectors = values.flip(0), vectors.flip(1)
@@ -506,3 +506,21 @@ def test_stability_command_on_a_group_file_writes_json_and_plot(tmp_path, tiny_m
     assert main(["stability", *common, "--adapter", str(out / "fit"), "--output_dir", str(again)]) == 0
     repeat = json_module.loads((again / "stability.json").read_text())
     assert repeat["eigenvalues"] == pytest.approx(report["eigenvalues"], rel=1e-4)
+
+
+def test_an_item_cache_measures_other_units_without_another_forward(planted, tok, monkeypatch):
+    from trl_renyi.stability import gradients as gradients_module
+
+    model, _ = planted
+    cache = {}
+    options = dict(sketch_dim=None, null_draws=0, damping=DAMPING, show_progress=False, item_cache=cache)
+    measure_stability(model, tok, choice_votes(planted_rows(), tok, unit="source", source_key="annotator"), **options)
+    fresh = measure_stability(model, tok, choice_votes(planted_rows(), tok, unit="row"), sketch_dim=None, null_draws=0,
+                              damping=DAMPING, show_progress=False)  # fmt: skip
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a cached item was scored again")
+
+    monkeypatch.setattr(gradients_module, "_option_differences_shared", no_forward)
+    cached = measure_stability(model, tok, choice_votes(planted_rows(), tok, unit="row"), **options)
+    assert cached.eigenvalues == pytest.approx(fresh.eigenvalues, rel=1e-9)

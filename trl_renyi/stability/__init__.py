@@ -67,6 +67,7 @@ def measure_stability(
     seed: int = 0,
     show_progress: bool = True,
     gradient_checkpointing_kwargs: dict | None = None,
+    item_cache: dict | None = None,
 ) -> StabilityReport:
     r"""Measure the stability criterion of ``votes`` at ``model``'s fit.
 
@@ -84,6 +85,8 @@ def measure_stability(
         fisher_samples, null_samples: sampled completions per free-text vote for the Fisher and for the null.
         gradient_checkpointing_kwargs: how to switch gradient checkpointing on again after the measurement (which
             runs without it), e.g. a trainer's ``args.gradient_checkpointing_kwargs``.
+        item_cache: choice votes only: a dict keeping every item's gradients, so that the same items of the same model
+            measured again with other units run no second forward (pass the same dict each time).
     """
     start = time.perf_counter()
     votes = subsample_units(votes, max_units, seed)
@@ -93,6 +96,7 @@ def measure_stability(
         table = gradient_table(
             model, tokenizer, votes, adapter=adapter, sketch_dim=sketch_dim, seed=seed, fisher_samples=fisher_samples,
             null_samples=null_samples, progress=bar.update, checkpointing_kwargs=gradient_checkpointing_kwargs,
+            item_cache=item_cache,
         )  # fmt: skip
         spectrum = spread_spectrum(
             table, damping=damping, num_directions=num_directions, null_draws=null_draws, seed=seed,

@@ -43,9 +43,9 @@ square its share :math:`\lambda_j z_{ju}^2` of :math:`v_j^\top F v_j = \lambda_j
 :math:`\bar\delta`), but where the fit is unfinished the units share an ascent direction, and "one member up it,
 another down it" then scores as spread although moving both up is better. The spread directions are therefore taken
 orthogonal to the total gradient (:math:`v^\top \sum_u g_u = 0`; in whitened coordinates, the units' columns
-projected off their sum) whenever ``stationarity``, :math:`\lVert\sum_u \hat g_u\rVert^2 / \sum_u \lVert\hat
-g_u\rVert^2` (0 at a fit, 1 when every unit pulls the same way), exceeds :data:`STATIONARY`; closer to a fit the sum
-is treated as zero, its direction being mostly rounding.
+projected off their sum) whenever ``stationarity``, :math:`\lVert\sum_u \hat g_u\rVert^2 / (U\sum_u
+\lVert\hat g_u\rVert^2)` (0 at a fit, 1 when every unit pulls the same way), exceeds :data:`STATIONARY`; closer to
+a fit the sum is treated as zero, its direction being mostly rounding.
 
 **The calibrated null.** Information equality makes every λ ≈ 1 *on average* for data drawn from the model, but the
 top eigenvalue of a finite sample sits above 1 by an amount that depends on N, P and the sketch. The null redraws
@@ -210,9 +210,22 @@ class Spectrum:
         return float(torch.quantile(torch.tensor(self.null_top, dtype=torch.float64), level))
 
 
+#: above this size (the smaller side of the ``(D, U)`` columns) the top eigenpairs come from a randomised SVD
+EXACT_EIGEN_LIMIT = 1024
+
+
 def _top_eigen(columns: torch.Tensor, count: int, vectors: bool):
-    """Top eigenvalues (and unit-space eigenvectors) of ``columnsᵀ columns`` for ``columns`` ``(D, U)``."""
+    """Top eigenvalues (and unit-space eigenvectors) of ``columnsᵀ columns`` for ``columns`` ``(D, U)``: exact up to
+    :data:`EXACT_EIGEN_LIMIT`, beyond it a randomised SVD (``torch.svd_lowrank`` with 8 power iterations, seeded)."""
     d, u = columns.shape
+    if min(d, u) > EXACT_EIGEN_LIMIT:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        try:
+            _, singular, right = torch.svd_lowrank(columns, q=min(count + 10, min(d, u)), niter=8)
+        finally:
+            torch.random.set_rng_state(state)
+        return singular[:count] ** 2, (right[:, :count] if vectors else None)
     if u <= d:
         values, vecs = torch.linalg.eigh(columns.T @ columns) if vectors else (torch.linalg.eigvalsh(columns.T @ columns), None)
         values = values.flip(0)[:count].clamp(min=0)
@@ -233,9 +246,10 @@ STATIONARY = 1e-3
 
 
 def stationarity(columns: torch.Tensor) -> float:
-    """:math:`\lVert\sum_u c_u\rVert^2 / \sum_u \lVert c_u\rVert^2` for columns ``(D, U)``."""
+    """:math:`\lVert\sum_u c_u\rVert^2 / (U \sum_u \lVert c_u\rVert^2)` for columns ``(D, U)``: 0 when they sum
+    to zero, 1 when they are all equal."""
     total = columns.sum(1)
-    return float(total @ total) / max(float((columns * columns).sum()), 1e-300)
+    return float(total @ total) / max(columns.shape[1] * float((columns * columns).sum()), 1e-300)
 
 
 def off_total(columns: torch.Tensor) -> torch.Tensor:

@@ -247,11 +247,13 @@ def _option_differences_unshared(model, capture, items, votes, pad_id, device, p
 
 def choice_table(
     model, tokenizer, votes: ChoiceVotes, adapter=None, sketch_dim=4096, seed=0, progress=None, share_prompt=None,
-    checkpointing_kwargs=None,
+    checkpointing_kwargs=None, item_cache: dict | None = None,
 ):  # fmt: skip
     """The :class:`GradientTable` of choice votes (exact Fisher). ``share_prompt``: run each item's prompt once for
     all its options (default: wherever the model takes the shared layout, see
-    :func:`~trl_renyi.model.shared_prompt.shared_prompt_refusal`)."""
+    :func:`~trl_renyi.model.shared_prompt.shared_prompt_refusal`). ``item_cache``: a dict that keeps each item's
+    option scores and gradients, so that measuring the same items of the same model again with other units (per vote,
+    per group, per annotator) runs no second forward; pass the same dict with the same ``sketch_dim`` and ``seed``."""
     adapter = active_adapter(model, adapter)
     device = next(model.parameters()).device
     items = sorted(set(votes.group_item))  # items without a vote (e.g. after subsampling units) are not scored
@@ -259,8 +261,16 @@ def choice_table(
         share_prompt = shared_prompt_refusal(model) is None
     capture = LoraGradientCapture(model, adapter, sketch_dim, seed)
     differences = _option_differences_shared if share_prompt else _option_differences_unshared
-    with measuring(model, adapter, checkpointing_kwargs):
-        per_item = differences(model, capture, items, votes, _pad_id(tokenizer), device, progress)
+    cache = item_cache if item_cache is not None else {}
+    key = {item: (tuple(votes.prompt_ids[item]), tuple(map(tuple, votes.option_ids[item])), capture.dim, seed) for item in items}
+    missing = [item for item in items if key[item] not in cache]
+    if progress is not None:
+        progress(sum(len(votes.option_ids[item]) for item in items if item not in missing))
+    if missing:
+        with measuring(model, adapter, checkpointing_kwargs):
+            computed = differences(model, capture, missing, votes, _pad_id(tokenizer), device, progress)
+        cache.update({key[item]: value for item, value in computed.items()})
+    per_item = {item: cache[key[item]] for item in items}
     blocks, probs, start, offset = [], [], {}, 0
     for item in items:
         scores, d = per_item[item]
@@ -370,13 +380,13 @@ def pair_table(
 
 def gradient_table(
     model, tokenizer, votes, adapter=None, sketch_dim=4096, seed=0, fisher_samples=2, null_samples=2, progress=None,
-    share_prompt=None, checkpointing_kwargs=None,
+    share_prompt=None, checkpointing_kwargs=None, item_cache=None,
 ):  # fmt: skip
-    """The table of any kind of votes (``share_prompt``: see :func:`choice_table`; ``checkpointing_kwargs``: see
-    :func:`measuring`)."""
+    """The table of any kind of votes (``share_prompt``, ``item_cache``: see :func:`choice_table`;
+    ``checkpointing_kwargs``: see :func:`measuring`)."""
     common = dict(adapter=adapter, sketch_dim=sketch_dim, seed=seed, progress=progress, checkpointing_kwargs=checkpointing_kwargs)
     if isinstance(votes, ChoiceVotes):
-        return choice_table(model, tokenizer, votes, share_prompt=share_prompt, **common)
+        return choice_table(model, tokenizer, votes, share_prompt=share_prompt, item_cache=item_cache, **common)
     if isinstance(votes, SequenceVotes):
         return sequence_table(model, tokenizer, votes, fisher_samples=fisher_samples, null_samples=null_samples, **common)
     if isinstance(votes, PairVotes):

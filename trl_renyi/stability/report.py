@@ -31,8 +31,9 @@ class StabilityReport:
         significant: λ_1 > λ_0; ``num_significant``: how many eigenvalues clear λ_0.
         recommended_alpha: the geometric middle of [α_bulk, α*_floor) when significant, else 1; ``reason`` says why.
         unit_names: the units; ``scores``: per top direction, every unit's split score g_uᵀv_j.
-        stationarity: how far the fit is from stationary, ‖Σ_u ĝ_u‖² / Σ_u ‖ĝ_u‖² in the whitened metric (0 at a
-            fit; the spread directions are taken orthogonal to the total gradient either way).
+        stationarity: how far the fit is from stationary, ‖Σ_u ĝ_u‖² / (U Σ_u ‖ĝ_u‖²) in the whitened metric (0 at a
+            fit, 1 when every unit pulls the same way); above 1e-3 the spread directions are taken orthogonal to the
+            total gradient.
         seconds: wall time of the measurement.
     """
 
