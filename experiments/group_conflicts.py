@@ -21,7 +21,11 @@ other group's rejected one — for ``single``, ``alpha1``, ``alpha0``, ``default
 
 Settings: ``base`` (zero-shot), ``single`` (one LoRA, K = 1), ``independent`` (K separately trained LoRAs mixed
 uniformly), ``alpha1`` (the ensemble at α = 1), ``alpha0`` (α = 0), ``default`` (the library's defaults: α = −1
-after a warm-up of half the steps, floor 0.1), ``default_row`` and ``default_source`` as above.
+after a warm-up of half the steps, floor 0.1), ``default_row`` and ``default_source`` as above; ``auto`` and
+``auto_source`` (the defaults with ``alpha="auto"``: α chosen by the stability criterion at the end of the warm-up,
+pooled rows or routed by annotator); ``cluster`` (files with annotator ids: the two-stage baseline with the same ids —
+the annotators clustered by their agreement on the training items, Cohen's κ, into as many clusters as the file has
+groups, without their names, then one LoRA per cluster on its annotators' votes, scored as an ensemble).
 
 Metrics per setting (held-out items unless named ``train_*``; definitions in
 :mod:`trl_renyi.evaluation.group_conflicts`): ``auroc_mi_contested``, ``auroc_entropy_contested``,
@@ -30,15 +34,28 @@ Metrics per setting (held-out items unless named ``train_*``; definitions in
 ``group_nll``, ``train_auroc_mi_contested`` (training items scored as ``trl-renyi audit`` scores SFT data, pooled
 majority as the completion, ranked by its default score), ``mixture_nll`` and ``pooled_jsd`` (mixture vs all votes
 pooled), ``accuracy`` (vs the pooled majority), ``ece``, ``member_agreed_accuracy`` (each member's accuracy on the
-agreed items: a member that has become a label specialist loses it), and ``seconds`` with its split. Plots: MI against the
-between-group JSD per setting; member × group alignment on held-out contested items.
+agreed items: a member that has become a label specialist loses it), and ``seconds`` with its split; the field's own
+scores — LeWiDi 2023's soft-label cross-entropy ``lewidi_ce`` (targets the pooled vote shares, predictions clipped as
+its scorer clips them) and micro-F1 ``lewidi_f1`` against the pooled majority, and where annotators are named the
+per-annotator macro-F1 ``annotator_macro_f1`` (each annotator's labels predicted by the member that explains that
+annotator best on the training items); within the items where anyone disagrees (the pooled vote is not unanimous),
+the AUROC for contested items of MI, of the aleatoric and of the total entropy (``auroc_*_disputed``; the ``single``
+row's total entropy is one LoRA's); Spearman ρ of MI, total and aleatoric entropy with the between-group JSD.
+Anchors per file (``anchors`` in the JSON): the training-prior baseline and the human shares themselves (the
+oracle floor) under the same scores, and the share of contested items observed against the share when each item's
+votes are dealt to the groups at random. Plots: MI against the between-group JSD per setting; member × group alignment
+on held-out contested items.
+
+With ``--seeds 0,1,2`` every setting is trained and scored once per seed (``DIR/seed{s}/group_conflicts.json``) and
+``DIR/group_conflicts.json`` holds the mean and standard deviation over the seeds each setting has (``sd``).
 
 Usage:
 
     python experiments/group_conflicts.py --data ../shared/data/group-conflicts/hs-brexit.jsonl --output_dir DIR
     python experiments/group_conflicts.py --data FILE --output_dir DIR --settings single,alpha1,default
     python experiments/group_conflicts.py --data FILE --output_dir DIR --trainer dpo
-    python experiments/group_conflicts.py --data FILE --output_dir DIR --quick      # tiny model: a smoke test
+    python experiments/group_conflicts.py --data FILE --output_dir DIR --seeds 0,1,2 --settings single,default_source
+    python experiments/group_conflicts.py --data FILE --output_dir DIR --quick      # tiny random model: a smoke test
 
 Results accumulate: settings already in ``DIR/group_conflicts.json`` from an earlier run with the same data and
 sizes are kept unless run again.
@@ -65,8 +82,13 @@ SETTINGS = {
     "default": None,  # the library's defaults, filled at run time
     "default_row": None,
     "default_source": None,
+    "auto": None,
+    "auto_source": None,
+    "cluster": {"label": "two-stage: annotators clustered by agreement, one LoRA per cluster"},
 }
-SFT_ONLY = ("default_row", "default_source")
+SFT_ONLY = ("default_row", "default_source", "auto_source", "cluster")
+#: settings that need annotator ids
+ANNOTATED_ONLY = ("default_source", "auto_source", "cluster")
 RESULT_FILE = "group_conflicts.json"
 
 
@@ -77,9 +99,18 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True, help=f"folder for {RESULT_FILE} and the plots")
     parser.add_argument("--trainer", default="sft", choices=("sft", "dpo"))
     parser.add_argument("--settings", default=None, help="comma-separated, from: " + ",".join(SETTINGS) + " (default: all that apply)")
-    parser.add_argument("--quick", action="store_true", help="tiny offline model and few items: a smoke test in seconds")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="a smoke test of the pipeline, not a measurement: a tiny random offline model (not the embedded one), 8 "
+        "training items, 2 members, a few steps; its numbers mean nothing",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds: every setting once per seed, mean ± sd")
     parser.add_argument("--held_out_share", type=float, default=0.3, help="share of the items held out (without --eval_data)")
+    parser.add_argument(
+        "--held_out_split", default=None,
+        help="hold out the items of this split of --data (e.g. HS-Brexit's dev) instead of a stratified share",
+    )  # fmt: skip
     parser.add_argument("--max_train_items", type=int, default=None, help="at most this many training items (stratified); default all")
     parser.add_argument("--epochs", type=float, default=None, help="passes over the training items (default 2; quick 2)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded alias, local path or Hub id")
@@ -104,6 +135,7 @@ def parse_args(argv=None):
             parser.error(f"{[s for s in names if s in SFT_ONLY]} are SFT settings (--trainer sft)")
         names = [s for s in names if s not in SFT_ONLY]
     args.settings = names
+    args.seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else None
     args.epochs = args.epochs or 2.0
     args.learning_rate = args.learning_rate or (1e-3 if args.trainer == "sft" else 5e-4)
     if args.quick:
@@ -123,6 +155,11 @@ def load_items(args):
         train, held_out = items, read_group_items(args.eval_data)
         if set(held_out[0].groups) != set(train[0].groups):
             raise ValueError(f"--eval_data groups {sorted(held_out[0].groups)} differ from --data's {sorted(train[0].groups)}")
+    elif args.held_out_split:
+        held_out = [i for i in items if i.split == args.held_out_split]
+        train = [i for i in items if i.split != args.held_out_split]
+        if not held_out or not train:
+            raise ValueError(f"--held_out_split {args.held_out_split!r} leaves {len(train)} training and {len(held_out)} held-out items")
     else:
         train, held_out = stratified_split(items, args.held_out_share, args.seed)
     if args.quick:
@@ -140,19 +177,22 @@ def training_rows(setting: str, trainer: str, train: list, seed: int) -> dict:
         return preference_pairs(train, seed)
     if setting == "default_row":
         return group_vote_rows(train, seed=seed)
-    if setting == "default_source":
+    if setting in ("default_source", "auto_source"):
         return annotator_vote_rows(train)
     return pooled_vote_rows(train)
 
 
 def setting_run(name: str, args) -> dict:
     run = dict(SETTINGS[name] or {})
-    if name.startswith("default"):
+    if name.startswith(("default", "auto")):
         run = runs.library_defaults()
+        if name.startswith("auto"):
+            run["alpha"] = "auto"
+            run["label"] = run["label"].replace(f"α = {runs.library_defaults()['alpha']:g}", "α chosen by the stability criterion")
         if name == "default_row":
             run["config"] = {"multi_annotator_routing": "row"}
             run["label"] += ", one row per (item, group), row routing"
-        if name == "default_source":
+        if name.endswith("_source"):
             run["config"] = {"source_column": "annotator"}
             run["label"] += ", one row per annotator vote, routed by annotator"
     run.setdefault("num_members", args.num_members)
@@ -168,6 +208,8 @@ def train_setting(name: str, args, base, tokenizer, train: list, budget: dict):
 
     if name == "base":
         return SingleModel(base, tokenizer, name="base", use_chat_template=False)
+    if name == "cluster":
+        return train_clusters(args, base, tokenizer, train, budget)
     rows = training_rows(name, args.trainer, train, args.seed)
     dataset = Dataset.from_dict(rows)
     first = "chosen" if args.trainer == "dpo" else "completions"
@@ -184,6 +226,39 @@ def train_setting(name: str, args, base, tokenizer, train: list, budget: dict):
     return model, budget["steps"]
 
 
+def train_clusters(args, base, tokenizer, train: list, budget: dict):
+    """``cluster``: the annotators clustered by agreement on the training items (as many clusters as groups, names
+    unseen), one LoRA per cluster on its annotators' votes (the same passes over them as every setting), mixed
+    uniformly. Returns ``(ensemble, steps)``; the clusters are recorded on the ensemble for the report."""
+    from datasets import Dataset
+
+    from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
+    from trl_renyi.data.group_conflicts import annotator_vote_rows
+    from trl_renyi.evaluation.group_conflicts import cluster_annotators
+
+    clusters = cluster_annotators(train, len(train[0].groups))
+    rows = annotator_vote_rows(train)
+    singles, total = [], 0
+    for cluster in range(len(set(clusters.values()))):
+        keep = [[j for j, a in enumerate(annotators) if clusters[a] == cluster] for annotators in rows["annotator"]]
+        part = {
+            "prompt": [p for p, k in zip(rows["prompt"], keep) if k],
+            "completions": [[c[j] for j in k] for c, k in zip(rows["completions"], keep) if k],
+            "completion_weights": [[w[j] for j in k] for w, k in zip(rows["completion_weights"], keep) if k],
+        }
+        steps = max(1, math.ceil(args.epochs * len(part["prompt"]) / args.batch_size))
+        total += steps
+        print(f"    cluster {cluster}: {sum(v == cluster for v in clusters.values())} annotators, {steps} steps", flush=True)
+        singles.append(runs.train_ensemble(
+            RenyiSFTTrainer, RenyiSFTConfig, base, tokenizer, Dataset.from_dict(part), dict(budget, steps=steps),
+            {"num_members": 1, "alpha": 1.0, "seed": args.seed + cluster},
+        ))  # fmt: skip
+    model = runs.combine_independent(singles, base, tokenizer, args.lora_r)
+    model.use_chat_template = False
+    model.clusters = clusters
+    return model, total
+
+
 # ------------------------------------------------------------------------------------------------------------ scoring
 def predict(model, items: list) -> list:
     from trl_renyi.data.group_conflicts import answer_completions, answer_prompt
@@ -197,7 +272,7 @@ def predict(model, items: list) -> list:
 
 def evaluate(model, held_out: list, train: list) -> dict:
     """The metrics of the module docstring (without ``train_auroc_mi_contested``, see :func:`audit_auroc`)."""
-    from trl_renyi.data.group_conflicts import group_targets
+    from trl_renyi.data.group_conflicts import group_targets, has_annotators
     from trl_renyi.evaluation.distributions import jensen_shannon_distances, spearman
     from trl_renyi.evaluation.group_conflicts import (
         alignment_matrix,
@@ -207,6 +282,10 @@ def evaluate(model, held_out: list, train: list) -> dict:
         cross_entropy,
         group_alignment,
         group_cross_entropy,
+        lewidi_cross_entropy,
+        majority_label,
+        micro_f1,
+        per_annotator_macro_f1,
     )
     from trl_renyi.evaluation.metrics import expected_calibration_error
 
@@ -220,9 +299,13 @@ def evaluate(model, held_out: list, train: list) -> dict:
     jsd = [t["between_group_jsd"] for t in targets]
     member_probs = [p.member_probs.double() for p in predictions]
 
-    # each group's best member, chosen on the contested training items
-    train_contested = [i for i in train if i.contested]
-    train_predictions = predict(model, train_contested)
+    # each group's best member, chosen on the contested training items (every training item is scored where
+    # annotators are named: the per-annotator F1 picks each annotator's member on all of them)
+    annotated = has_annotators(train) and has_annotators(held_out)
+    scored_train = train if annotated else [i for i in train if i.contested]
+    scored_predictions = predict(model, scored_train)
+    train_contested = [i for i in scored_train if i.contested]
+    train_predictions = [p for i, p in zip(scored_train, scored_predictions) if i.contested]
     train_targets = [group_targets(i) for i in train_contested]
     best = best_members(
         [p.member_probs.double() for p in train_predictions],
@@ -233,9 +316,29 @@ def evaluate(model, held_out: list, train: list) -> dict:
     distributions = {g: [t["distributions"][g] for t in targets] for g in groups}
     pooled = [t["pooled"] for t in targets]
     probs = [p.probs.double().tolist() for p in predictions]
-    pooled_majority = [max(range(len(q)), key=q.__getitem__) for q in pooled]
+    pooled_majority = [majority_label(q) for q in pooled]
     correct = [p.prediction == m for p, m in zip(predictions, pooled_majority)]
+    aleatoric = [h - m for h, m in zip(entropy, mi)]
+    disputed = [i for i, q in enumerate(pooled) if max(q) < 1.0]  # anyone disagrees
+    field_scores = {
+        "lewidi_ce": lewidi_cross_entropy(pooled, probs),
+        "lewidi_f1": micro_f1(pooled_majority, [p.prediction for p in predictions]),
+        "auroc_mi_disputed": contested_auroc([mi[i] for i in disputed], [contested[i] for i in disputed]),
+        "auroc_aleatoric_disputed": contested_auroc([aleatoric[i] for i in disputed], [contested[i] for i in disputed]),
+        "auroc_entropy_disputed": contested_auroc([entropy[i] for i in disputed], [contested[i] for i in disputed]),
+        "spearman_entropy_group_jsd": spearman(entropy, jsd),
+        "spearman_aleatoric_group_jsd": spearman(aleatoric, jsd),
+        "disputed_items": len(disputed),
+    }
+    if annotated:
+        f1 = per_annotator_macro_f1(
+            [p.member_probs.double() for p in scored_predictions], [[(a, o) for a, _, o in i.annotations] for i in train],
+            member_probs, [[(a, o) for a, _, o in i.annotations] for i in held_out],
+        )  # fmt: skip
+        field_scores["annotator_macro_f1"] = f1["mean"]
+        field_scores["annotator_members"] = f1["members"]
     return {
+        **field_scores,
         "auroc_mi_contested": contested_auroc(mi, contested),
         "auroc_entropy_contested": contested_auroc(entropy, contested),
         "auroc_mi_contested_vs_split": contested_vs_split_auroc(mi, contested, within),
@@ -339,14 +442,19 @@ def plot_alignment(results: dict, groups: list[str], path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------- report
-COLUMNS = (
+#: the field's scores (LeWiDi 2023, perspectivist) and calibration
+FIELD_COLUMNS = (
+    ("lewidi_ce", "soft CE ↓"), ("lewidi_f1", "micro-F1 ↑"), ("annotator_macro_f1", "per-annotator macro-F1 ↑"),
+    ("mixture_nll", "NLL ↓"), ("pooled_jsd", "JSD ↓"), ("ece", "ECE ↓"), ("seconds", "s"),
+)  # fmt: skip
+#: does the epistemic signal find the groups' conflict, and does a member speak for each group?
+SIGNAL_COLUMNS = (
     ("auroc_mi_contested", "AUROC MI ↑"), ("auroc_entropy_contested", "AUROC H ↑"),
-    ("auroc_mi_contested_vs_split", "AUROC MI vs split ↑"), ("auroc_entropy_contested_vs_split", "AUROC H vs split ↑"),
-    ("spearman_mi_group_jsd", "ρ(MI, JSD) ↑"), ("group_alignment", "alignment ↑"),
+    ("auroc_mi_disputed", "AUROC MI, disputed ↑"), ("auroc_aleatoric_disputed", "AUROC aleatoric, disputed"),
+    ("auroc_entropy_disputed", "AUROC H, disputed ↑"), ("spearman_mi_group_jsd", "ρ(MI, JSD) ↑"),
+    ("spearman_entropy_group_jsd", "ρ(H, JSD)"), ("group_alignment", "alignment ↑"),
     ("best_member_group_nll", "best-member group NLL ↓"), ("group_nll", "group NLL ↓"),
-    ("train_auroc_mi_contested", "train AUROC ↑"), ("mixture_nll", "NLL ↓"), ("pooled_jsd", "JSD ↓"),
-    ("accuracy", "acc. ↑"), ("ece", "ECE ↓"), ("mi_contested", "MI contested"), ("mi_agreed", "MI agreed"),
-    ("seconds", "s"),
+    ("train_auroc_mi_contested", "train AUROC ↑"), ("mi_contested", "MI contested"), ("mi_agreed", "MI agreed"),
 )  # fmt: skip
 
 
@@ -362,8 +470,40 @@ def docs_marker(data: str, trainer: str, model: str) -> str:
     return f"{marker}-" + "".join(c if c.isalnum() or c in "-." else "-" for c in name.lower()).strip("-")
 
 
+def _cell(payload: dict, name: str, key: str) -> str:
+    value = payload["settings"][name].get(key)
+    digits = 0 if key == "seconds" else 3
+    sd = (payload.get("sd") or {}).get(name, {}).get(key)
+    return runs.fmt(value, digits) + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
 def table(payload: dict) -> str:
-    return runs.metrics_table(payload["settings"], COLUMNS)
+    """Two tables (the field's scores with the anchors as rows; the uncertainty and group figures), mean ± sd over the
+    seeds where the payload is a summary of several."""
+    seeds = payload.get("seeds")
+    parts = []
+    for columns, anchor_rows in ((FIELD_COLUMNS, True), (SIGNAL_COLUMNS, False)):
+        shown = [(k, t) for k, t in columns if any(k in m for m in payload["settings"].values())]
+        lines = ["| setting |" + (" seeds |" if seeds else "") + " " + " | ".join(t for _, t in shown) + " |"]
+        lines.append("|---" * (len(shown) + 1 + bool(seeds)) + "|")
+        for name in payload["settings"]:
+            cells = [_cell(payload, name, k) for k, _ in shown]
+            lines.append(f"| {name} |" + (f" {len(seeds.get(name, []))} |" if seeds else "") + " " + " | ".join(cells) + " |")
+        anchors_ = payload.get("anchors") or {}
+        if anchor_rows and anchors_:
+            for label, ce, f1 in (("training prior", "prior_lewidi_ce", "prior_lewidi_f1"), ("human shares (floor)", "oracle_lewidi_ce", None)):
+                cells = [runs.fmt(anchors_.get(ce), 3) if k == "lewidi_ce" else runs.fmt(anchors_.get(f1), 3) if k == "lewidi_f1" and f1 else "–" for k, _ in shown]
+                lines.append(f"| *{label}* |" + (" – |" if seeds else "") + " " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    anchors_ = payload.get("anchors") or {}
+    if anchors_:
+        parts.append(
+            f"Contested items: {anchors_['contested_share']:.3f} of the evaluated ones ({anchors_['contested_share_by_chance']:.3f} "
+            f"if each item's votes were dealt to the groups at random), {anchors_['train_contested_share']:.3f} of the training "
+            f"ones ({anchors_['train_contested_share_by_chance']:.3f} by chance); {anchors_['tied_majorities']} evaluated items "
+            "have a tied pooled majority (the first option counts)."
+        )
+    return "\n\n".join(parts)
 
 
 def earlier_results(path: Path, config: dict) -> dict:
@@ -378,38 +518,86 @@ def earlier_results(path: Path, config: dict) -> dict:
     return payload.get("settings", {})
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    clock = runs.Stopwatch()
-    train, held_out = load_items(args)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def anchors(train: list, held_out: list, seed: int) -> dict:
+    """Where a model sits between the field's anchors on the evaluated items: the training-prior baseline and the
+    human shares themselves (oracle floor) under LeWiDi's scores, and the share of contested items observed against
+    the share when each item's votes are dealt to its groups at random."""
+    from trl_renyi.evaluation.group_conflicts import (
+        chance_contested_share,
+        lewidi_cross_entropy,
+        majority_label,
+        micro_f1,
+        training_prior,
+    )
+
+    pooled = [i.pooled_distribution() for i in held_out]
+    gold = [majority_label(q) for q in pooled]
+    prior = training_prior([i.pooled_distribution() for i in train], [len(q) for q in pooled])
+    return {
+        "prior_lewidi_ce": lewidi_cross_entropy(pooled, prior),
+        "prior_lewidi_f1": micro_f1(gold, [majority_label(p) for p in prior]),
+        "oracle_lewidi_ce": lewidi_cross_entropy(pooled, pooled),
+        "tied_majorities": sum(1 for q in pooled if list(q).count(max(q)) > 1),
+        "contested_share": sum(i.contested for i in held_out) / len(held_out),
+        "contested_share_by_chance": chance_contested_share(held_out, draws=200, seed=seed),
+        "train_contested_share": sum(i.contested for i in train) / len(train),
+        "train_contested_share_by_chance": chance_contested_share(train, draws=200, seed=seed),
+    }
+
+
+def cluster_report(model, train: list) -> dict:
+    """The ``cluster`` setting's clusters and how pure they are in the (hidden) groups: per cluster, the share of its
+    annotators from its most common group."""
+    group_of = {a: g for item in train for a, g, _ in item.annotations}
+    clusters = model.clusters
+    purity = []
+    for cluster in sorted(set(clusters.values())):
+        members = [group_of[a] for a, c in clusters.items() if c == cluster]
+        purity.append(max(members.count(g) for g in set(members)) / len(members))
+    return {"clusters": clusters, "cluster_purity": sum(purity) / len(purity)}
+
+
+def run_seed(args, seed: int, out_dir: Path) -> dict:
+    """Every setting of ``args`` trained and scored with ``seed``; the results accumulate in ``out_dir``."""
     from trl_renyi.data.group_conflicts import has_annotators
 
-    if "default_source" in args.settings and not has_annotators(train):
-        print("default_source: the training items name no annotators; setting skipped.", flush=True)
-        args.settings = [s for s in args.settings if s != "default_source"]
+    clock = runs.Stopwatch()
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
+    train, held_out = load_items(args)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = list(args.settings)
+    for name in ANNOTATED_ONLY:
+        if name in settings and not has_annotators(train):
+            print(f"{name}: the training items name no annotators; setting skipped.", flush=True)
+            settings.remove(name)
     groups = list(train[0].groups)
+    if args.quick:  # the smoke test: one member per group, the fewest that can hold them
+        args.num_members = len(groups)
+    ensembles = [n for n in settings if n not in ("base", "single", "cluster") and (setting_run(n, args).get("num_members") or 0) > 1]
+    if ensembles and args.num_members < len(groups):
+        raise ValueError(f"--num_members {args.num_members} is below the {len(groups)} groups: K ≥ groups is needed for a member per group")
     print(
         f"{args.data}: {len(train)} training items ({sum(i.contested for i in train)} contested), {len(held_out)} "
         f"evaluated ({sum(i.contested for i in held_out)} contested); groups {groups} (evaluation only); "
-        f"trainer {args.trainer}.",
+        f"trainer {args.trainer}; seed {seed}."
+        + (" Quick smoke test: a tiny random model, numbers meaningless." if args.quick else ""),
         flush=True,
     )
     base, tokenizer = runs.load_base(args.quick, args.model)
     budget = {
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "lora_r": args.lora_r,
-        "member_init_std": 1e-3, "seed": args.seed, "max_length": None,
+        "member_init_std": 1e-3, "seed": seed, "max_length": None,
         "bf16": False if args.quick else runs.resolve_precision(args.precision),
         "extra_config": {"padding_free": True} if args.trainer == "sft" else {},
     }  # fmt: skip
     # the precision as resolved on this machine, so that results of another precision are not mixed in
-    config = {**vars(args), "precision": "bf16" if budget["bf16"] else "fp32"}
+    config = {**{k: v for k, v in vars(args).items() if k != "seeds"}, "precision": "bf16" if budget["bf16"] else "fp32"}
     results = earlier_results(out_dir / RESULT_FILE, config)
-    for index, name in enumerate(args.settings, start=1):
+    anchor_values = anchors(train, held_out, seed)
+    for index, name in enumerate(settings, start=1):
         run_clock = runs.Stopwatch()
         label = setting_run(name, args).get("label", name) if name != "base" else SETTINGS["base"]["label"]
-        print(f"[{index}/{len(args.settings)}] {name}: {label} ...", flush=True)
+        print(f"[{index}/{len(settings)}] {name}: {label} ...", flush=True)
         trained = train_setting(name, args, base, tokenizer, train, budget)
         model, steps = trained if isinstance(trained, tuple) else (trained, 0)
         phases = {"train_seconds": run_clock.seconds()}
@@ -418,12 +606,17 @@ def main(argv=None) -> int:
         metrics["train_auroc_mi_contested"] = audit_auroc(model, train)
         phases["audit_seconds"] = run_clock.seconds() - phases["train_seconds"] - phases["eval_seconds"]
         metrics.update(phases, label=label, steps=steps, seconds=run_clock.seconds())
+        if name == "cluster":
+            metrics.update(cluster_report(model, train))
+        resolution = getattr(getattr(model, "metadata", None) or {}, "get", lambda key: None)("alpha_auto")
+        if resolution:
+            metrics["alpha_auto"] = resolution
         results[name] = metrics
         print(
             f"    {run_clock}: AUROC MI {runs.fmt(metrics['auroc_mi_contested'], 3)}, AUROC H "
-            f"{runs.fmt(metrics['auroc_entropy_contested'], 3)}, vs split MI {runs.fmt(metrics['auroc_mi_contested_vs_split'], 3)} "
-            f"/ H {runs.fmt(metrics['auroc_entropy_contested_vs_split'], 3)}, alignment {runs.fmt(metrics['group_alignment'], 3)}, "
-            f"train AUROC {runs.fmt(metrics['train_auroc_mi_contested'], 3)} ("
+            f"{runs.fmt(metrics['auroc_entropy_contested'], 3)}, LeWiDi CE {runs.fmt(metrics['lewidi_ce'], 3)} (prior "
+            f"{runs.fmt(anchor_values['prior_lewidi_ce'], 3)}, oracle {runs.fmt(anchor_values['oracle_lewidi_ce'], 3)}), "
+            f"alignment {runs.fmt(metrics['group_alignment'], 3)}, train AUROC {runs.fmt(metrics['train_auroc_mi_contested'], 3)} ("
             + ", ".join(f"{k.removesuffix('_seconds')} {v:.0f} s" for k, v in phases.items()) + ")",
             flush=True,
         )
@@ -433,11 +626,13 @@ def main(argv=None) -> int:
             "data": str(args.data),
             "eval_data": args.eval_data,
             "config": config,
+            "seed": seed,
             "items": {
                 "train": len(train), "train_contested": sum(i.contested for i in train),
                 "held_out": len(held_out), "held_out_contested": sum(i.contested for i in held_out),
             },  # fmt: skip
             "groups": groups,
+            "anchors": anchor_values,
             "settings": {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in results.items()},
             "plots": {
                 "mi_vs_group_jsd": plot_mi_against_group_jsd(
@@ -451,6 +646,54 @@ def main(argv=None) -> int:
         for n, r in results.items():
             payload["settings"][n]["_mi"], payload["settings"][n]["_jsd"] = r.get("_mi"), r.get("_jsd")
         runs.save_json(out_dir / RESULT_FILE, payload)
+    return json.loads((out_dir / RESULT_FILE).read_text()) if (out_dir / RESULT_FILE).is_file() else {}
+
+
+def summarise(out_dir: Path) -> dict:
+    """Mean and standard deviation over the seed folders of ``out_dir`` (each setting over the seeds it has)."""
+    import statistics
+
+    per_seed = {}
+    for path in sorted(out_dir.glob("seed*/" + RESULT_FILE)):
+        payload = json.loads(path.read_text())
+        per_seed[payload.get("seed", path.parent.name)] = payload
+    if not per_seed:
+        raise SystemExit(f"no seed*/{RESULT_FILE} in {out_dir}")
+    first = next(iter(per_seed.values()))
+    names = list(dict.fromkeys(n for p in per_seed.values() for n in p["settings"]))
+    means, spread, seeds = {}, {}, {}
+    for name in names:
+        runs_of = {seed: p["settings"][name] for seed, p in per_seed.items() if name in p["settings"]}
+        seeds[name] = sorted(runs_of)
+        keys = [k for k, v in next(iter(runs_of.values())).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        means[name], spread[name] = {"label": next(iter(runs_of.values())).get("label")}, {}
+        for key in keys:
+            values = [r[key] for r in runs_of.values() if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+            if values:
+                means[name][key] = statistics.fmean(values)
+                spread[name][key] = statistics.stdev(values) if len(values) > 1 else None
+    anchor_keys = first.get("anchors", {})
+    summary = {
+        "data": first["data"], "config": first["config"], "items": first["items"], "groups": first["groups"],
+        "anchors": {k: statistics.fmean(p["anchors"][k] for p in per_seed.values() if "anchors" in p) for k in anchor_keys},
+        "settings": means, "sd": spread, "seeds": seeds,
+        "per_seed": {str(seed): str(out_dir / f"seed{seed}" / RESULT_FILE) for seed in per_seed},
+        "plots": {str(seed): p.get("plots") for seed, p in per_seed.items()},
+    }  # fmt: skip
+    runs.save_json(out_dir / RESULT_FILE, summary)
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    clock = runs.Stopwatch()
+    out_dir = Path(args.output_dir)
+    if args.seeds:
+        for seed in args.seeds:
+            run_seed(args, seed, out_dir / f"seed{seed}")
+        payload = summarise(out_dir)
+    else:
+        payload = run_seed(args, args.seed, out_dir)
     print(table(payload))
     print(f"Wrote {out_dir / RESULT_FILE} and the plots in {clock}.")
     if args.docs:

@@ -126,10 +126,12 @@ def test_reader_refuses_bad_json_duplicates_other_groups_and_empty(tmp_path):
 # ---------------------------------------------------------------------------------------------------- row builders
 def test_rows_carry_no_group_names(tmp_path):
     items = read_group_items(write(tmp_path / "two.jsonl", two_group_rows()))
-    for rows in (group_vote_rows(items), pooled_vote_rows(items), annotator_vote_rows(items), preference_pairs(items)):
+    for rows in (group_vote_rows(items), pooled_vote_rows(items), preference_pairs(items)):
         text = json.dumps(rows)
-        assert '"g1"' not in text and '"g2"' not in text and "g1-0" not in text.replace("g1-0", "", 0) or True
+        assert '"g1' not in text and '"g2' not in text  # neither a group name nor an annotator id named after one
         assert "group" not in rows
+    annotator_text = json.dumps({k: v for k, v in annotator_vote_rows(items).items() if k != "annotator"})
+    assert '"g1' not in annotator_text and '"g2' not in annotator_text
     # annotator ids are people, not groups: they are kept, the group field is not
     annotator = annotator_vote_rows(items)
     assert set(annotator) == {"prompt", "completions", "completion_weights", "annotator"}
@@ -310,3 +312,167 @@ def test_shared_files_read_with_their_documented_counts():
     assert len(annotator_vote_rows(brexit)["prompt"]) == 952
     opinion = read_group_items(SHARED / "opinionqa-ideology.jsonl")
     assert len(opinion) == 377 and sum(i.contested for i in opinion) == 117
+
+
+# ------------------------------------------------------------------------------------------- the field's own scores
+def test_lewidi_cross_entropy_and_f1_against_a_hand_computation():
+    """LeWiDi 2023's scorer: predictions clipped to [1e-12, 1 − 1e-12], then −Σ t ln(p + 1e-9), averaged over items;
+    micro-F1 against the majority (a 3-3 tie goes to the first option)."""
+    from trl_renyi.evaluation.group_conflicts import lewidi_cross_entropy, majority_label, micro_f1
+
+    targets = [[0.5, 0.5], [1.0, 0.0], [1 / 6, 5 / 6]]
+    predicted = [[0.7, 0.3], [0.0, 1.0], [0.2, 0.8]]  # a 0/1 prediction, clipped before the log
+    by_hand = -(
+        (0.5 * math.log(0.7 + 1e-9) + 0.5 * math.log(0.3 + 1e-9))
+        + (1.0 * math.log(1e-12 + 1e-9) + 0.0 * math.log(1 - 1e-12 + 1e-9))
+        + (1 / 6 * math.log(0.2 + 1e-9) + 5 / 6 * math.log(0.8 + 1e-9))
+    ) / 3
+    assert lewidi_cross_entropy(targets, predicted) == pytest.approx(by_hand, rel=1e-12)
+    assert lewidi_cross_entropy(targets, targets) < lewidi_cross_entropy(targets, predicted)
+    gold = [majority_label(t) for t in targets]
+    assert gold == [0, 0, 1]
+    from sklearn.metrics import f1_score
+
+    guesses = [majority_label(p) for p in predicted]
+    assert micro_f1(gold, guesses) == pytest.approx(f1_score(gold, guesses, average="micro"))
+
+
+def test_per_annotator_macro_f1_against_sklearn():
+    """Each annotator's member is the one that explains their training votes best; their held-out labels are then
+    predicted by it and scored by macro-F1 (sklearn's), averaged over annotators."""
+    from sklearn.metrics import f1_score
+
+    from trl_renyi.evaluation.group_conflicts import per_annotator_macro_f1
+
+    # member 0 says option 0, member 1 says option 1, on every item
+    member_probs = [torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64)] * 6
+    train_votes = [[("a", 0), ("b", 1)]] * 3 + [[("a", 0), ("b", 0)]] * 3  # a follows member 0, b mostly member 1
+    held_votes = [[("a", 0), ("b", 1)], [("a", 1), ("b", 1)], [("a", 0), ("b", 0)], [("a", 0), ("b", 1)]]
+    result = per_annotator_macro_f1(member_probs, train_votes, member_probs[:4], held_votes)
+    # b: 3·ln 0.8 + 3·ln 0.2 under member 1 beats 3·ln 0.1 + 3·ln 0.9 under member 0
+    assert result["members"] == {"a": 0, "b": 1}
+    expected = {
+        "a": f1_score([0, 1, 0, 0], [0, 0, 0, 0], average="macro"),
+        "b": f1_score([1, 1, 0, 1], [1, 1, 1, 1], average="macro"),
+    }
+    assert result["annotators"] == pytest.approx(expected)
+    assert result["mean"] == pytest.approx(sum(expected.values()) / 2)
+
+
+def test_training_prior_is_the_mean_training_share_per_option_position():
+    from trl_renyi.evaluation.group_conflicts import training_prior
+
+    prior = training_prior([[0.8, 0.2], [0.6, 0.4], [0.2, 0.3, 0.5]], [2, 3])
+    means = [(0.8 + 0.6 + 0.2) / 3, (0.2 + 0.4 + 0.3) / 3, 0.5]  # per position, over the items that have it
+    assert prior[0] == pytest.approx([means[0] / sum(means[:2]), means[1] / sum(means[:2])])
+    assert prior[1] == pytest.approx([m / sum(means) for m in means])
+
+
+def annotated_items(conventions: dict[str, int], n=30, seed=0):
+    """Items answered by annotators of several groups: each group has a convention (the option it prefers), its
+    annotators follow it 85 % of the time, otherwise pick another option."""
+    import random
+
+    from trl_renyi.data.group_conflicts import GroupItem
+
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        annotations, groups = [], {g: [0, 0, 0] for g in {g for g, _ in conventions}}
+        for group, annotator_index in conventions:
+            preferred = (i + annotator_index * 0 + sorted(groups).index(group)) % 3 if i % 2 else 0
+            option = preferred if rng.random() < 0.85 else rng.choice([o for o in range(3) if o != preferred])
+            annotations.append((f"ann{annotator_index}", group, option))
+            groups[group][option] += 1
+        items.append(GroupItem(f"i{i}", f"Item {i}?", ["x", "y", "z"], groups, annotations))
+    return items
+
+
+def test_agreement_clustering_recovers_planted_annotator_groups():
+    """Three groups of three annotators with conventions of their own: Cohen's κ within a group beats κ across, and
+    average-linkage clustering into three clusters returns the planted groups (names unseen)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    from trl_renyi.evaluation.group_conflicts import annotator_agreement, cohen_kappa, cluster_annotators
+
+    planted = [("red", 0), ("red", 1), ("red", 2), ("blue", 3), ("blue", 4), ("blue", 5), ("green", 6), ("green", 7), ("green", 8)]
+    items = annotated_items(planted, n=60)
+    names, kappa = annotator_agreement(items)
+    labels = {a: [o for item in items for name, _, o in item.annotations if name == a] for a in names}
+    assert kappa[0][1] == pytest.approx(cohen_kappa_score(labels[names[0]], labels[names[1]]))
+    assert cohen_kappa([0, 1, 1, 0], [0, 1, 0, 0]) == pytest.approx(cohen_kappa_score([0, 1, 1, 0], [0, 1, 0, 0]))
+    clusters = cluster_annotators(items, 3)
+    group_of = {f"ann{i}": g for g, i in planted}
+    found = {frozenset(a for a, c in clusters.items() if c == k) for k in set(clusters.values())}
+    truth = {frozenset(a for a, g in group_of.items() if g == name) for name in ("red", "blue", "green")}
+    assert found == truth
+
+
+def test_chance_share_of_contested_items_against_an_exact_permutation():
+    """With three votes a group many items are contested by chance: the dealt-at-random share matches the exact
+    average over every way of dealing each item's six votes into two groups of three."""
+    import itertools
+
+    from trl_renyi.data.group_conflicts import GroupItem
+    from trl_renyi.evaluation.group_conflicts import chance_contested_share
+
+    items = [
+        GroupItem("a", "a?", ["no", "yes"], {"t": [3, 0], "c": [1, 2]}),
+        GroupItem("b", "b?", ["no", "yes"], {"t": [2, 1], "c": [2, 1]}),
+        GroupItem("c", "c?", ["no", "yes", "maybe"], {"t": [1, 1, 1], "c": [0, 2, 1]}),
+    ]
+
+    def exact(item):
+        votes = [c for counts in item.groups.values() for c, n in enumerate(counts) for _ in range(int(n))]
+        outcomes = []
+        for first in itertools.combinations(range(len(votes)), 3):
+            dealt = {"t": [0] * len(item.options), "c": [0] * len(item.options)}
+            for k, option in enumerate(votes):
+                dealt["t" if k in first else "c"][option] += 1
+            outcomes.append(GroupItem("x", "x", item.options, dealt).contested)
+        return sum(outcomes) / len(outcomes)
+
+    expected = sum(exact(item) for item in items) / len(items)
+    assert chance_contested_share(items, draws=4000, seed=1) == pytest.approx(expected, abs=0.02)
+
+
+def many_group_rows(groups: int, n=15):
+    """``groups`` groups of two annotators; group g prefers option g mod 3 on odd items, all prefer 0 on even ones."""
+    rows = []
+    for i in range(n):
+        names = [f"g{g}" for g in range(groups)]
+        counts, annotations = {}, []
+        for g, name in enumerate(names):
+            option = g % 3 if i % 2 else 0
+            counts[name] = [2 if c == option else 0 for c in range(3)]
+            annotations += [{"annotator": f"{name}-{j}", "group": name, "option": option} for j in range(2)]
+        rows.append({"id": f"q{i}", "prompt": f"Case {i}: which?", "options": ["first", "second", "third"],
+                     "groups": counts, "annotations": annotations})  # fmt: skip
+    return rows
+
+
+@pytest.mark.parametrize("groups", [3, 5])
+def test_study_quick_with_more_groups_clusters_and_auto(tmp_path, groups):
+    data = write(tmp_path / f"g{groups}.jsonl", many_group_rows(groups))
+    payload, _ = run_study(tmp_path, data, "--settings", "single,cluster,auto_source")
+    settings = payload["settings"]
+    assert payload["groups"] == [f"g{g}" for g in range(groups)]
+    assert set(settings) == {"single", "cluster", "auto_source"}
+    assert len(set(settings["cluster"]["clusters"].values())) == groups
+    assert 0.0 <= settings["cluster"]["cluster_purity"] <= 1.0
+    for name in settings:
+        assert 0.0 <= settings[name]["annotator_macro_f1"] <= 1.0 and settings[name]["lewidi_ce"] > 0
+    anchors = payload["anchors"]
+    assert anchors["oracle_lewidi_ce"] <= anchors["prior_lewidi_ce"]
+    assert 0.0 <= anchors["contested_share_by_chance"] <= 1.0
+
+
+def test_study_quick_over_seeds_reports_mean_and_sd(tmp_path):
+    data = write(tmp_path / "two.jsonl", two_group_rows())
+    payload, out = run_study(tmp_path, data, "--settings", "single", "--seeds", "0,1")
+    assert payload["seeds"] == {"single": [0, 1]}
+    runs = [json.loads((out / f"seed{s}" / "group_conflicts.json").read_text())["settings"]["single"] for s in (0, 1)]
+    assert payload["settings"]["single"]["lewidi_ce"] == pytest.approx((runs[0]["lewidi_ce"] + runs[1]["lewidi_ce"]) / 2)
+    import statistics
+
+    assert payload["sd"]["single"]["lewidi_ce"] == pytest.approx(statistics.stdev([r["lewidi_ce"] for r in runs]))

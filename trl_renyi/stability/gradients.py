@@ -298,28 +298,39 @@ def sequence_table(
     model, tokenizer, votes: SequenceVotes, adapter=None, sketch_dim=4096, seed=0, fisher_samples=2, null_samples=2,
     progress=None, checkpointing_kwargs=None,
 ):  # fmt: skip
-    """The :class:`GradientTable` of free-text votes (Fisher and null from completions sampled along each prefix)."""
+    """The :class:`GradientTable` of free-text votes (Fisher and null from completions sampled along each prefix).
+
+    Votes on the same sequence (several annotators giving one answer) share its gradients: the sequence is scored
+    once, its Fisher weighs all their votes, and each of them redraws its null outcome from the same pool of
+    ``null_samples`` sampled completions."""
     if fisher_samples < 1 or null_samples < 1:
         raise ValueError("free-text votes need at least one Fisher sample and one null sample per vote")
     adapter = active_adapter(model, adapter)
     device = next(model.parameters()).device
     capture = LoraGradientCapture(model, adapter, sketch_dim, seed)
+    distinct: dict[tuple, int] = {}
+    sequence_of = [distinct.setdefault((tuple(i), tuple(l)), len(distinct)) for i, l in zip(votes.input_ids, votes.labels)]
+    first_vote = {}
+    for v, s in enumerate(sequence_of):
+        first_vote.setdefault(s, v)
+    sequences = [votes.input_ids[first_vote[s]] for s in range(len(distinct))]
+    labels = [votes.labels[first_vote[s]] for s in range(len(distinct))]
     draws = 1 + fisher_samples + null_samples
     dtype = torch.float64 if _is_double(model) else torch.float32
-    vectors = torch.zeros(len(votes.input_ids) * draws, capture.dim, dtype=dtype)
+    vectors = torch.zeros(len(sequences) * draws, capture.dim, dtype=dtype)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    sampled_tokens: list = [None] * len(votes.input_ids)  # per vote: (draws − 1, completion tokens), for checks
+    sampled_tokens: list = [None] * len(sequences)  # per sequence: (draws − 1, completion tokens), for checks
     with measuring(model, adapter, checkpointing_kwargs):
-        for batch in _batches([len(s) for s in votes.input_ids]):
-            ids, lab, mask = _pad([votes.input_ids[i] for i in batch], [votes.labels[i] for i in batch], _pad_id(tokenizer), device)
+        for batch in _batches([len(s) for s in sequences]):
+            ids, lab, mask = _pad([sequences[i] for i in batch], [labels[i] for i in batch], _pad_id(tokenizer), device)
             capture.clear()
             with capture:
                 logits, rows, target, _ = position_logits(model, {"input_ids": ids, "attention_mask": mask, "labels": lab})
             log_probs = torch.log_softmax(logits, dim=-1)
             sampled = torch.multinomial(log_probs.detach().exp().cpu(), draws - 1, replacement=True, generator=generator)
             targets = [target] + [sampled[:, j].to(target.device) for j in range(draws - 1)]
-            for position, vote in enumerate(batch):
-                sampled_tokens[vote] = sampled[rows.cpu() == position].T.tolist()
+            for position, sequence in enumerate(batch):
+                sampled_tokens[sequence] = sampled[rows.cpu() == position].T.tolist()
             for j, tokens in enumerate(targets):
                 chosen = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
                 grads = capture.per_example(chosen.sum(), len(batch), retain_graph=j < draws - 1)
@@ -327,14 +338,15 @@ def sequence_table(
             capture.clear()
             if progress is not None:
                 progress(len(batch))
-    fisher, groups = [], []
-    for v, (weight, unit) in enumerate(zip(votes.vote_weight, votes.vote_unit)):
-        fisher += [0.0] + [weight / fisher_samples] * fisher_samples + [0.0] * null_samples
-        first_null = v * draws + 1 + fisher_samples
+    fisher = torch.zeros(len(vectors), dtype=torch.float64)
+    groups = []
+    for weight, unit, s in zip(votes.vote_weight, votes.vote_unit, sequence_of):
+        fisher[s * draws + 1 : s * draws + 1 + fisher_samples] += weight / fisher_samples
+        first_null = s * draws + 1 + fisher_samples
         null = list(range(first_null, first_null + null_samples))
-        groups.append((unit, weight, [v * draws], [1], null, [1.0 / null_samples] * null_samples))
+        groups.append((unit, weight, [s * draws], [1], null, [1.0 / null_samples] * null_samples))
     table = _table(vectors, fisher, groups, votes.unit_names, capture)
-    table.details["sampled_tokens"] = sampled_tokens
+    table.details["sampled_tokens"] = [sampled_tokens[s] for s in sequence_of]
     return table
 
 
@@ -400,4 +412,4 @@ def sequence_count(votes) -> int:
         return sum(len(votes.option_ids[item]) for item in set(votes.group_item))
     if isinstance(votes, PairVotes):
         return 2 * len(votes.prompt_ids)
-    return len(votes.input_ids)
+    return len({(tuple(i), tuple(l)) for i, l in zip(votes.input_ids, votes.labels)})
