@@ -524,3 +524,23 @@ def test_an_item_cache_measures_other_units_without_another_forward(planted, tok
     monkeypatch.setattr(gradients_module, "_option_differences_shared", no_forward)
     cached = measure_stability(model, tok, choice_votes(planted_rows(), tok, unit="row"), **options)
     assert cached.eigenvalues == pytest.approx(fresh.eigenvalues, rel=1e-9)
+
+
+def test_free_text_votes_become_choices_among_the_answers_each_prompt_gets(tok):
+    """Rows that answer one prompt differently are measured as choices among those answers (exact Fisher); without a
+    prompt answered two ways, the votes stay free text."""
+    from trl_renyi.stability.votes import answer_choice_votes
+
+    def row(prompt, answer):
+        p, a = tok(prompt)["input_ids"], tok(answer)["input_ids"] + [tok.eos_token_id]
+        return p + a, [-100] * len(p) + a
+
+    rows = [row("Say hello.", " Ahoy!"), row("Say hello.", " Good morning."), row("Say hello.", " Ahoy!"),
+            row("Count to three.", " one two three")]  # fmt: skip
+    votes = SequenceVotes([r[0] for r in rows], [r[1] for r in rows], [1.0, 2.0, 1.0, 1.0], [0, 1, 0, 2], ["a", "b", "c"])
+    choices = answer_choice_votes(votes)
+    assert [len(o) for o in choices.option_ids] == [2, 1]
+    assert choices.group_item == [0, 0, 0, 1] and choices.group_counts == [[1, 0], [0, 1], [1, 0], [1]]
+    assert choices.group_weight == [1.0, 2.0, 1.0, 1.0] and choices.group_unit == [0, 1, 0, 2]
+    single = SequenceVotes([rows[0][0], rows[3][0]], [rows[0][1], rows[3][1]], [1.0, 1.0], [0, 1], ["a", "b"])
+    assert answer_choice_votes(single) is None

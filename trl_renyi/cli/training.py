@@ -281,6 +281,7 @@ def stability_votes(trainer, choice_rows, stability_args, source_column: str | N
     ``annotator``), or the trainer's own prepared rows per ``--unit`` (sources named by ``source_column``)."""
     from trl_renyi.data.group_conflicts import ANNOTATOR_COLUMN
     from trl_renyi.stability import choice_votes, pair_votes, sequence_votes
+    from trl_renyi.stability.votes import answer_choice_votes
 
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     if choice_rows is not None:
@@ -290,4 +291,5 @@ def stability_votes(trainer, choice_rows, stability_args, source_column: str | N
         return pair_votes(trainer.train_dataset, trainer.beta, unit=stability_args.unit, source_key=source_column)
     if stability_args.unit == "source" and source_column is None:
         raise ValueError("--unit source needs --source_column (the column naming each row's source).")
-    return sequence_votes(trainer.train_dataset, stability_args.unit)
+    votes = sequence_votes(trainer.train_dataset, stability_args.unit)
+    return answer_choice_votes(votes) or votes

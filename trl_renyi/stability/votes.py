@@ -271,3 +271,38 @@ def subsample_units(votes, max_units: int | None, seed: int = 0):
         [votes.prompt_ids[v] for v in chosen], [votes.chosen_ids[v] for v in chosen],
         [votes.rejected_ids[v] for v in chosen], [votes.vote_weight[v] for v in chosen], units, votes.beta, names,
     )  # fmt: skip
+
+
+def answer_choice_votes(votes: SequenceVotes) -> ChoiceVotes | None:
+    """The free-text votes as choices among the answers the data gives each prompt, where it gives some prompt more
+    than one (``None`` otherwise, or when a sequence is not a prompt followed by its scored completion).
+
+    Conflicting data asks one question several ways: the same prompt answered differently by different rows (votes,
+    annotators, conventions). Restricted to the answers seen for the prompt, a member's likelihood of its row is
+    :math:`p(y \\mid x, y \\in A_x)`, the model's Fisher over the answers is exact (no sampled completions), and
+    directions that only move probability onto answers nobody gave — mass the data never checks — drop out. Prompts
+    with one answer add no curvature there (every member gives it probability 1 within its answer set)."""
+    items: dict[tuple, int] = {}
+    prompts, answers, answer_index = [], [], []
+    rows = []
+    for ids, labels in zip(votes.input_ids, votes.labels):
+        start = next((t for t, label in enumerate(labels) if label != -100), None)
+        if start is None or any(label == -100 for label in labels[start:]) or list(labels[start:]) != list(ids[start:]):
+            return None
+        prompt, answer = tuple(ids[:start]), tuple(ids[start:])
+        item = items.setdefault(prompt, len(prompts))
+        if item == len(prompts):
+            prompts.append(list(prompt))
+            answers.append([])
+            answer_index.append({})
+        if answer not in answer_index[item]:
+            answer_index[item][answer] = len(answers[item])
+            answers[item].append(list(answer))
+        rows.append((item, answer_index[item][answer]))
+    if not any(len(a) > 1 for a in answers):
+        return None
+    counts = [[int(c == option) for c in range(len(answers[item]))] for item, option in rows]
+    return ChoiceVotes(
+        prompts, answers, [item for item, _ in rows], counts, list(votes.vote_weight), list(votes.vote_unit),
+        list(votes.unit_names),
+    )  # fmt: skip

@@ -8,7 +8,7 @@ from trl import SFTTrainer
 from trl_renyi.compat import log_num_tokens, trainer_metrics
 from trl_renyi.model.layer import get_router
 from trl_renyi.model.shared_prompt import attention_implementation
-from trl_renyi.stability.votes import sequence_votes
+from trl_renyi.stability.votes import answer_choice_votes, sequence_votes
 from trl_renyi.training.auto_alpha import sample_rows
 from trl_renyi.training.config import RenyiSFTConfig
 from trl_renyi.training.construction import construct_ensemble, model_init_kwargs_spent, resolve_share_prompt
@@ -90,12 +90,16 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
             self.data_collator = SharedPrefixCollator(self.data_collator, attention_implementation(base), base.dtype)
 
     def stability_votes(self, count: int, seed: int):
-        """``alpha="auto"``: about ``count`` training units as :class:`~trl_renyi.stability.SequenceVotes`, the units
-        the bound is taken over (sources, multi-annotator rows, or completions), tokenised as they were trained."""
+        """``alpha="auto"``: about ``count`` training units — the units the bound is taken over (sources,
+        multi-annotator rows, or completions), tokenised as they were trained — as choices among the answers the data
+        gives each prompt where it gives some prompt several (:func:`~trl_renyi.stability.votes.answer_choice_votes`),
+        else as free text."""
         if self.args.source_column is not None:
-            return sequence_votes(self.train_dataset, "source")
-        unit = "row" if self.args.multi_annotator_routing == "row" else "completion"
-        return sequence_votes(sample_rows(self.train_dataset, count, seed), unit)
+            votes = sequence_votes(self.train_dataset, "source")
+        else:
+            unit = "row" if self.args.multi_annotator_routing == "row" else "completion"
+            votes = sequence_votes(sample_rows(self.train_dataset, count, seed), unit)
+        return answer_choice_votes(votes) or votes
 
     def _member_loglik(self, model, inputs):
         """A :class:`MemberLogLik` with ℓ ``(N, K_routed)``: each example's summed (or mean) completion log-prob under
