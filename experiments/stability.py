@@ -153,7 +153,7 @@ def run_synthetic(args, out_dir: Path) -> dict:
         trainer = synthetic_trainer(args, base, tokenizer, train, run_dir, alpha)
         trainer.train(resume_from_checkpoint=str(checkpoint))
         after = [e["renyi/alpha"] for e in trainer.state.log_history if e.get("step", 0) > warm and "renyi/alpha" in e]
-        if len(after) != args.steps - warm or any(abs(a - alpha) > 1e-9 for a in after):
+        if not after or any(abs(a - alpha) > 1e-9 for a in after):
             raise RuntimeError(f"α = {alpha}: the continuation logged α {after} after step {warm}")
         ensemble = trainer.ensemble
         ensemble.model.eval()

@@ -15,7 +15,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from safetensors.torch import load_file
 
 from tests.helpers import CPU_ARGS, lora_config
-from tests.training_script import build_trainer, dpo_available, member_weights
+from tests.training_script import build_trainer, member_weights
 from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer, build_ensemble
 from trl_renyi.model.layer import member_names
 from trl_renyi.testing import tiny_llama
@@ -24,13 +24,7 @@ from trl_renyi.training import mixin as trainer_base
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "training_script.py"
 CONFIGS = ROOT / "examples" / "accelerate_configs"
-KINDS = [
-    "sft",
-    pytest.param(
-        "dpo",
-        marks=pytest.mark.skipif(not dpo_available(), reason="RenyiDPOTrainer is not part of this build yet"),
-    ),
-]
+KINDS = ["sft", "dpo"]
 # two processes of 2 rows each against one process of 4 rows: the same global batch (gradient checkpointing on, as
 # by default, since it interacts with DDP's gradient hooks). Adam's default ε = 1e-8 turns a gradient entry that is
 # zero up to rounding into a ±lr step whose sign is the rounding's; a larger ε keeps the update proportional to the
@@ -48,7 +42,7 @@ def free_port() -> int:
 def two_process_run(tmp_path_factory):
     """One `accelerate launch` of two processes training every available trainer in turn."""
     out = tmp_path_factory.mktemp("ddp")
-    kinds = "sft,dpo" if dpo_available() else "sft"
+    kinds = "sft,dpo"
     result = launch_two_processes(kinds, out)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return out

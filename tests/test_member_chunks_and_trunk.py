@@ -93,7 +93,7 @@ def test_responsibility_floor_mixes_in_the_alpha_one_bound(make_model, tokenizer
         batch = first_batch(trainer)
         with torch.no_grad():
             losses[floor] = trainer.compute_loss(trainer.model, batch)
-            step = trainer._member_loglik(trainer.model, batch)
+            step = trainer.member_loglik(trainer.model, batch)
             loglik = step.loglik
         tokens = step.num_tokens.sum()
     at_alpha = -renyi_bound(loglik, -1.0).value.sum() / tokens

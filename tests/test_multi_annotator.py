@@ -148,7 +148,7 @@ def test_row_routing_is_the_bound_of_each_rows_summed_annotations(make_model, to
     assert sorted(rows.tolist()) == [0, 0, 1, 1]  # two rows, two completions with a positive weight each
     torch.testing.assert_close(batch["completion_weights"], routed_batch["completion_weights"])
     with torch.no_grad(), completion.member_routing(completion.model):
-        step = completion._member_loglik(completion.model, batch)
+        step = completion.member_loglik(completion.model, batch)
     assert step.loglik.shape == (4, 2)
     weights = batch["completion_weights"].double()
     row_loglik = torch.zeros(2, 2, dtype=torch.float64).index_add(0, rows, weights[:, None] * step.loglik.double())

@@ -198,3 +198,39 @@ def test_load_best_model_at_end_restores_every_member(tmp_path, tokenizer, make_
             assert match, key
             torch.testing.assert_close(match[0].cpu(), value)
         assert any(not torch.equal(saved[k], last[k]) for k in saved)
+
+
+def test_settings_set_on_trainer_args_after_construction_are_the_ones_trained_with(tmp_path, tokenizer, make_model, prompt_completion_dataset):
+    """``Trainer.hyperparameter_search`` sets a trial's values with ``setattr(trainer.args, ...)`` after construction:
+    α, the floor, the warm-up and the mixture weights are read from ``args`` at use, so the loss equals that of a
+    trainer built with those values; a value the built ensemble cannot honour is refused by name."""
+    import torch
+
+    from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
+    from tests.helpers import first_batch
+
+    def build(**settings):
+        args = RenyiSFTConfig(output_dir=str(tmp_path / "run"), num_members=3, member_init_std=0.05, max_steps=4,
+                              per_device_train_batch_size=4, gradient_checkpointing=False, **{**CPU_ARGS, **settings})  # fmt: skip
+        return RenyiSFTTrainer(model=make_model(), args=args, train_dataset=prompt_completion_dataset,
+                               processing_class=tokenizer, peft_config=lora_config())  # fmt: skip
+
+    searched = build(alpha=-1.0, responsibility_floor=0.1, alpha_warmup_ratio=0.5)
+    trial = dict(alpha=0.3, responsibility_floor=0.25, alpha_warmup_ratio=0.0, member_weights=[0.2, 0.3, 0.5])
+    for key, value in trial.items():
+        setattr(searched.args, key, value)
+    built = build(**trial)
+    with torch.no_grad():
+        losses = [t.compute_loss(t.model, first_batch(t)).item() for t in (searched, built)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert searched.current_alpha() == built.current_alpha() == 0.3
+    with torch.no_grad():
+        plain = build(alpha=-1.0, responsibility_floor=0.1, alpha_warmup_ratio=0.0)
+        assert plain.compute_loss(plain.model, first_batch(plain)).item() != pytest.approx(losses[0], rel=1e-6)
+    searched.args.responsibility_floor = 1.5
+    with pytest.raises(ValueError, match=r"responsibility_floor must lie in \[0, 1\)"):
+        searched.compute_loss(searched.model, first_batch(searched))
+    searched.args.responsibility_floor = 0.1
+    searched.args.num_members = 5
+    with pytest.raises(ValueError, match="num_members was 3 when the trainer was built"):
+        searched.train()

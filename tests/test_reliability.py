@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from tests.helpers import CPU_ARGS, PLAIN_OBJECTIVE, first_batch, lora_config, lora_grads
-from tests.training_script import build_trainer, dataset, dpo_available, member_weights
+from tests.training_script import build_trainer, dataset, member_weights
 from trl_renyi import (
     RenyiDPOConfig,
     RenyiEnsemble,
@@ -29,13 +29,7 @@ from trl_renyi.testing import tiny_llama
 from trl_renyi.training.checkpoint import STAGING_PREFIX
 
 SCRIPT = Path(__file__).with_name("training_script.py")
-KINDS = [
-    "sft",
-    pytest.param(
-        "dpo",
-        marks=pytest.mark.skipif(not dpo_available(), reason="RenyiDPOTrainer is not part of this build yet"),
-    ),
-]
+KINDS = ["sft", "dpo"]
 
 
 def assert_same_weights(actual, expected, atol=1e-5):

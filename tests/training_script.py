@@ -32,7 +32,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-from trl_renyi import RenyiDPOConfig, RenyiSFTConfig, RenyiSFTTrainer
+from trl_renyi import RenyiDPOConfig, RenyiDPOTrainer, RenyiSFTConfig, RenyiSFTTrainer
 from trl_renyi.testing import tiny_llama, tiny_tokenizer
 
 PROMPTS = [
@@ -68,14 +68,6 @@ COMMON = {
 }
 
 
-def dpo_available() -> bool:
-    try:
-        from trl_renyi.training.dpo import RenyiDPOTrainer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def dataset(kind: str) -> Dataset:
     if kind == "sft":
         return Dataset.from_dict({"prompt": PROMPTS, "completion": CHOSEN})
@@ -95,8 +87,6 @@ def build_trainer(kind: str, output_dir, tokenizer=None, model=None, train_datas
     if kind == "sft":
         config_cls, trainer_cls = RenyiSFTConfig, RenyiSFTTrainer
     elif kind == "dpo":
-        from trl_renyi.training.dpo import RenyiDPOTrainer
-
         config_cls, trainer_cls = RenyiDPOConfig, RenyiDPOTrainer
     else:
         raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}.")

@@ -71,7 +71,11 @@ class AuditArguments:
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the ensemble."})
     dtype: str = field(default="float32", metadata={"help": "Dtype to load the model in."})
     beta: float | None = field(
-        default=None, metadata={"help": "β of the DPO implicit reward for preference data (default: recorded, else 0.1)."}
+        default=None,
+        metadata={
+            "help": "β of the DPO implicit reward for preference data, in place of the one the ensemble was trained with "
+            "(recorded with its loss type, smoothing and divergence); required for an ensemble not trained on preferences."
+        },
     )
     batch_size: int = field(default=8, metadata={"help": "Sequences per member-batched forward."})
     chat: str = chat_field()
@@ -115,14 +119,16 @@ def score_sft(ensemble: RenyiEnsemble, columns: dict, batch_size: int) -> list[d
     return rows
 
 
-def score_preferences(ensemble: RenyiEnsemble, columns: dict, beta: float, batch_size: int) -> list[dict]:
+def score_preferences(ensemble: RenyiEnsemble, columns: dict, beta: float | None, batch_size: int) -> list[dict]:
+    """Each pair scored by the DPO reward with the preference likelihood the ensemble was trained with (``beta``
+    replaces its β when given)."""
     predictions = ensemble.predict_preferences(
         columns["prompt"], columns["chosen"], columns["rejected"], reference=SingleModel.base_of(ensemble),
         beta=beta, batch_size=batch_size, show_progress=True,
     )
     rows = []
     for i, p in enumerate(predictions):
-        loglik = p.member_loglik[0]  # ℓ_k = log σ(m_k), the DPO training log-likelihood of the pair
+        loglik = p.member_loglik[0]  # ℓ_k, the DPO training log-likelihood of the pair (as trained: loss type, ε)
         responsibilities = p.responsibilities[0]
         rows.append(
             {
@@ -209,8 +215,7 @@ def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
     if kind == "sft":
         rows = score_sft(ensemble, columns, args.batch_size)
     else:
-        beta = args.beta if args.beta is not None else float(ensemble.metadata.get("beta", 0.1))
-        rows = score_preferences(ensemble, columns, beta, args.batch_size)
+        rows = score_preferences(ensemble, columns, args.beta, args.batch_size)
     rows.sort(key=lambda row: -row[sort_by])
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,11 @@ class EvalArguments:
         },
     )
     beta: float | None = field(
-        default=None, metadata={"help": "β of the reward scoring (default: the ensemble's recorded beta, else 0.1)."}
+        default=None,
+        metadata={
+            "help": "β of the reward scoring, in place of the one the ensemble was trained with (its renyi_ensemble.json "
+            "records β, loss type, label smoothing and divergence); required for an ensemble not trained on preferences."
+        },
     )
     n_bins: int = field(default=10, metadata={"help": "Number of equal-width confidence bins of the ECE."})
     coverages: list[float] = field(
@@ -157,12 +161,12 @@ def _member_predictions(predictions: list[ChoicePrediction], k: int) -> list[Cho
     return out
 
 
-def predict(scorer, prompts, choices, fmt: str, args: EvalArguments, reference=None) -> list[ChoicePrediction]:
-    """Predictions of one model (ensemble or single) on every item."""
+def predict(scorer, prompts, choices, fmt: str, args: EvalArguments, reference=None, likelihood=None) -> list[ChoicePrediction]:
+    """Predictions of one model (ensemble or single) on every item; preference pairs by reward under ``likelihood``
+    (the ensemble's own, read from its ``renyi_ensemble.json``, for every model compared)."""
     if fmt == "preference" and args.preference_scoring == "reward":
-        beta = args.beta if args.beta is not None else float(scorer.metadata.get("beta", 0.1))
         return scorer.predict_preferences(
-            prompts, [c[0] for c in choices], [c[1] for c in choices], reference=reference, beta=beta,
+            prompts, [c[0] for c in choices], [c[1] for c in choices], reference=reference, likelihood=likelihood,
             batch_size=args.batch_size, show_progress=True,
         )
     return scorer.predict_choices(
@@ -314,8 +318,11 @@ def evaluate(args: EvalArguments) -> dict:
     reward = fmt == "preference" and args.preference_scoring == "reward"
     base = SingleModel.base_of(ensemble)
     reference = base if reward else None
+    likelihood = ensemble.preference_likelihood(args.beta) if reward else None  # as trained; refused before scoring
+    if likelihood is not None:
+        likelihood.check_scorable()
     # label -> (predictions, member names)
-    results = {"ensemble": (predict(ensemble, prompts, choices, fmt, args, reference), ensemble.member_names)}
+    results = {"ensemble": (predict(ensemble, prompts, choices, fmt, args, reference, likelihood), ensemble.member_names)}
     notes = []
     for spec in args.baselines:
         label, kind, argument = parse_baseline(spec)
@@ -335,7 +342,7 @@ def evaluate(args: EvalArguments) -> dict:
             notes.append(note)
             continue
         scorer = load_baseline(kind, argument, label, ensemble, args)
-        results[label] = (predict(scorer, prompts, choices, fmt, args, reference), scorer.member_names)
+        results[label] = (predict(scorer, prompts, choices, fmt, args, reference, likelihood), scorer.member_names)
     report = {
         "ensemble": {
             "path": args.ensemble,

@@ -17,7 +17,10 @@ reward against a reference model:
 .. math::
 
     p_k(\text{chosen}) = \sigma(m_k), \quad
-    m_k = \beta\big[(\ell_k(y_w) - \ell_{\text{ref}}(y_w)) - (\ell_k(y_l) - \ell_{\text{ref}}(y_l))\big].
+    m_k = \beta\big[f'(\ell_k(y_w) - \ell_{\text{ref}}(y_w)) - f'(\ell_k(y_l) - \ell_{\text{ref}}(y_l))\big]
+
+with the β, loss type, label smoothing and f-divergence the ensemble was trained with
+(:class:`~trl_renyi.preference.PreferenceLikelihood`, recorded in ``renyi_ensemble.json``).
 
 The choices of a question share their prompt: it runs through the model once (K tiled rows), its KV cache is
 copied to every choice, and only the choices' own tokens are computed — for short answers after a chat prompt
@@ -42,6 +45,7 @@ from trl_renyi.inference.scoring import CACHE_KEY, MemberModel, score_completion
 from trl_renyi.inference.uncertainty import decompose, mixture_log_prob
 from trl_renyi.model.modes import eval_mode
 from trl_renyi.objective import renyi_bound
+from trl_renyi.preference import PreferenceLikelihood
 
 
 @dataclass
@@ -283,21 +287,27 @@ def predict_preferences(
     chosen: Sequence,
     rejected: Sequence,
     reference=None,
-    beta: float = 0.1,
+    likelihood: PreferenceLikelihood | None = None,
     batch_size: int = 8,
     show_progress: bool | None = None,
 ) -> list[ChoicePrediction]:
     """Preference predictions over (chosen, rejected), choice 0 being the chosen response.
 
     Without ``reference`` the two responses are compared by likelihood (as :func:`predict_choices`). With a reference
-    model (e.g. ``SingleModel.base_of(ensemble).members``, the base model DPO uses as π_ref) each member's preference is the
-    DPO implicit reward model :math:`p_k(\\text{chosen}) = \\sigma(m_k)` with strength ``beta``.
+    model (e.g. ``SingleModel.base_of(ensemble).members``, the base model DPO uses as π_ref) each member's preference
+    is the DPO implicit reward model at the margin :math:`m_k` of ``likelihood`` (the ensemble's own
+    :class:`~trl_renyi.preference.PreferenceLikelihood`: β, divergence): ``member_probs`` are :math:`\sigma(\pm m_k)`
+    and ``member_loglik`` the training log-likelihoods ℓ(m_k) (chosen) and ℓ(−m_k) (rejected) — the same function
+    training used, so scoring the training pairs reproduces the trainer's ℓ.
     """
     if not (len(prompts) == len(chosen) == len(rejected)):
         raise ValueError(f"Got {len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses.")
     if reference is None:
         pairs = [[c, r] for c, r in zip(chosen, rejected, strict=True)]
         return predict_choices(members, prompts, pairs, batch_size=batch_size, show_progress=show_progress)
+    if likelihood is None:
+        raise ValueError("scoring preferences by reward needs the preference likelihood (β, loss type, divergence)")
+    likelihood.check_scorable()
     if reference.num_members != 1:
         raise ValueError(
             f"The reference must be one model (e.g. SingleModel.base_of(ensemble)), got {reference.num_members} members."
@@ -305,10 +315,11 @@ def predict_preferences(
     pairs = [[c, r] for c, r in zip(chosen, rejected, strict=True)]
     policy, _, _ = choice_log_likelihoods(members, prompts, pairs, batch_size, show_progress)
     ref, _, _ = choice_log_likelihoods(reference, prompts, pairs, batch_size, show_progress)
-    diff = (policy.double() - ref.double()).view(len(prompts), 2, -1)  # (N, 2, K)
-    margins = float(beta) * (diff[:, 0] - diff[:, 1])  # (N, K)
+    diff = (policy.double() - ref.double()).view(len(prompts), 2, -1)  # (N, 2, K) log-ratios
+    margins = likelihood.margins(diff[:, 0], diff[:, 1])  # (N, K)
     out = []
     for m in margins:
-        loglik = torch.stack([F.logsigmoid(m), F.logsigmoid(-m)])  # (2, K): log p_k(chosen), log p_k(rejected)
-        out.append(prediction_from_member_log_probs(loglik.T, members.log_weights, loglik, members.alpha))
+        member_log_probs = torch.stack([F.logsigmoid(m), F.logsigmoid(-m)], dim=-1)  # (K, 2)
+        loglik = torch.stack([likelihood.loglik(m), likelihood.loglik(-m)])  # (2, K)
+        out.append(prediction_from_member_log_probs(member_log_probs, members.log_weights, loglik, members.alpha))
     return out

@@ -27,7 +27,8 @@ from trl_renyi.model.members import (
     tile_for_members,
 )
 from trl_renyi.model.saved_format import (
-    CARD_FIELDS,
+    KEPT_FIELDS,
+    PREFERENCE_FIELD,
     METADATA_FILE,
     check_base_model_hash,
     check_base_model_name,
@@ -40,6 +41,7 @@ from trl_renyi.model.saved_format import (
 from trl_renyi.model.saving import save_ensemble
 from trl_renyi.model.trunk import shared_trunk
 from trl_renyi.objective import DEFAULT_ALPHA, normalized_log_weights
+from trl_renyi.preference import PreferenceLikelihood
 
 
 class EnsembleScorer:
@@ -142,11 +144,29 @@ class EnsembleScorer:
         mutual information. See :func:`trl_renyi.inference.choices.predict_choices`."""
         return _predict_choices(self.members, prompts, choices, length_normalize, batch_size, show_progress)
 
-    def predict_preferences(self, prompts, chosen, rejected, reference=None, beta: float = 0.1, **kwargs):
-        """(chosen, rejected) predictions by likelihood, or by the DPO implicit reward against ``reference``.
-        See :func:`trl_renyi.inference.choices.predict_preferences`."""
+    def preference_likelihood(self, beta: float | None = None) -> PreferenceLikelihood:
+        """The preference likelihood this model was trained with (recorded by ``RenyiDPOTrainer``), with ``beta`` in
+        place of its β when given; for a model that records none (not trained on preferences) the plain DPO sigmoid
+        likelihood at ``beta``, which must then be given."""
+        recorded = self.metadata.get(PREFERENCE_FIELD)
+        if recorded:
+            likelihood = PreferenceLikelihood.from_metadata(recorded)
+            return likelihood if beta is None else likelihood.with_beta(beta)
+        if beta is None:
+            raise ValueError(
+                "this model records no preference likelihood (it was not trained with RenyiDPOTrainer): give beta for "
+                "the plain DPO reward β·Δ, or score by likelihood"
+            )
+        return PreferenceLikelihood(beta=float(beta))
+
+    def predict_preferences(self, prompts, chosen, rejected, reference=None, beta: float | None = None, likelihood=None, **kwargs):
+        """(chosen, rejected) predictions by likelihood, or by the DPO implicit reward against ``reference`` with the
+        preference likelihood the ensemble was trained with (``likelihood``; by default :meth:`preference_likelihood`
+        with ``beta``). See :func:`trl_renyi.inference.choices.predict_preferences`."""
+        if reference is not None and likelihood is None:
+            likelihood = self.preference_likelihood(beta)
         reference = reference.members if reference is not None else None
-        return _predict_preferences(self.members, prompts, chosen, rejected, reference=reference, beta=beta, **kwargs)
+        return _predict_preferences(self.members, prompts, chosen, rejected, reference=reference, likelihood=likelihood, **kwargs)
 
     def generate(self, prompts, strategy: str = "mixture", **kwargs):
         """Generate text with per-token entropy and mutual information; ``strategy`` is ``"mixture"`` (Bayesian model
@@ -223,7 +243,7 @@ class RenyiEnsemble(EnsembleScorer):
             "member_weights": self.member_weights,
             "responsibility_floor": self.responsibility_floor,
         }
-        extra = {**{key: self.metadata[key] for key in CARD_FIELDS if key in self.metadata}, **extra}
+        extra = {**{key: self.metadata[key] for key in KEPT_FIELDS if key in self.metadata}, **extra}
         save_ensemble(
             directory,
             self.model,

@@ -276,27 +276,36 @@ def detach_member_layers(model: PeftModel) -> None:
     del model.member_router
 
 
+def tile_rows(value, rows: int, copies: int):
+    """``value`` repeated ``copies`` times along its first dimension when that is the batch's ``rows`` (tuples, e.g.
+    rotary position embeddings, element by element); anything else unchanged. Block k of the result is copy k."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    if isinstance(value, tuple):
+        return tuple(tile_rows(v, rows, copies) for v in value)
+    return value
+
+
 def tile_for_members(batch: dict, num_members: int) -> dict:
     """Tile a model-input batch K times along the rows: rows ``k·B … (k+1)·B − 1`` are member k's.
 
-    Tensors whose first dimension is the batch size are repeated; the flattened-sequence boundaries of padding-free
-    batches (``cu_seq_lens_q/k``) are offset for each copy; scalars are kept.
+    Tensors whose first dimension is the batch size are repeated (:func:`tile_rows`); the flattened-sequence
+    boundaries of padding-free batches (``cu_seq_lens_q/k``) are offset for each copy; scalars are kept. The batch size
+    is that of ``input_ids`` (or of the first tensor when there is none).
     """
     if num_members == 1:
         return dict(batch)
-    rows = batch["input_ids"].shape[0]
+    first = batch["input_ids"] if "input_ids" in batch else next(v for v in batch.values() if isinstance(v, torch.Tensor))
+    rows, total = first.shape[0], first.numel()
     out = {}
     for key, value in batch.items():
         if key in ("cu_seq_lens_q", "cu_seq_lens_k") and isinstance(value, torch.Tensor):
-            total = batch["input_ids"].numel()
             starts = value[:-1]
             out[key] = torch.cat(
                 [starts + k * total for k in range(num_members)] + [value[-1:] + (num_members - 1) * total]
             )
-        elif isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
-            out[key] = value.repeat(num_members, *([1] * (value.dim() - 1)))
         else:
-            out[key] = value
+            out[key] = tile_rows(value, rows, num_members)
     return out
 
 

@@ -54,6 +54,11 @@ SETTINGS_FIELDS = (
 )
 #: Fields of ``renyi_ensemble.json`` only the model card reads; kept when a loaded ensemble is saved again.
 CARD_FIELDS = ("trainer", "routing_share", "eval_results", "dataset_name", "alpha_auto")
+#: A DPO ensemble's preference likelihood (``trl_renyi.preference.PreferenceLikelihood``): β, loss type, smoothing,
+#: divergence, LD weighting, reference. Scoring the ensemble by reward rebuilds it from this record.
+PREFERENCE_FIELD = "preference_likelihood"
+#: Fields of ``renyi_ensemble.json`` a loaded ensemble keeps when it is saved again
+KEPT_FIELDS = (*CARD_FIELDS, PREFERENCE_FIELD)
 #: The id of the save that wrote a folder: a field of ``renyi_ensemble.json`` and, under :data:`SAVE_ID_HEADER`, a
 #: key of every member's safetensors header.
 SAVE_ID_FIELD = "save_id"

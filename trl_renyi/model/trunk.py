@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel
 
 from trl_renyi.model.layer import MemberBatchedLayer, get_router
+from trl_renyi.model.members import tile_rows
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +24,6 @@ def _decoder_layers(model: PeftModel):
         if name.endswith(".layers") and isinstance(module, torch.nn.ModuleList) and len(module) > 0:
             return name, module
     return None, None
-
-
-def _tile_rows(value, rows: int, copies: int):
-    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
-        return value.repeat(copies, *([1] * (value.dim() - 1)))
-    if isinstance(value, tuple):
-        return tuple(_tile_rows(v, rows, copies) for v in value)
-    return value
 
 
 # keyword arguments of a decoder layer that carry one row per example and must be tiled with the hidden states
@@ -79,12 +72,12 @@ def enable_shared_trunk(model: PeftModel) -> int | None:
             hidden = args[0] if args else kwargs["hidden_states"]
             if layer_index == first:
                 rows = hidden.shape[0]
-                hidden = hidden.detach().repeat(copies, *([1] * (hidden.dim() - 1)))
+                hidden = tile_rows(hidden.detach(), rows, copies)
                 hidden.requires_grad_(torch.is_grad_enabled())
             else:
                 rows = hidden.shape[0] // copies
             kwargs = {
-                key: _tile_rows(value, rows, copies) if key in _PER_ROW_LAYER_KWARGS else value
+                key: tile_rows(value, rows, copies) if key in _PER_ROW_LAYER_KWARGS else value
                 for key, value in kwargs.items()
             }
             if args:

@@ -200,6 +200,29 @@ def check_auto_alpha(args) -> None:
         )
 
 
+#: Fields that shape what the trainer builds (the members, their layers, the data layout): read once, at construction.
+#: The objective's own settings (α, the floor, the warm-up, the mixture weights, the reduction) are read at use.
+FIXED_AT_CONSTRUCTION = (
+    "num_members", "member_init_std", "shared_trunk", "share_prompt", "source_column", "multi_annotator_routing",
+)  # fmt: skip
+
+
+def construction_settings(args) -> dict:
+    return {name: getattr(args, name, None) for name in FIXED_AT_CONSTRUCTION}
+
+
+def check_construction_unchanged(args, built: dict) -> None:
+    """Refuse, by name, a field of :data:`FIXED_AT_CONSTRUCTION` changed on ``trainer.args`` after construction (the
+    ensemble it shapes exists already, so the new value would be silently ignored)."""
+    for name, value in built.items():
+        now = getattr(args, name, None)
+        if now != value:
+            raise ValueError(
+                f"{name} was {value!r} when the trainer was built and is {now!r} now: it shapes the members and the data "
+                "layout built with the trainer, so it cannot change afterwards. Build a new trainer with it."
+            )
+
+
 #: TrainingArguments fields redefined here (same meaning, a default that does not trip a deprecation warning)
 TRAINING_ARGUMENT_OVERRIDES = ("gradient_checkpointing",)
 

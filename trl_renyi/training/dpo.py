@@ -21,11 +21,9 @@ The loss is :math:`-\sum_i J_i(\alpha) / N_\text{pairs}`, so K = 1 equals DPOTra
 from __future__ import annotations
 
 import logging
-import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from trl import DPOTrainer
 
@@ -38,7 +36,9 @@ from trl_renyi.compat import (
 )
 from trl_renyi.model.layer import get_router
 from trl_renyi.model.modes import eval_mode
+from trl_renyi.model.saved_format import PREFERENCE_FIELD
 from trl_renyi.model.shared_prompt import attention_implementation, pack_preference_pairs
+from trl_renyi.preference import LIKELIHOOD_LOSS_TYPES, PreferenceLikelihood, pair_log_likelihood
 from trl_renyi.stability.votes import pair_votes
 from trl_renyi.training.auto_alpha import sample_rows
 from trl_renyi.training.config import RenyiDPOConfig
@@ -48,46 +48,8 @@ from trl_renyi.training.step import PreferenceLogLik
 
 logger = logging.getLogger(__name__)
 
-#: TRL loss types whose per-pair loss is minus a log-likelihood of the preference label.
-LIKELIHOOD_LOSS_TYPES = ("sigmoid", "robust")
 # batch keys that are not model inputs (TRL's own list)
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-
-
-def pair_log_likelihood(margins: torch.Tensor, loss_type: str, label_smoothing: float = 0.0) -> torch.Tensor:
-    """ℓ = minus TRL's per-pair DPO loss at the margins ``m = β·Δ`` (any shape).
-
-    ``"sigmoid"``: log σ(m), or the ε-label-smoothed expected log-likelihood (1−ε)·log σ(m) + ε·log σ(−m);
-    ``"robust"``: ((1−ε)·log σ(m) − ε·log σ(−m)) / (1−2ε), the unbiased estimate of the clean log-likelihood under
-    ε label flips (written exactly as TRL writes its loss, so K = 1 matches it to rounding).
-    """
-    eps = float(label_smoothing)
-    if loss_type == "sigmoid":
-        if eps == 0.0:
-            return F.logsigmoid(margins)
-        return (1 - eps) * F.logsigmoid(margins) + eps * F.logsigmoid(-margins)
-    if loss_type == "robust":
-        clean_loss_term = -(1 - eps) * F.logsigmoid(margins)
-        flipped_loss_term = -eps * F.logsigmoid(-margins)
-        return -(clean_loss_term - flipped_loss_term) / (1 - 2 * eps)
-    raise ValueError(f"loss_type {loss_type!r} is not a pairwise log-likelihood; use one of {LIKELIHOOD_LOSS_TYPES}.")
-
-
-def f_divergence_scores(logratios: torch.Tensor, f_divergence_type: str, coef: float) -> torch.Tensor:
-    """TRL's f-DPO scores f'(π/π_ref) of the log-ratios (``reverse_kl``: the log-ratios themselves)."""
-    if f_divergence_type == "reverse_kl":
-        return logratios
-    if f_divergence_type == "forward_kl":
-        return 1 - torch.exp(-logratios)
-    if f_divergence_type == "js_divergence":
-        return math.log(2) + F.logsigmoid(logratios)
-    if f_divergence_type == "alpha_divergence":
-        if abs(coef - 1.0) < 1e-6:
-            return logratios
-        t = (coef - 1.0) * logratios
-        clamp_max = {torch.float16: 11.0, torch.bfloat16: 80.0, torch.float32: 80.0}.get(t.dtype, 80.0)
-        return (torch.exp(torch.clamp(t.float(), max=clamp_max)) - 1.0).to(t.dtype) / (coef - 1.0)
-    raise ValueError(f"Unknown f_divergence_type: {f_divergence_type}")
 
 
 def check_likelihood_loss(args) -> None:
@@ -109,15 +71,11 @@ def check_likelihood_loss(args) -> None:
             f"margin; with f_divergence_type={args.f_divergence_type!r} and ld_alpha={args.ld_alpha!r} the trained "
             "margin is another one. Set alpha to a number, or use the reverse KL without ld_alpha."
         )
+    PreferenceLikelihood.from_config(args)  # β, the smoothing and the divergence, checked by their one definition
     if args.use_weighting:
         raise ValueError(
             "use_weighting (WPO) rescales each pair's loss by the policy's own sequence probabilities, which turns "
             "the per-pair term into something other than a log-likelihood; RenyiDPOTrainer refuses it."
-        )
-    if not 0.0 <= float(args.label_smoothing) < 0.5:
-        raise ValueError(
-            f"label_smoothing is the probability ε of a flipped preference label and must lie in [0, 0.5) for the "
-            f"ensemble's likelihood, got {args.label_smoothing}."
         )
     if loss_types[0] == "sigmoid" and args.label_smoothing > 0:
         logger.warning(
@@ -170,7 +128,6 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
 
     _tag_names = ["trl", "dpo", "trl-renyi", "lora-ensemble"]
     _name = "Rényi DPO"
-    _no_outputs_hint = "evaluate without compute_metrics, and use score_pairs() or RenyiEnsemble.score for per-member scores"
 
     def __init__(
         self,
@@ -209,23 +166,11 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         kwargs["labels"] = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         return kwargs
 
-    def _sequence_logps(self, per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-        """Sum of the completion tokens' log-probs (``(…, 2B, T−1)`` → ``(…, 2B)``), LD-DPO weighted like TRL.
-
-        TRL writes the LD-DPO weighting (tokens past the shorter completion of a pair count ``ld_alpha`` times) inline
-        in ``DPOTrainer._compute_loss`` and ``compute_ref_log_probs`` and exposes no helper for it, so its arithmetic
-        is repeated here, over a leading member dimension; ``tests/test_dpo_trainer.py`` holds K = 1 equal to TRL.
-        """
-        shift_mask = completion_mask[..., 1:]
-        per_token_logps = per_token_logps[..., -shift_mask.size(1) :]
-        if self.ld_alpha is None:
-            return per_token_logps.sum(dim=-1)
-        comp_pos = shift_mask.cumsum(dim=1)
-        chosen_lens, rejected_lens = shift_mask.sum(dim=1).long().chunk(2, dim=0)
-        shared_lens = torch.minimum(chosen_lens, rejected_lens).repeat(2).unsqueeze(1)
-        shared_mask = (comp_pos > 0) & (comp_pos <= shared_lens)
-        tail_mask = comp_pos > shared_lens
-        return (per_token_logps * shared_mask).sum(dim=-1) + self.ld_alpha * (per_token_logps * tail_mask).sum(dim=-1)
+    @property
+    def likelihood(self) -> PreferenceLikelihood:
+        """Each member's likelihood of a preference label, as ``self.args`` says now (read at use): β, loss type,
+        label smoothing, f-divergence, LD weighting (:mod:`trl_renyi.preference`, shared with scoring)."""
+        return PreferenceLikelihood.from_config(self.args, self.ref_model)
 
     def _completion_outputs(self, model, inputs: dict, forward, num_members: int):
         """``forward(model, model_inputs)`` over the batch's 2B chosen/rejected rows, in the layout TRL's collator
@@ -262,7 +207,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
                 log_probs = self.ref_model(**kwargs, fused_lm_head=True).log_probs
             else:
                 log_probs = self._completion_outputs(model, inputs, self.base_forward, 1).log_probs
-        return self._sequence_logps(log_probs, inputs["completion_mask"]).chunk(2, dim=0)
+        return self.likelihood.sequence_logps(log_probs, inputs["completion_mask"]).chunk(2, dim=0)
 
     def _reference_logps(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.precompute_ref_logps and "ref_chosen_logps" in inputs:
@@ -272,25 +217,53 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
 
     def stability_votes(self, count: int, seed: int):
         """``alpha="auto"``: about ``count`` training pairs as :class:`~trl_renyi.stability.PairVotes` at this β."""
-        return pair_votes(sample_rows(self.train_dataset, count, seed), self.beta)
+        return pair_votes(sample_rows(self.train_dataset, count, seed), self.likelihood.beta)
 
-    # ------------------------------------------------------------------ objective (the mixin's template)
-    def _member_loglik(self, model, inputs: dict):
-        """A :class:`PreferenceLogLik` with ℓ ``(B, K_routed)``: one member-batched forward of the 2B chosen/rejected rows, then each member's
-        margin against the shared reference and its per-pair log-likelihood."""
+    def _ensemble_metadata(self, model) -> dict:
+        """The ensemble's metadata with the preference likelihood it was trained with (β, loss type, smoothing,
+        divergence, LD weighting, reference), which scoring it by reward reads back."""
+        return {**super()._ensemble_metadata(model), PREFERENCE_FIELD: self.likelihood.to_metadata()}
+
+    # ------------------------------------------------------------------ the loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        r"""The α-Rényi loss of one batch of pairs, in order: the routed members' ℓ_ik (:meth:`member_loglik`: one
+        member-batched forward of the chosen and rejected rows, each member's margin against the base model's
+        reference, minus TRL's per-pair loss), then inside a step run in member chunks the chunk's share
+        (:meth:`chunk_loss`), else :math:`-\frac1N \sum_i J_i` at the α in force plus TRL's MoE term
+        (:meth:`ensemble_loss`), and TRL's DPO metrics. With K = 1 it is ``DPOTrainer``'s loss, for every α."""
+        self.refuse_outputs(
+            return_outputs, "evaluate without compute_metrics, and use score_pairs() or RenyiEnsemble.score for per-member scores"
+        )
+        mode = self.loss_mode
+        step = self.member_loglik(model, inputs)
+        chunk = self.current_chunk
+        if chunk is not None:
+            loss = self.chunk_loss(step)
+            if chunk.complete:
+                self.log_metrics(chunk.steps, inputs, mode)
+            return loss
+        loss = self.ensemble_loss(step, mode)
+        self.log_metrics([step], inputs, mode)
+        return loss
+
+    def member_loglik(self, model, inputs: dict) -> PreferenceLogLik:
+        """A :class:`PreferenceLogLik` with ℓ ``(B, K_routed)``: one member-batched forward of the 2B chosen/rejected
+        rows, then each member's margin against the shared reference and its per-pair log-likelihood
+        (:attr:`likelihood`), with TRL's normaliser (the pairs, times the loss weight)."""
         ref_chosen, ref_rejected = self._reference_logps(inputs)
         num_members = get_router(self.accelerator.unwrap_model(model)).num_members
         outputs = self._completion_outputs(model, inputs, self.member_forward, num_members)
         rows = inputs["input_ids"].shape[0]
+        likelihood = self.likelihood
         per_token = outputs.log_probs.reshape(num_members, rows, -1)
-        chosen_logps, rejected_logps = self._sequence_logps(per_token, inputs["completion_mask"]).chunk(2, dim=1)
+        chosen_logps, rejected_logps = likelihood.sequence_logps(per_token, inputs["completion_mask"]).chunk(2, dim=1)
         chosen_logratios = chosen_logps - ref_chosen.to(chosen_logps.device)
         rejected_logratios = rejected_logps - ref_rejected.to(rejected_logps.device)
-        chosen_scores = f_divergence_scores(chosen_logratios, self.f_divergence_type, self.f_alpha_divergence_coef)
-        rejected_scores = f_divergence_scores(rejected_logratios, self.f_divergence_type, self.f_alpha_divergence_coef)
-        margins = self.beta * (chosen_scores - rejected_scores)  # (K, B)
-        loglik = pair_log_likelihood(margins, self.loss_types[0], self.label_smoothing).T
+        margins = likelihood.margins(chosen_logratios, rejected_logratios)  # (K, B)
+        loglik = likelihood.loglik(margins).T
+        weight = self.loss_weights[0]
         return PreferenceLogLik(
+            normalise=lambda negative_bound_sum: negative_bound_sum / max(loglik.shape[0], 1) * weight,
             loglik=loglik,
             outputs=outputs,
             margins=margins.detach().T,
@@ -300,14 +273,11 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
             rejected_logps=rejected_logps.detach().T,
         )
 
-    def _normalised_loss(self, negative_bound_sum, step: PreferenceLogLik, num_items_in_batch=None):
-        """TRL's normaliser: the number of pairs of the batch (times the single loss weight)."""
-        return negative_bound_sum / max(step.num_examples, 1) * self.loss_weights[0]
-
-    # ------------------------------------------------------------------ metrics
-    def _log_forward_metrics(self, steps: list[PreferenceLogLik], inputs: dict, mode: str) -> None:
+    def log_metrics(self, steps: list[PreferenceLogLik], inputs: dict, mode: str) -> None:
         """TRL's DPO metrics for the ensemble (rewards of the π-weighted member mean), the same per member under
-        ``renyi/member_k/``, and TRL's token metrics (entropy, chosen-token accuracy) over all members' rows."""
+        ``renyi/member_k/``, TRL's token metrics (entropy, chosen-token accuracy) over all members' rows, and TRL's
+        MoE ``aux_loss``; from one or several (chunked) forwards."""
+        self.log_router_aux_loss(steps, mode)
         metrics = trainer_metrics(self, mode)
         device = inputs["input_ids"].device
         pair_stats = torch.stack(
@@ -318,7 +288,8 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
             dim=-1,
         )  # (B, K, 4)
         pair_stats = self.accelerator.gather(pair_stats)
-        chosen_rewards, rejected_rewards = self.beta * pair_stats[..., 0], self.beta * pair_stats[..., 1]
+        beta = self.likelihood.beta
+        chosen_rewards, rejected_rewards = beta * pair_stats[..., 0], beta * pair_stats[..., 1]
         weights = self.objective.log_weights.to(pair_stats.device).exp()
         ensemble_chosen, ensemble_rejected = chosen_rewards @ weights, rejected_rewards @ weights
         metrics["rewards/chosen"].append(ensemble_chosen.mean().item())
@@ -384,7 +355,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         with eval_mode(self.model):
             for batch in loader:
                 with self.member_routing(self.model):  # one step per batch: its reference and layout computed once
-                    step = self._member_loglik(self.model, self._prepare_inputs(batch))
+                    step = self.member_loglik(self.model, self._prepare_inputs(batch))
                 logliks.append(step.loglik.float().cpu())
                 margins.append(step.margins.float().cpu())
         loglik = torch.cat(logliks)

@@ -1,11 +1,13 @@
-"""The ensemble logic shared by RenyiSFTTrainer and RenyiDPOTrainer (one mixin, not two copies).
+"""What RenyiSFTTrainer and RenyiDPOTrainer share after their construction: the step and the parts of the loss.
 
-It finishes the ensemble's set-up after TRL's constructor (the trainers build it before, through
-:mod:`trl_renyi.training.construction`) and holds the one ``compute_loss`` of both trainers, which reads in order: route the batch to the members and get ℓ_ik (the trainer's ``_member_loglik``),
-apply the bound (:class:`~trl_renyi.training.ensemble_objective.EnsembleObjective`, pure), normalise the trainer's
-way, add TRL's extras, log. Each step owns a :class:`~trl_renyi.training.step.StepScope` for the values it computes
-once. Saving, loading and publishing are inherited from
-:class:`~trl_renyi.training.persistence.EnsemblePersistenceMixin`.
+Each trainer owns its ``compute_loss`` (as TRL's trainers do), which reads top to bottom and calls the shared parts
+defined here downward: :meth:`~RenyiEnsembleTrainerMixin.member_forward` (one member-batched forward of the routed
+members), :meth:`~RenyiEnsembleTrainerMixin.ensemble_loss` (the α-Rényi bound at the α in force, TRL's normaliser
+carried by the step, TRL's MoE term), :meth:`~RenyiEnsembleTrainerMixin.chunk_loss` (inside a step run in member
+chunks) and the routing metrics. Nothing here calls back into a trainer but through ``compute_loss``, the Trainer's own
+entry point, which the chunked step drives as transformers' ``training_step`` does. Each step owns a
+:class:`~trl_renyi.training.step.StepScope` for the values it computes once. Saving, loading and publishing are
+inherited from :class:`~trl_renyi.training.persistence.EnsemblePersistenceMixin`.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from trl_renyi.compat import trainer_metrics
 from trl_renyi.model.layer import base_model_only, get_router, member_names, member_routing, routed_members
 from trl_renyi.model.lm_head import add_completion_lm_head
 from trl_renyi.model.loading import check_vocabulary
+from trl_renyi.model.members import register_members_with_zero3, set_members_trainable, tile_for_members
 from trl_renyi.model.modes import is_activation_checkpointing
-from trl_renyi.model.members import attach_ensemble, register_members_with_zero3, tile_for_members
 from trl_renyi.model.saved_format import ALPHA_METRIC
 from trl_renyi.model.shared_prompt import model_inputs_only
 from trl_renyi.model.trunk import enable_shared_trunk
 from trl_renyi.objective import AUTO_ALPHA, RenyiBound
 from trl_renyi.training.auto_alpha import AutoAlpha
-from trl_renyi.training.config import RenyiEnsembleArguments
+from trl_renyi.training.config import construction_settings
 from trl_renyi.training.datasets import report_dropped_examples
 from trl_renyi.training.ensemble_objective import EnsembleObjective
 from trl_renyi.training.persistence import EnsemblePersistenceMixin
@@ -40,18 +42,20 @@ logger = logging.getLogger(__name__)
 class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
     """Mixed into TRL trainers, before the TRL class in the bases. Saves and checkpoints are published atomically."""
 
-    # ------------------------------------------------------------------ construction
+    # ------------------------------------------------------------------ after TRL's constructor
     def _finish_ensemble_setup(self) -> None:
-        args: RenyiEnsembleArguments = self.args
-        self.member_names = member_names(args.num_members)
+        """What needs TRL's model in place: every member trainable again (TRL may have activated one adapter, which
+        freezes the others; the members were built and checked before), the completion head, the shared trunk, the
+        α resolver; and the construction settings, checked again when training starts."""
+        self.member_names = member_names(self.args.num_members)
+        self.built_with = construction_settings(self.args)
         self.auto_alpha = AutoAlpha(self)  # resolves alpha="auto" at the end of the warm-up (a no-op otherwise)
         self.add_callback(self.auto_alpha)
-        # TRL may have touched PEFT's active adapter (which freezes the others): every member trains.
         peft_model = self.accelerator.unwrap_model(self.model)
         check_vocabulary(peft_model, self.processing_class)  # before a token id past the embeddings fails a step
-        attach_ensemble(peft_model, args.num_members)
+        set_members_trainable(peft_model, self.member_names)
         self._completion_head = add_completion_lm_head(peft_model.get_base_model())
-        self.shared_trunk_layer = enable_shared_trunk(peft_model) if args.shared_trunk else None
+        self.shared_trunk_layer = enable_shared_trunk(peft_model) if self.args.shared_trunk else None
         if is_deepspeed_zero3_enabled():
             register_members_with_zero3(peft_model, self.member_names)
 
@@ -70,7 +74,104 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
         """The α that applies after the warm-up: ``args.alpha``, or the resolution of ``"auto"``."""
         return self.auto_alpha.alpha if self.args.alpha == AUTO_ALPHA else float(self.args.alpha)
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ the step
+    #: the open step's :class:`StepScope` (``None`` between steps)
+    _scope: StepScope | None = None
+
+    @contextlib.contextmanager
+    def member_routing(self, model=None):
+        """One step: rows are routed to members inside the block (see :func:`~trl_renyi.model.layer.member_routing`)
+        and a fresh :class:`StepScope` holds what the step computes once. The trainer's steps hold it around their
+        forward and backward; on exit the scope is dropped and the shared trunk switched off again."""
+        peft_model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        router = get_router(peft_model)
+        outer, self._scope = self._scope, self._scope or StepScope()
+        try:
+            with member_routing(peft_model):
+                yield
+        finally:
+            router.trunk_active = False
+            self._scope = outer
+
+    def _once(self, name: str, batch, compute):
+        """``compute()`` once per step and batch (:meth:`StepScope.once`); outside a step, every time."""
+        return compute() if self._scope is None else self._scope.once(name, batch, compute)
+
+    @property
+    def current_chunk(self) -> ChunkPass | None:
+        """The chunk of members this ``compute_loss`` serves inside a step run in member chunks, else ``None``."""
+        return self._scope.chunk if self._scope is not None else None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with self.member_routing(model):
+            chunks = self._member_chunks()
+            if chunks is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            if self.args.parallel_mode.value == "distributed" and not self.args.ddp_find_unused_parameters:
+                raise ValueError(
+                    "member_chunk_size under DDP needs ddp_find_unused_parameters=True: each chunk's backward leaves "
+                    "the other members' LoRA weights without gradients."
+                )
+            return self._chunked_training_step(model, inputs, num_items_in_batch, chunks)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with self.member_routing(model):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def _member_chunks(self) -> list[list[str]] | None:
+        size = getattr(self.args, "member_chunk_size", None)
+        if not size or size >= self.num_members:
+            return None
+        return [self.member_names[i : i + size] for i in range(0, self.num_members, size)]
+
+    def _chunked_training_step(self, model, inputs: dict, num_items_in_batch, chunks: list[list[str]]):
+        """Exact chunked training step. First ``compute_loss`` scores every chunk without gradients (each records its
+        :class:`MemberLogLik`), which gives the loss and the responsibilities r_ik; then transformers' own
+        ``training_step`` runs once per chunk, its ``compute_loss`` returning the chunk's surrogate
+        ``−Σ_i Σ_{k∈chunk} r_ik ℓ_ik`` (:meth:`chunk_loss`), whose gradient equals that of ``−Σ_i J_i``
+        (∂J_i/∂ℓ_ik = r_ik), valued at the loss on the last chunk and 0 before, so the step returns the loss as
+        transformers scales it. Activation memory is that of one chunk."""
+        peft_model = self.accelerator.unwrap_model(model)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        scored: list[MemberLogLik] = []
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                for names in chunks:
+                    self._scope.chunk = ChunkPass(names, scored, scoring=True)
+                    with routed_members(peft_model, names):
+                        self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+                step = scored[-1]
+                bound = self.renyi_objective(torch.cat([s.loglik for s in scored], dim=-1), "train", per_token=step.num_tokens)
+                loss = step.normalise(-step.weighted_sum(bound.value))
+                for names, part in zip(chunks, scored):
+                    loss = self.with_router_aux_loss(loss, part, len(names) / self.num_members)
+            trained: list[MemberLogLik] = []
+            total, offset = 0.0, 0
+            for index, names in enumerate(chunks):
+                last = index == len(chunks) - 1
+                weights = bound.responsibilities[:, offset : offset + len(names)]
+                value = loss if last else torch.zeros_like(loss)
+                self._scope.chunk = ChunkPass(names, trained, responsibilities=weights, value=value, last=last)
+                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+                with sync, routed_members(peft_model, names):
+                    total = total + super().training_step(model, inputs, num_items_in_batch)
+                offset += len(names)
+        finally:
+            self._scope.chunk = None
+        return total
+
+    # ------------------------------------------------------------------ the shared parts of compute_loss
+    @property
+    def loss_mode(self) -> str:
+        """``"train"`` or ``"eval"``: where the metrics of this forward go."""
+        return "train" if self.model.training else "eval"
+
+    def refuse_outputs(self, return_outputs: bool, hint: str) -> None:
+        """The ensemble's ``compute_loss`` returns no logits (there are K sets); ``hint`` names the scoring API."""
+        if return_outputs:
+            raise ValueError(f"{type(self).__name__} does not return logits from compute_loss; {hint}.")
+
     def member_forward(self, model, inputs: dict):
         """One member-batched forward of ``inputs`` (B rows) through the routed members (all K, or a chunk).
 
@@ -97,8 +198,7 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
         # the trunk state stays set until the step's backward is done (gradient checkpointing recomputes with it)
         router.trunk_active = router.trunk_layer is not None and "cu_seq_lens_q" not in inputs
         if router.trunk_active:
-            tiled = dict(inputs)
-            tiled["labels"] = tile_for_members({"input_ids": inputs["labels"]}, copies)["input_ids"]
+            tiled = {**inputs, "labels": tile_for_members({"labels": inputs["labels"]}, copies)["labels"]}
         else:
             tiled = tile_for_members(inputs, copies)
         tiled["use_cache"] = False
@@ -107,158 +207,6 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
         if getattr(self, "_completion_head", False):
             return model(**tiled, completion_head=True, num_members=copies)
         return model(**tiled, fused_lm_head=True)
-
-    #: the open step's :class:`StepScope` (``None`` between steps)
-    _scope: StepScope | None = None
-
-    @contextlib.contextmanager
-    def member_routing(self, model=None):
-        """One step: rows are routed to members inside the block (see :func:`~trl_renyi.model.layer.member_routing`)
-        and a fresh :class:`StepScope` holds what the step computes once. The trainer's steps hold it around their
-        forward and backward; on exit the scope is dropped and the shared trunk switched off again."""
-        peft_model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        router = get_router(peft_model)
-        outer, self._scope = self._scope, self._scope or StepScope()
-        try:
-            with member_routing(peft_model):
-                yield
-        finally:
-            router.trunk_active = False
-            self._scope = outer
-
-    def _once(self, name: str, batch, compute):
-        """``compute()`` once per step and batch (:meth:`StepScope.once`); outside a step, every time."""
-        return compute() if self._scope is None else self._scope.once(name, batch, compute)
-
-    def _member_loglik(self, model, inputs: dict) -> MemberLogLik:
-        """The batch's log-likelihoods under the routed members (one member-batched forward). Implemented by each
-        trainer; the result feeds :meth:`_normalised_loss` and :meth:`_log_forward_metrics`."""
-        raise NotImplementedError
-
-    def _normalised_loss(self, negative_bound_sum: torch.Tensor, step: MemberLogLik, num_items_in_batch) -> torch.Tensor:
-        """Divide ``−Σ_i J_i`` by the trainer's own normaliser. Implemented by each trainer."""
-        raise NotImplementedError
-
-    def _router_aux_steps(self, num_items_in_batch) -> int:
-        """How many micro-batches the router auxiliary loss is averaged over (TRL's DPO: 1; SFT overrides)."""
-        return 1
-
-    def _with_router_aux_loss(self, loss: torch.Tensor, step: MemberLogLik, num_items_in_batch, share: float = 1.0):
-        r"""Add TRL's MoE load-balancing term, ``router_aux_loss_coef · aux / steps``, when TRL enables it.
-
-        ``aux`` is the mean over the routed members of each member's own load-balancing loss (for K = 1 the model's
-        ``aux_loss``, so K = 1 equals TRL); ``share`` is the routed members' fraction of all K, so that a step run in
-        member chunks adds the same total as one pass.
-        """
-        aux = step.router_aux_loss
-        if not getattr(self, "aux_loss_enabled", False) or aux is None:
-            return loss
-        return loss + self.router_aux_loss_coef * aux.to(loss.device) * share / self._router_aux_steps(num_items_in_batch)
-
-    def _log_router_aux_loss(self, steps: list[MemberLogLik], mode: str) -> None:
-        if getattr(self, "aux_loss_enabled", False) and steps[0].router_aux_loss is not None:
-            value = torch.stack([s.router_aux_loss.detach().float() for s in steps]).mean()
-            trainer_metrics(self, mode)["aux_loss"].append(self.accelerator.gather_for_metrics(value).mean().item())
-
-    def _log_forward_metrics(self, steps: list[MemberLogLik], inputs: dict, mode: str) -> None:
-        """Log the trainer's own per-forward metrics from one or several (chunked) forwards."""
-
-    #: what ``compute_loss`` says when asked for outputs (each trainer names its scoring API)
-    _no_outputs_hint = "use RenyiEnsemble.score for per-member scores"
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        r"""The α-Rényi loss of one batch, :math:`\mathcal{L} = -\frac{1}{N}\sum_i J_i` (+ TRL's MoE term), in order:
-        the routed members' ℓ_ik (the trainer's ``_member_loglik``, one member-batched forward), the bound J_i at the
-        α in force (:meth:`renyi_objective`; over sources with ``source_column``), TRL's normaliser N (the trainer's
-        ``_normalised_loss``), TRL's ``router_aux_loss_coef · aux`` for MoE models, and the metrics through TRL's
-        ``_metrics``. With K = 1 it is TRL's own loss, for every α."""
-        if return_outputs:
-            raise ValueError(f"{type(self).__name__} does not return logits from compute_loss; {self._no_outputs_hint}.")
-        mode = "train" if self.model.training else "eval"
-        # 1. route the batch to the members: ℓ_ik of every example under every routed member, one member-batched pass
-        step = self._member_loglik(model, inputs)
-        chunk = self._scope.chunk if self._scope is not None else None
-        if chunk is not None:  # one chunk of a chunked step: its surrogate, whose gradient is the bound's
-            return self._chunk_surrogate(step, chunk, num_items_in_batch)
-        # 2. apply the bound: Σ_i w_i J_i, or Σ_s J_s when the examples name their source (routing metrics logged)
-        if step.source_ids is not None:
-            bound_sum = self.source_objective(step, mode).value.sum()
-        else:
-            bound_sum = step.weighted_sum(self.renyi_objective(step.loglik, mode, per_token=step.num_tokens).value)
-        # 3. normalise the trainer's way (TRL's normaliser), 4. add TRL's extras (MoE load balancing)
-        loss = self._normalised_loss(-bound_sum, step, num_items_in_batch)
-        loss = self._with_router_aux_loss(loss, step, num_items_in_batch)
-        # 5. log TRL's own metrics of the forward
-        self._log_forward_metrics([step], inputs, mode)
-        self._log_router_aux_loss([step], mode)
-        return loss
-
-    def _member_chunks(self) -> list[list[str]] | None:
-        size = getattr(self.args, "member_chunk_size", None)
-        if not size or size >= self.num_members:
-            return None
-        return [self.member_names[i : i + size] for i in range(0, self.num_members, size)]
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        with self.member_routing(model):
-            chunks = self._member_chunks()
-            if chunks is None:
-                return super().training_step(model, inputs, num_items_in_batch)
-            if self.args.parallel_mode.value == "distributed" and not self.args.ddp_find_unused_parameters:
-                raise ValueError(
-                    "member_chunk_size under DDP needs ddp_find_unused_parameters=True: each chunk's backward leaves "
-                    "the other members' LoRA weights without gradients."
-                )
-            return self._chunked_training_step(model, inputs, num_items_in_batch, chunks)
-
-    def _chunked_training_step(self, model, inputs: dict, num_items_in_batch, chunks: list[list[str]]):
-        """Exact chunked training step: score all members without gradients (the loss, r_ik, the routing metrics), then
-        run transformers' own ``training_step`` once per chunk of members. There ``compute_loss`` returns the chunk's
-        surrogate ``−Σ_i Σ_{k∈chunk} r_ik ℓ_ik``, whose gradient equals that of ``−Σ_i J_i`` (∂J_i/∂ℓ_ik = r_ik), with
-        its value set to the loss on the last chunk and 0 before, so the step returns the loss as transformers scales
-        it. Activation memory is that of one chunk."""
-        peft_model = self.accelerator.unwrap_model(model)
-        model.train()
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            parts, aux_terms = [], 0.0
-            for names in chunks:
-                with routed_members(peft_model, names):
-                    step = self._member_loglik(model, inputs)
-                parts.append(step.loglik)
-                zero = step.loglik.new_zeros(())
-                aux_terms = aux_terms + self._with_router_aux_loss(
-                    zero, step, num_items_in_batch, len(names) / self.num_members
-                )
-            bound = self.renyi_objective(torch.cat(parts, dim=-1), "train", per_token=step.num_tokens)
-            loss = self._normalised_loss(-step.weighted_sum(bound.value), step, num_items_in_batch) + aux_terms
-        steps, offset, total = [], 0, 0.0
-        try:
-            for index, names in enumerate(chunks):
-                last = index == len(chunks) - 1
-                weights = bound.responsibilities[:, offset : offset + len(names)]
-                self._scope.chunk = ChunkPass(names, weights, loss if last else torch.zeros_like(loss), steps)
-                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
-                with sync, routed_members(peft_model, names):
-                    total = total + super().training_step(model, inputs, num_items_in_batch)
-                offset += len(names)
-        finally:
-            self._scope.chunk = None
-        self._log_forward_metrics(steps, inputs, "train")
-        self._log_router_aux_loss(steps, "train")
-        return total
-
-    def _chunk_surrogate(self, step: MemberLogLik, chunk: ChunkPass, num_items_in_batch) -> torch.Tensor:
-        """``compute_loss`` inside a chunked step: the chunk's surrogate, valued as :meth:`_chunked_training_step` says."""
-        weights = chunk.responsibilities.to(step.loglik.dtype)
-        surrogate = self._normalised_loss(-step.weighted_sum((weights * step.loglik).sum(-1)), step, num_items_in_batch)
-        surrogate = self._with_router_aux_loss(surrogate, step, num_items_in_batch, len(chunk.names) / self.num_members)
-        chunk.steps.append(step)
-        return (surrogate - surrogate.detach()) + chunk.value.to(surrogate.device, surrogate.dtype)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        with self.member_routing(model):
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def base_forward(self, model, inputs: dict):
         """One forward of the frozen base model alone over the untiled ``inputs`` (B rows), with the LM head that
@@ -271,6 +219,47 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
             if getattr(self, "_completion_head", False):
                 return model(**inputs, completion_head=True, num_members=1)
             return model(**inputs, fused_lm_head=True)
+
+    def ensemble_loss(self, step: MemberLogLik, mode: str) -> torch.Tensor:
+        r"""The batch's loss from its ℓ_ik: :math:`-\sum_i w_i J_i` at the α in force (:meth:`renyi_objective`; over
+        sources, :math:`-\sum_s J_s`, with ``source_column``), normalised as the trainer's step says
+        (``step.normalise``: TRL's own, so K = 1 is TRL's loss for every α), plus TRL's MoE load-balancing term."""
+        if step.source_ids is not None:
+            bound_sum = self.source_objective(step, mode).value.sum()
+        else:
+            bound_sum = step.weighted_sum(self.renyi_objective(step.loglik, mode, per_token=step.num_tokens).value)
+        return self.with_router_aux_loss(step.normalise(-bound_sum), step)
+
+    def chunk_loss(self, step: MemberLogLik) -> torch.Tensor:
+        """``compute_loss`` inside a step run in member chunks (:meth:`_chunked_training_step`): while scoring, the
+        step's ℓ is recorded and nothing returned but 0; while training a chunk, its surrogate, valued as the chunked
+        step says. Every chunk's :class:`MemberLogLik` is kept in ``current_chunk.steps`` for the metrics."""
+        chunk = self.current_chunk
+        chunk.steps.append(step)
+        if chunk.scoring:
+            return step.loglik.new_zeros(())
+        weights = chunk.responsibilities.to(step.loglik.dtype)
+        surrogate = step.normalise(-step.weighted_sum((weights * step.loglik).sum(-1)))
+        surrogate = self.with_router_aux_loss(surrogate, step, len(chunk.names) / self.num_members)
+        return (surrogate - surrogate.detach()) + chunk.value.to(surrogate.device, surrogate.dtype)
+
+    def with_router_aux_loss(self, loss: torch.Tensor, step: MemberLogLik, share: float = 1.0) -> torch.Tensor:
+        r"""Add TRL's MoE load-balancing term, ``router_aux_loss_coef · aux · step.aux_scale``, when TRL enables it.
+
+        ``aux`` is the mean over the routed members of each member's own load-balancing loss (for K = 1 the model's
+        ``aux_loss``, so K = 1 equals TRL); ``share`` is the routed members' fraction of all K, so that a step run in
+        member chunks adds the same total as one pass.
+        """
+        aux = step.router_aux_loss
+        if not getattr(self, "aux_loss_enabled", False) or aux is None:
+            return loss
+        return loss + self.router_aux_loss_coef * aux.to(loss.device) * share * step.aux_scale
+
+    def log_router_aux_loss(self, steps: list[MemberLogLik], mode: str) -> None:
+        """TRL's ``aux_loss`` metric (MoE models), from one or several (chunked) forwards."""
+        if getattr(self, "aux_loss_enabled", False) and steps[0].router_aux_loss is not None:
+            value = torch.stack([s.router_aux_loss.detach().float() for s in steps]).mean()
+            trainer_metrics(self, mode)["aux_loss"].append(self.accelerator.gather_for_metrics(value).mean().item())
 
     # ------------------------------------------------------------------ objective
     def _progress(self) -> tuple[int, int]:

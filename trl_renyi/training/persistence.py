@@ -38,6 +38,7 @@ from trl_renyi.model.saved_format import (
 from trl_renyi.model.saving import check_save_target, copy_ensemble, save_ensemble
 from trl_renyi.objective import AUTO_ALPHA
 from trl_renyi.training.checkpoint import AtomicCheckpointMixin
+from trl_renyi.training.config import check_construction_unchanged
 from trl_renyi.training.source_routing import MEMORY_FILE as SOURCE_MEMORY_FILE
 
 logger = logging.getLogger(__name__)
@@ -167,8 +168,10 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
         )
 
     def train(self, *args, **kwargs):
-        """TRL's ``train``; first warns when ``output_dir`` holds files that a final ``save_model()`` would refuse to
-        mix with, so that this is known before the training rather than after it."""
+        """TRL's ``train``; first refuses a construction setting changed on ``trainer.args`` since the trainer was
+        built, and warns when ``output_dir`` holds files that a final ``save_model()`` would refuse to mix with, so
+        that both are known before the training rather than after it."""
+        check_construction_unchanged(self.args, self.built_with)
         if self.args.should_save:
             try:
                 check_save_target(self.args.output_dir)

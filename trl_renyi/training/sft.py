@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from trl import SFTTrainer
 
@@ -101,9 +103,28 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
             votes = sequence_votes(sample_rows(self.train_dataset, count, seed), unit)
         return answer_choice_votes(votes) or votes
 
-    def _member_loglik(self, model, inputs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        r"""The α-Rényi loss of one batch, in order: the routed members' ℓ_ik (:meth:`member_loglik`, one
+        member-batched forward; TRL's normaliser N carried with it), then inside a step run in member chunks the
+        chunk's share (:meth:`chunk_loss`), else :math:`-\frac1N \sum_i J_i` at the α in force plus TRL's MoE term
+        (:meth:`ensemble_loss`), and TRL's SFT metrics. With K = 1 it is ``SFTTrainer``'s loss, for every α."""
+        self.refuse_outputs(return_outputs, "use RenyiEnsemble.score for per-member scores")
+        mode = self.loss_mode
+        step = self.member_loglik(model, inputs, num_items_in_batch)
+        chunk = self.current_chunk
+        if chunk is not None:
+            loss = self.chunk_loss(step)
+            if chunk.complete:
+                self.log_metrics(chunk.steps, inputs, mode)
+            return loss
+        loss = self.ensemble_loss(step, mode)
+        self.log_metrics([step], inputs, mode)
+        return loss
+
+    def member_loglik(self, model, inputs: dict, num_items_in_batch=None) -> MemberLogLik:
         """A :class:`MemberLogLik` with ℓ ``(N, K_routed)``: each example's summed (or mean) completion log-prob under
-        each routed member, from one member-batched forward; multi-annotator rows carry their weights."""
+        each routed member, from one member-batched forward; multi-annotator rows carry their weights; with TRL's
+        normaliser (:meth:`normalise`) and MoE averaging."""
         weights = inputs.get("completion_weights")
         outputs = self.member_forward(model, inputs)
         routed = get_router(self.accelerator.unwrap_model(model)).num_members
@@ -116,18 +137,18 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         if "row_index" in inputs:  # multi_annotator_routing="row": one example per row, its annotations summed
             loglik, num_tokens = row_log_likelihood(loglik, num_tokens, weights, inputs["row_index"])
             weights = None
-        return MemberLogLik(
+        step = MemberLogLik(
             loglik=loglik, outputs=outputs, num_tokens=num_tokens, example_weights=weights, weighted=weighted,
             source_ids=inputs.get("source_ids"),
         )  # fmt: skip
+        step.normalise = functools.partial(self.normalise, step=step, num_items_in_batch=num_items_in_batch)
+        # TRL's SFT: with num_items_in_batch the loss carries the gradient-accumulation average itself
+        step.aux_scale = 1.0 / (self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1)
+        return step
 
-    def _router_aux_steps(self, num_items_in_batch) -> int:
-        """TRL's SFT: with ``num_items_in_batch`` the loss carries the gradient-accumulation average itself."""
-        return self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-
-    def _normalised_loss(self, negative_bound_sum, step: MemberLogLik, num_items_in_batch):
-        """TRL's normaliser: completion tokens of the batch (``num_items_in_batch`` under gradient accumulation) for
-        ``loglik_reduction="sum"``; the number of examples for ``"mean"``."""
+    def normalise(self, negative_bound_sum, step: MemberLogLik, num_items_in_batch):
+        """TRL's normaliser, in TRL's arithmetic: completion tokens of the batch (``num_items_in_batch`` under
+        gradient accumulation) for ``loglik_reduction="sum"``; the number of examples for ``"mean"``."""
         if self.args.loglik_reduction == "sum":
             if step.weighted and num_items_in_batch is not None:
                 # the Trainer counts the labels' tokens, unweighted; weighted rows train with one micro-batch per
@@ -145,8 +166,10 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
             loss = loss / self.current_gradient_accumulation_steps
         return loss
 
-    def _log_forward_metrics(self, steps: list[MemberLogLik], inputs, mode: str) -> None:
-        """TRL's own SFT metrics (entropy, token accuracy over all members' tokens, and tokens seen)."""
+    def log_metrics(self, steps: list[MemberLogLik], inputs, mode: str) -> None:
+        """TRL's own SFT metrics from one or several (chunked) forwards: entropy, token accuracy over all members'
+        tokens, tokens seen, and TRL's MoE ``aux_loss``."""
+        self.log_router_aux_loss(steps, mode)
         totals = torch.zeros(3, device=inputs["input_ids"].device)
         for step in steps:
             outputs = step.outputs

@@ -1,8 +1,9 @@
 r"""The state of one training or prediction step, and the typed results passed between its stages.
 
-A trainer's ``_member_loglik`` runs one member-batched forward and returns a :class:`MemberLogLik`; ``compute_loss``
-turns its ``loglik`` matrix into the α-Rényi bound, normalises it the trainer's way, adds the MoE router auxiliary
-loss and logs metrics from it. DPO extends it with the per-pair quantities TRL logs (:class:`PreferenceLogLik`).
+A trainer's ``member_loglik`` runs one member-batched forward and returns a :class:`MemberLogLik`, which carries the
+trainer's own normaliser (``normalise``); its ``compute_loss`` turns the ``loglik`` matrix into the α-Rényi bound,
+normalises it, adds the MoE router auxiliary loss and logs metrics from it. DPO extends it with the per-pair
+quantities TRL logs (:class:`PreferenceLogLik`).
 
 What a step computes once and reads several times (DPO's reference log-probs and packed pair layout, the chunk of
 members a chunked step is training) lives in a :class:`StepScope`, opened and closed by the step that owns it
@@ -31,6 +32,10 @@ class MemberLogLik:
             routed whole), so a token count taken from the labels alone is not its normaliser.
         source_ids: ``(N,)`` the source of every example when the bound is taken over sources
             (``source_column``), or ``None``.
+        normalise: the trainer's normaliser, ``loss = normalise(−Σ_i J_i)``, in TRL's own arithmetic (SFT: over the
+            batch's completion tokens, ``num_items_in_batch`` under gradient accumulation; DPO: over the pairs, times
+            the loss weight), so that K = 1 is TRL's loss.
+        aux_scale: the factor of TRL's MoE load-balancing term (1 / the micro-batches it is averaged over).
     """
 
     loglik: torch.Tensor
@@ -39,6 +44,8 @@ class MemberLogLik:
     example_weights: torch.Tensor | None = None
     weighted: bool = False
     source_ids: torch.Tensor | None = None
+    normalise: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
+    aux_scale: float = 1.0
 
     @property
     def num_examples(self) -> int:
@@ -72,14 +79,22 @@ class PreferenceLogLik(MemberLogLik):
 
 @dataclass
 class ChunkPass:
-    """One chunk of members inside an exact chunked training step: the chunk's member names, their responsibilities
-    ``(N, len(names))`` from the all-member scoring pass, the loss value this chunk's ``compute_loss`` reports (the
-    step's loss on the last chunk, 0 before) and the list that collects each chunk's :class:`MemberLogLik`."""
+    """One chunk of members inside an exact chunked training step, in one of its two passes: ``scoring`` (no
+    gradients; ``compute_loss`` only records the chunk's :class:`MemberLogLik`) or training (``compute_loss`` returns
+    the chunk's surrogate, weighted by ``responsibilities`` ``(N, len(names))`` from the scoring pass and valued at
+    ``value``: the step's loss on the ``last`` chunk, 0 before). ``steps`` collects every chunk's forward of the pass."""
 
     names: list[str]
-    responsibilities: torch.Tensor
-    value: torch.Tensor
     steps: list[MemberLogLik]
+    responsibilities: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    last: bool = False
+    scoring: bool = False
+
+    @property
+    def complete(self) -> bool:
+        """The last chunk of the training pass: every chunk's forward is in ``steps`` (the time to log metrics)."""
+        return self.last and not self.scoring
 
 
 @dataclass
