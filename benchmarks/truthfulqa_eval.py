@@ -142,12 +142,12 @@ def _relative(path: Path) -> str:
 
 
 def main(argv=None) -> int:
+    from trl_renyi.cli import main as trl_renyi_command  # the `trl-renyi eval` command itself
+
     args = parse_args(argv)
     if not args.data.is_file():
         print(f"Skipping the TruthfulQA benchmark: {args.data} not found (pass --data).")
         return 0
-    from trl_renyi.cli import eval as eval_command
-
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     train, held_out = split_questions(json.loads(args.data.read_text()), args.train_questions, args.eval_questions, args.seed)
@@ -157,19 +157,20 @@ def main(argv=None) -> int:
     timings = {"train_ensemble_s": train_ensemble(args, dataset, out / "ensemble")}
     timings["train_single_s"] = train_single(args, dataset, out / "single")
     start = time.perf_counter()
-    eval_command.main(
-        *eval_command.make_parser().parse_args_and_config([
-            "--ensemble", str(out / "ensemble"),
-            "--data", str(held_out_file),
-            "--data_format", "mc1",
-            "--baselines", "base", f"single=adapter:{out / 'single'}", "member:0",
-            "--chat", "yes",
-            "--system_prompt", SYSTEM_PROMPT,
-            "--batch_size", str(args.eval_batch_size),
-            "--output_dir", str(out / "eval"),
-            *(["--length_normalize", "true"] if args.length_normalize else []),
-        ])
-    )  # fmt: skip
+    status = trl_renyi_command([
+        "eval",
+        "--ensemble", str(out / "ensemble"),
+        "--data", str(held_out_file),
+        "--data_format", "mc1",
+        "--baselines", "base", f"single=adapter:{out / 'single'}", "member:0",
+        "--chat", "yes",
+        "--system_prompt", SYSTEM_PROMPT,
+        "--batch_size", str(args.eval_batch_size),
+        "--output_dir", str(out / "eval"),
+        *(["--length_normalize", "true"] if args.length_normalize else []),
+    ])  # fmt: skip
+    if status:
+        raise SystemExit(f"trl-renyi eval failed with status {status}")
     timings["eval_s"] = time.perf_counter() - start
     report = json.loads((out / "eval" / "report.json").read_text())
     keys = ("accuracy", "nll", "ece", "brier", "auroc", "selective_accuracy", "mean_mutual_information")

@@ -388,7 +388,7 @@ def _mean_jsd(targets, predicted) -> float:
 def audit_auroc(model, train: list) -> float:
     """``train_auroc_mi_contested``: the training items scored as ``trl-renyi audit`` scores SFT data (the pooled
     majority as the completion, its default ranking score), as a detector of the contested items."""
-    from trl_renyi.cli.audit import SFT_SCORES, score_sft
+    from trl_renyi.evaluation.audit import SFT_SCORES, score_sft
     from trl_renyi.data.group_conflicts import answer_completions, answer_prompt
     from trl_renyi.evaluation.group_conflicts import contested_auroc
 

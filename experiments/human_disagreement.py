@@ -212,7 +212,7 @@ def evaluate(model, held_out: list[dict]) -> dict:
 def audit_precision(model, train: list[dict], top: int = 100) -> dict:
     """Rank the training items as ``trl-renyi audit`` ranks SFT data and measure how many of the top ones humans
     really contest (majority share < 0.6), against the share among all training items (a random ranking)."""
-    from trl_renyi.cli.audit import SFT_SCORES, score_sft
+    from trl_renyi.evaluation.audit import SFT_SCORES, score_sft
     from trl_renyi.data.chaosnli import chaosnli_prompt, label_words, vote_counts
 
     columns = {"prompt": [], "completion": []}

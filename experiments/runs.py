@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_utils import replace_section  # noqa: E402
 
 from trl_renyi import RenyiEnsemble  # noqa: E402
-from trl_renyi.cli.demo import DEMO_FAMILIES  # noqa: E402
+from trl_renyi.data.conflict import DEMO_FAMILIES  # noqa: E402
 from trl_renyi.model.layer import member_names
 from trl_renyi.model.members import build_ensemble  # noqa: E402
 

@@ -231,8 +231,8 @@ def test_the_config_docstring_lists_the_ensemble_fields():
 
 
 def test_eval_and_audit_say_what_they_read_and_explain_their_tables():
-    from trl_renyi.cli.audit import format_table as audit_table
-    from trl_renyi.cli.eval import TABLE_LEGEND
+    from trl_renyi.evaluation.audit import audit_table
+    from trl_renyi.evaluation.report import TABLE_LEGEND
 
     assert "AUROC(MI)" in TABLE_LEGEND and "acc@c" in TABLE_LEGEND
     row = {"index": 0, "mutual_information_max": 0.5, "mutual_information": 0.1, "loglik_std": 1.0,

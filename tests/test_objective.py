@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trl_renyi.objective import alpha_at_step, normalized_log_weights, renyi_bound, routing_entropy
+from trl_renyi.objective import alpha_at_step, floored_renyi_bound, normalized_log_weights, renyi_bound, routing_entropy
 
 ALPHAS = [-1.0, 0.0, 0.5, 0.999, 1.0, 1.001, 2.0]
 
@@ -139,3 +139,63 @@ def test_floored_bound_mixes_alpha_one_and_floors_gradient(floor):
     torch.testing.assert_close(bound.responsibilities.sum(-1), torch.ones(2))
     with pytest.raises(ValueError, match="responsibility_floor"):
         floored_renyi_bound(loglik, 0.0, None, 1.5)
+
+
+# ------------------------------------------------------------------------------------ each setting, one definition
+SETTINGS_AT_THE_BOUNDARY = [
+    # (setting, accepted values, refused values, message)
+    ("num_members", [1, 4], [0, -1, 2.0, True], r"num_members must be an integer >= 1"),
+    ("alpha", [-5.0, 0.0, 1.0, 3.0], [float("nan"), float("inf"), "x", True], r"alpha must be a finite float"),
+    ("responsibility_floor", [0.0, 0.999], [1.0, -0.01, float("nan"), True], r"responsibility_floor must lie in \[0, 1\)"),
+    ("alpha_warmup_ratio", [0.0, 1.0], [1.01, -0.1, True], r"alpha_warmup_ratio must lie in \[0, 1\]"),
+    ("member_weights", [None, [1.0, 3.0]], [[1.0, 0.0], [1.0], [1.0, float("nan")], [True, 1.0]], r"member_weights must"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, accepted, refused, message", SETTINGS_AT_THE_BOUNDARY)
+def test_each_setting_has_one_range_wherever_it_enters(tmp_path, name, accepted, refused, message):
+    """The same range and message at the config, the saved metadata and the objective itself (the one check in
+    trl_renyi.objective), on both sides of every boundary."""
+    from trl_renyi.objective import (
+        check_alpha,
+        check_floor,
+        check_member_weights,
+        check_num_members,
+        check_warmup_ratio,
+    )
+    from trl_renyi.model.saved_format import read_metadata
+    from trl_renyi.training.config import RenyiSFTConfig
+
+    direct = {
+        "num_members": check_num_members, "alpha": check_alpha, "responsibility_floor": check_floor,
+        "alpha_warmup_ratio": check_warmup_ratio, "member_weights": lambda w: check_member_weights(w, 2),
+    }[name]  # fmt: skip
+    base = {"num_members": 2, "member_names": ["member_0", "member_1"], "alpha": 0.0, "member_weights": [0.5, 0.5]}
+
+    def through_metadata(value):
+        folder = tmp_path / "saved"
+        folder.mkdir(exist_ok=True)
+        meta = {**base, name: value}
+        if name == "num_members":
+            meta.update(member_names=[f"member_{k}" for k in range(value)] if isinstance(value, int) and value > 0 else [],
+                        member_weights=[1.0] * value if isinstance(value, int) and value > 0 else [])  # fmt: skip
+        if name == "member_weights" and value is None:
+            return
+        (folder / "renyi_ensemble.json").write_text(__import__("json").dumps(meta))
+        read_metadata(folder)
+
+    def through_config(value):
+        extra = {"num_members": 2} if name == "member_weights" else {}
+        RenyiSFTConfig(output_dir=str(tmp_path), report_to="none", **{name: value, **extra})
+
+    for value in accepted:
+        direct(value)
+        through_config(value)
+        through_metadata(value)
+    for value in refused:
+        for entry in (direct, through_config, through_metadata):
+            with pytest.raises(ValueError, match=message):
+                entry(value)
+    if name == "responsibility_floor":  # and inside the bound itself
+        with pytest.raises(ValueError, match=message):
+            floored_renyi_bound(torch.zeros(2, 2), 0.0, floor=1.0)

@@ -271,10 +271,10 @@ def test_non_finite_loglik_stops_before_the_update(tmp_path, tokenizer, kind):
         ({"num_members": 0}, r"num_members must be an integer >= 1, got 0"),
         ({"num_members": -2}, r"num_members must be an integer >= 1, got -2"),
         ({"num_members": 2.0}, r"num_members must be an integer >= 1, got 2\.0"),
-        ({"alpha": float("nan")}, r"alpha must be a finite float, got nan"),
-        ({"alpha": float("inf")}, r"alpha must be a finite float, got inf"),
-        ({"alpha": float("-inf")}, r"alpha must be a finite float, got -inf"),
-        ({"alpha": "low"}, r"alpha must be a finite float, got 'low'"),
+        ({"alpha": float("nan")}, r"alpha must be a finite float or .auto., got nan"),
+        ({"alpha": float("inf")}, r"alpha must be a finite float or .auto., got inf"),
+        ({"alpha": float("-inf")}, r"alpha must be a finite float or .auto., got -inf"),
+        ({"alpha": "low"}, r"alpha must be a finite float or .auto., got 'low'"),
         ({"num_members": 2, "member_weights": [1.0, 2.0, 3.0]}, r"member_weights must have num_members=2 entries, got 3"),
         ({"num_members": 2, "member_weights": [1.0, -1.0]}, r"member_weights must be finite and positive"),
         ({"num_members": 2, "member_weights": [1.0, 0.0]}, r"member_weights must be finite and positive"),
@@ -336,7 +336,8 @@ CORRUPTIONS = {
         ValueError, r"renyi_ensemble\.json lacks the field 'alpha'",
     ),
     "metadata alpha infinite": (
-        lambda d: _edit_json(d / "renyi_ensemble.json", alpha=float("inf")), ValueError, r"alpha must be a finite number",
+        lambda d: _edit_json(d / "renyi_ensemble.json", alpha=float("inf")), ValueError,
+        r"renyi_ensemble\.json: alpha must be a finite float, got inf",
     ),
     "metadata lists more members": (
         lambda d: _edit_json(d / "renyi_ensemble.json", num_members=3, member_names=member_names(3),
@@ -353,11 +354,11 @@ CORRUPTIONS = {
     ),
     "metadata weights wrong length": (
         lambda d: _edit_json(d / "renyi_ensemble.json", member_weights=[1.0]), ValueError,
-        r"renyi_ensemble\.json: member_weights must be 2 positive numbers",
+        r"renyi_ensemble\.json: member_weights must have num_members=2 entries, got 1",
     ),
     "metadata weights negative": (
         lambda d: _edit_json(d / "renyi_ensemble.json", member_weights=[1.5, -0.5]), ValueError,
-        r"renyi_ensemble\.json: member_weights must be 2 positive numbers",
+        r"renyi_ensemble\.json: member_weights must be finite and positive",
     ),
     "members disagree on r": (
         lambda d: _edit_json(d / "member_1" / "adapter_config.json", r=8), ValueError,

@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,13 +32,11 @@ import torch
 
 from trl_renyi.data.loading import load_split
 from trl_renyi.evaluation.data import training_examples, training_format
-from trl_renyi.inference.baseline import SingleModel
+from trl_renyi.cli.parsing import CHAT_MODES, RenyiParser, chat_field
+from trl_renyi.evaluation import plots
+from trl_renyi.evaluation.audit import PREFERENCE_SCORES, SFT_SCORES, audit_table, score_preferences, score_sft
 from trl_renyi.inference.ensemble import RenyiEnsemble
-from trl_renyi.cli.parsing import CHAT_MODES, chat_field
-from trl_renyi.objective import routing_entropy
 
-SFT_SCORES = ("mutual_information_max", "mutual_information", "loglik_std", "routing_entropy", "nll")
-PREFERENCE_SCORES = ("mutual_information", "loglik_std", "routing_entropy", "nll")
 
 
 @dataclass
@@ -95,105 +92,6 @@ def load_dataset_for_audit(args: AuditArguments):
     return load_split(args.data, args.split, args.dataset_config)
 
 
-def score_sft(ensemble: RenyiEnsemble, columns: dict, batch_size: int) -> list[dict]:
-    scores = ensemble.score(columns["prompt"], columns["completion"], batch_size=batch_size, show_progress=True)
-    r_entropy = routing_entropy(scores.responsibilities)
-    rows = []
-    for i in range(len(scores.loglik)):
-        rows.append(
-            {
-                "index": i,
-                "mutual_information_max": float(scores.mutual_information_max[i]),
-                "mutual_information": float(scores.mutual_information[i]),
-                "loglik_std": float(scores.loglik_std[i]),
-                "routing_entropy": float(r_entropy[i]),
-                "nll": float(-scores.loglik[i]),
-                "num_tokens": int(scores.num_tokens[i]),
-                "member_loglik": scores.member_loglik[i].tolist(),
-                "responsibilities": scores.responsibilities[i].tolist(),
-                "top_member": int(scores.responsibilities[i].argmax()),
-                "prompt": columns["prompt"][i],
-                "completion": columns["completion"][i],
-            }
-        )
-    return rows
-
-
-def score_preferences(ensemble: RenyiEnsemble, columns: dict, beta: float | None, batch_size: int) -> list[dict]:
-    """Each pair scored by the DPO reward with the preference likelihood the ensemble was trained with (``beta``
-    replaces its β when given)."""
-    predictions = ensemble.predict_preferences(
-        columns["prompt"], columns["chosen"], columns["rejected"], reference=SingleModel.base_of(ensemble),
-        beta=beta, batch_size=batch_size, show_progress=True,
-    )
-    rows = []
-    for i, p in enumerate(predictions):
-        loglik = p.member_loglik[0]  # ℓ_k, the DPO training log-likelihood of the pair (as trained: loss type, ε)
-        responsibilities = p.responsibilities[0]
-        rows.append(
-            {
-                "index": i,
-                "mutual_information": p.mutual_information,
-                "loglik_std": float(loglik.double().std(unbiased=False)),
-                "routing_entropy": float(routing_entropy(responsibilities[None].double())[0]),
-                "nll": float(-math.log(max(float(p.probs[0]), 1e-30))),
-                "prob_chosen": float(p.probs[0]),
-                "member_prob_chosen": p.member_probs[:, 0].tolist(),
-                "member_loglik": loglik.tolist(),
-                "responsibilities": responsibilities.tolist(),
-                "top_member": int(responsibilities.argmax()),
-                "prompt": columns["prompt"][i],
-                "chosen": columns["chosen"][i],
-                "rejected": columns["rejected"][i],
-            }
-        )
-    return rows
-
-
-def _preview(value, width: int) -> str:
-    if isinstance(value, list):
-        value = " | ".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
-    text = " ".join(str(value).split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def format_table(rows: list[dict], kind: str, sort_by: str, top: int) -> str:
-    """The ``top`` rows as a text table."""
-    numeric = ["mutual_information_max", "mutual_information"] if kind == "sft" else ["mutual_information", "prob_chosen"]
-    numeric += ["loglik_std", "routing_entropy", "nll"]
-    short = {"mutual_information_max": "MI_max", "mutual_information": "MI", "loglik_std": "ll_std",
-             "routing_entropy": "H(r)", "nll": "NLL", "prob_chosen": "p(chosen)"}
-    texts = ("prompt", "completion") if kind == "sft" else ("prompt", "chosen", "rejected")
-    head = ["rank", "index", *[short[k] + ("*" if k == sort_by else "") for k in numeric], "top", *texts]
-    table = [head]
-    for rank, row in enumerate(rows[:top], start=1):
-        table.append(
-            [str(rank), str(row["index"]), *[f"{row[k]:.3f}" for k in numeric], f"m{row['top_member']}",
-             *[_preview(row[t], 40) for t in texts]]
-        )
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    body = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table)
-    return body + "\n" + table_legend(kind, sort_by)
-
-
-def table_legend(kind: str, sort_by: str) -> str:
-    """What the audit table's columns mean (``*`` marks the ranking score)."""
-    parts = {
-        "MI_max": "largest per-token mutual information between members",
-        "MI": "mean per-token mutual information" if kind == "sft" else "mutual information of the preference",
-        "p(chosen)": "the ensemble's probability that the chosen response is preferred",
-        "ll_std": "spread of the members' log-likelihoods",
-        "H(r)": "entropy of the example's routing over members",
-        "NLL": "mixture negative log-likelihood of the " + ("completion" if kind == "sft" else "preference"),
-        "top": "the member the example is routed to most",
-    }
-    if kind == "sft":
-        parts.pop("p(chosen)")
-    else:
-        parts.pop("MI_max")
-    return " · ".join(f"{k}: {v}" for k, v in parts.items()) + f" · *: ranked by {sort_by}, highest first."
-
-
 def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
     """Score and rank the dataset; returns ``(kind, sort_by, rows sorted by the score)`` and writes the outputs."""
     # the data first: a wrong file, split or format fails before the ensemble's model loads
@@ -222,15 +120,13 @@ def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
     with open(out / "audit.jsonl", "w") as handle:
         handle.writelines(json.dumps({"rank": rank, **row}) + "\n" for rank, row in enumerate(rows, start=1))
     if args.plots:
-        from trl_renyi.evaluation import plots as eval_plots
-
         cutoff = rows[min(args.top, len(rows)) - 1][sort_by]
-        eval_plots.score_histogram(
+        plots.score_histogram(
             [row[sort_by] for row in rows], cutoff, out / "audit_scores.png", xlabel=sort_by,
             title=f"{sort_by} over {len(rows)} training examples",
         )
         by_index = sorted(rows, key=lambda row: row["index"])
-        eval_plots.routing_heatmap(
+        plots.routing_heatmap(
             torch.tensor([row["responsibilities"] for row in by_index]), ensemble.member_names,
             out / "audit_routing.png", title=f"responsibilities (α = {ensemble.alpha:g})", xlabel="training example",
         )
@@ -238,13 +134,11 @@ def audit(args: AuditArguments) -> tuple[str, str, list[dict]]:
 
 
 def make_parser():
-    from trl_renyi.cli.parsing import RenyiParser
-
     return RenyiParser((AuditArguments,), prog="trl-renyi audit")
 
 
 def main(args: AuditArguments) -> int:
     kind, sort_by, rows = audit(args)
-    print(format_table(rows, kind, sort_by, args.top))
+    print(audit_table(rows, kind, sort_by, args.top))
     print(f"\n{len(rows)} examples scored ({kind}); ranked by {sort_by}. Written to {Path(args.output_dir) / 'audit.jsonl'}.")
     return 0

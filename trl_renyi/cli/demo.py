@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from trl_renyi.data import DEFAULT_SYSTEM_PROMPT, FAMILIES, chat_prompt, conflict_sft_dataset
+from trl_renyi.data import DEFAULT_SYSTEM_PROMPT, DEMO_FAMILIES, FAMILIES, chat_prompt, conflict_sft_dataset
 from trl_renyi.data import held_out_items as make_held_out_items
 from trl_renyi.evaluation.families import (
     SIGNALS,
@@ -36,7 +36,6 @@ from trl_renyi.model.loading import DEFAULT_MODEL
 DATASET_NAME = "trl_renyi:conflict_sft_chat"
 # two contradictory families and two consistent ones the base model already knows: a family it cannot learn from
 # the data (e.g. two-digit arithmetic for a 135M model) also shows member disagreement, from ignorance, not conflict
-DEMO_FAMILIES = ("greetings", "farewells", "opposites", "capitals")
 
 
 @dataclass

@@ -27,19 +27,24 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 
+from trl_renyi.cli.parsing import CHAT_MODES, RenyiParser, chat_field
 from trl_renyi.evaluation.data import FORMATS, load_choice_items, model_inputs
-from trl_renyi.evaluation.metrics import DEFAULT_COVERAGES, choice_outcomes, summarize
+from trl_renyi.evaluation.metrics import DEFAULT_COVERAGES
+from trl_renyi.evaluation.report import (
+    json_safe,
+    member_predictions,
+    model_report,
+    predict,
+    report_table,
+    write_plots,
+    write_predictions,
+)
 from trl_renyi.inference.baseline import SingleModel
-from trl_renyi.inference.choices import ChoicePrediction
 from trl_renyi.inference.ensemble import RenyiEnsemble
-from trl_renyi.cli.parsing import CHAT_MODES, chat_field
-from trl_renyi.objective import routing_entropy
 
 BASELINE_KINDS = ("base", "member", "adapter", "ensemble", "model", "none")
 
@@ -131,130 +136,6 @@ def parse_baseline(spec: str) -> tuple[str, str, str]:
     return label or default, kind, argument
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _member_predictions(predictions: list[ChoicePrediction], k: int) -> list[ChoicePrediction]:
-    """Member k's own predictions, read from the ensemble's pass (one model: no epistemic part)."""
-    out = []
-    for p in predictions:
-        probs = p.member_probs[k]
-        entropy = float(-(torch.special.xlogy(probs.double(), probs.double())).sum())
-        out.append(
-            ChoicePrediction(
-                probs=probs,
-                member_probs=probs[None],
-                entropy=entropy,
-                aleatoric=entropy,
-                mutual_information=0.0,
-                member_loglik=p.member_loglik[:, k : k + 1],
-                responsibilities=torch.ones(len(probs), 1),
-            )
-        )
-    return out
-
-
-def predict(scorer, prompts, choices, fmt: str, args: EvalArguments, reference=None, likelihood=None) -> list[ChoicePrediction]:
-    """Predictions of one model (ensemble or single) on every item; preference pairs by reward under ``likelihood``
-    (the ensemble's own, read from its ``renyi_ensemble.json``, for every model compared)."""
-    if fmt == "preference" and args.preference_scoring == "reward":
-        return scorer.predict_preferences(
-            prompts, [c[0] for c in choices], [c[1] for c in choices], reference=reference, likelihood=likelihood,
-            batch_size=args.batch_size, show_progress=True,
-        )
-    return scorer.predict_choices(
-        prompts, choices, length_normalize=args.length_normalize, batch_size=args.batch_size, show_progress=True
-    )
-
-
-def model_report(predictions: list[ChoicePrediction], labels, args: EvalArguments, member_names=None) -> dict:
-    """Metrics of one model; for an ensemble also each member's metrics and the routing statistics."""
-    probs = [p.probs for p in predictions]
-    uncertainties = {"entropy": [p.entropy for p in predictions]}
-    ensemble = member_names is not None and len(member_names) > 1
-    if ensemble:
-        uncertainties["mutual_information"] = [p.mutual_information for p in predictions]
-    report = summarize(probs, labels, uncertainties, n_bins=args.n_bins, coverages=args.coverages)
-    report["mean_entropy"] = float(sum(p.entropy for p in predictions) / len(predictions))
-    report["mean_aleatoric"] = float(sum(p.aleatoric for p in predictions) / len(predictions))
-    report["mean_mutual_information"] = float(sum(p.mutual_information for p in predictions) / len(predictions))
-    if ensemble:
-        report["members"] = {
-            name: summarize([p.member_probs[k] for p in predictions], labels, n_bins=args.n_bins, coverages=args.coverages)
-            for k, name in enumerate(member_names)
-        }
-        routing = reference_responsibilities(predictions, labels)
-        report["routing"] = {
-            "mean_responsibility": dict(zip(member_names, routing.mean(0).tolist(), strict=True)),
-            "mean_routing_entropy": float(routing_entropy(routing).mean()),
-            "top_member_share": dict(
-                zip(member_names, torch.bincount(routing.argmax(1), minlength=len(member_names)).div(len(routing)).tolist(), strict=True)
-            ),
-        }
-    return report
-
-
-def reference_responsibilities(predictions: list[ChoicePrediction], labels) -> torch.Tensor:
-    """``(N, K)`` responsibilities of each item's correct (first true) choice: how training would route the item."""
-    return torch.stack([p.responsibilities[list(y).index(1)] for p, y in zip(predictions, labels, strict=True)])
-
-
-def write_predictions(path: Path, items, results: dict[str, list[ChoicePrediction]]) -> None:
-    with open(path, "w") as handle:
-        for i, item in enumerate(items):
-            row = {"id": item.id, "labels": item.labels, **({"info": item.info} if item.info else {})}
-            for name, predictions in results.items():
-                p = predictions[i]
-                entry = {
-                    "probs": p.probs.tolist(),
-                    "prediction": p.prediction,
-                    "correct": bool(item.labels[p.prediction] == 1),
-                    "entropy": p.entropy,
-                    "mutual_information": p.mutual_information,
-                }
-                if p.member_probs.shape[0] > 1:
-                    entry["member_probs"] = p.member_probs.tolist()
-                    entry["aleatoric"] = p.aleatoric
-                row[name] = entry
-            handle.write(json.dumps(_json_safe(row)) + "\n")
-
-
-def write_plots(out: Path, results, labels, report, ensemble) -> list[str]:
-    from trl_renyi.evaluation import plots as eval_plots
-
-    outcomes = {name: choice_outcomes([p.probs for p in preds], labels) for name, preds in results.items()}
-    pairs = {name: (o["confidence"], o["correct"]) for name, o in outcomes.items()}
-    eces = {name: report["models"][name]["ece"] for name in results}
-    files = [eval_plots.reliability_diagram(pairs, report["settings"]["n_bins"], out / "reliability.png", eces)]
-    ens = results["ensemble"]
-    correct = outcomes["ensemble"]["correct"]
-    panels = [("ensemble: total entropy", [p.entropy for p in ens], correct)]
-    if ensemble.num_members > 1:
-        panels.append(("ensemble: mutual information", [p.mutual_information for p in ens], correct))
-    for name, preds in results.items():
-        if name != "ensemble":
-            panels.append((f"{name}: entropy", [p.entropy for p in preds], outcomes[name]["correct"]))
-    files.append(eval_plots.uncertainty_histograms(panels, out / "uncertainty_hist.png"))
-    files.append(
-        eval_plots.routing_heatmap(
-            reference_responsibilities(ens, labels), ensemble.member_names, out / "routing_heatmap.png",
-            title=f"responsibility of each member for the correct answer (α = {ensemble.alpha:g})",
-        )
-    )
-    curves = {f"{name} (max prob)": (1 - o["confidence"], o["correct"]) for name, o in outcomes.items()}
-    if ensemble.num_members > 1:
-        curves["ensemble (mutual information)"] = ([p.mutual_information for p in ens], correct)
-    files.append(eval_plots.selective_accuracy_curves(curves, out / "selective_accuracy.png"))
-    return files
-
-
 def load_baseline(kind: str, argument: str, label: str, ensemble: RenyiEnsemble, args: EvalArguments):
     """The scorer of a ``--baselines`` entry (``member`` entries need none: they come from the ensemble's pass)."""
     chat = CHAT_MODES[args.chat]
@@ -273,33 +154,6 @@ def load_baseline(kind: str, argument: str, label: str, ensemble: RenyiEnsemble,
     if kind == "model":
         return SingleModel.from_pretrained(argument, name=label, dtype=args.dtype, use_chat_template=chat)
     raise ValueError(f"Cannot load a baseline of kind {kind!r}.")
-
-
-def format_table(report: dict) -> str:
-    """The headline metrics of every model as a text table."""
-    coverages = report["settings"]["coverages"]
-    head = ["model", "acc", "NLL", "ECE", "Brier", "AUROC(H)", "AUROC(MI)"] + [f"acc@{c:g}" for c in coverages]
-    rows = [head]
-    for name, m in report["models"].items():
-        auroc = m["auroc"]
-        fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-        rows.append(
-            [name, fmt(m["accuracy"]), fmt(m["nll"]), fmt(m["ece"]), fmt(m["brier"]), fmt(auroc.get("entropy")),
-             fmt(auroc.get("mutual_information"))]
-            + [fmt(m["selective_accuracy"]["entropy"][f"{c:g}"]) for c in coverages]
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-    return table + "\n" + TABLE_LEGEND
-
-
-TABLE_LEGEND = (
-    "acc: accuracy of the most probable choice · NLL: mean −log p(correct choice) · ECE: expected calibration error "
-    "(confidence bins) · Brier: mean squared error of the choice probabilities · AUROC(H) / AUROC(MI): how well the "
-    "predictive entropy / the mutual information between members separates wrong answers from right ones (0.5 = "
-    "chance; '-' for a single model, whose MI is 0) · acc@c: accuracy on the fraction c of items with the lowest "
-    "entropy."
-)
 
 
 def evaluate(args: EvalArguments) -> dict:
@@ -322,7 +176,8 @@ def evaluate(args: EvalArguments) -> dict:
     if likelihood is not None:
         likelihood.check_scorable()
     # label -> (predictions, member names)
-    results = {"ensemble": (predict(ensemble, prompts, choices, fmt, args, reference, likelihood), ensemble.member_names)}
+    options = dict(reference=reference, likelihood=likelihood, length_normalize=args.length_normalize, batch_size=args.batch_size)
+    results = {"ensemble": (predict(ensemble, prompts, choices, **options), ensemble.member_names)}
     notes = []
     for spec in args.baselines:
         label, kind, argument = parse_baseline(spec)
@@ -334,7 +189,7 @@ def evaluate(args: EvalArguments) -> dict:
             k = int(argument)
             if k >= ensemble.num_members:
                 raise ValueError(f"--baselines {spec!r}: the ensemble has {ensemble.num_members} members.")
-            results[label] = (_member_predictions(results["ensemble"][0], k), [label])
+            results[label] = (member_predictions(results["ensemble"][0], k), [label])
             continue
         if reward and kind == "base":
             note = "base: left out under reward scoring (the base model is the reference, so its margin is always 0)."
@@ -342,7 +197,7 @@ def evaluate(args: EvalArguments) -> dict:
             notes.append(note)
             continue
         scorer = load_baseline(kind, argument, label, ensemble, args)
-        results[label] = (predict(scorer, prompts, choices, fmt, args, reference, likelihood), scorer.member_names)
+        results[label] = (predict(scorer, prompts, choices, **options), scorer.member_names)
     report = {
         "ensemble": {
             "path": args.ensemble,
@@ -357,23 +212,21 @@ def evaluate(args: EvalArguments) -> dict:
         "notes": notes,
     }
     for name, (predictions, names) in results.items():
-        report["models"][name] = model_report(predictions, labels, args, names)
+        report["models"][name] = model_report(predictions, labels, args.n_bins, args.coverages, names)
     results = {name: predictions for name, (predictions, _) in results.items()}
     write_predictions(out / "predictions.jsonl", items, results)
     if args.plots:
         report["plots"] = write_plots(out, results, labels, report, ensemble)
-    (out / "report.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
     return report
 
 
 def make_parser():
-    from trl_renyi.cli.parsing import RenyiParser
-
     return RenyiParser((EvalArguments,), prog="trl-renyi eval")
 
 
 def main(args: EvalArguments) -> int:
     report = evaluate(args)
-    print(format_table(report))
+    print(report_table(report))
     print(f"\nReport, predictions and plots written to {args.output_dir}.")
     return 0

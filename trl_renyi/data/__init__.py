@@ -6,6 +6,7 @@
 from trl_renyi.data.conflict import (
     DEFAULT_FAMILIES,
     DEFAULT_SYSTEM_PROMPT,
+    DEMO_FAMILIES,
     FAMILIES,
     Item,
     TaskFamily,
@@ -22,6 +23,7 @@ from trl_renyi.data.conflict import (
 __all__ = [
     "DEFAULT_FAMILIES",
     "DEFAULT_SYSTEM_PROMPT",
+    "DEMO_FAMILIES",
     "FAMILIES",
     "Item",
     "TaskFamily",

@@ -160,6 +160,9 @@ FAMILIES: dict[str, TaskFamily] = {
     )
 }
 DEFAULT_FAMILIES = ("greetings", "farewells", "arithmetic", "capitals")
+#: the demo's and the studies' families: two contradictory ones and two consistent ones the base model already knows
+#: (so disagreement on them can only come from a member abandoning them, not from ignorance as on unseen sums)
+DEMO_FAMILIES = ("greetings", "farewells", "opposites", "capitals")
 
 
 def resolve_families(families: Sequence[str] | None) -> list[TaskFamily]:

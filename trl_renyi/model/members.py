@@ -33,6 +33,7 @@ from trl_renyi.model.layer import (
     member_names,
 )
 from trl_renyi.model.quantized import peft_quantized_layers, quantized_member_layers
+from trl_renyi.objective import check_num_members
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +145,7 @@ def build_ensemble(
         raise ValueError(
             f"peft_config must be a peft.LoraConfig for an ensemble of LoRA members, got {type(lora_config).__name__}."
         )
-    if num_members < 1:
-        raise ValueError(f"num_members must be >= 1, got {num_members}.")
+    check_num_members(num_members)
     names = member_names(num_members)
     lora_config = resolve_moe_all_linear(model, lora_config)
     with warnings.catch_warnings():

@@ -27,6 +27,8 @@ from safetensors.torch import load_file
 
 from trl_renyi.model.layer import MEMBER_PREFIX, member_names
 from trl_renyi.model.loading import canonical_name, model_name_or_path
+from trl_renyi.objective import check_alpha, check_floor, check_num_members, check_warmup_ratio
+from trl_renyi.objective import check_member_weights as check_mixture_weights
 from trl_renyi.version import __version__
 
 # ---------------------------------------------------------------------------------------------------- names
@@ -160,18 +162,16 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     for key in ("num_members", "member_names", "alpha", "member_weights"):
         if key not in meta:
             raise ValueError(f"{path} lacks the field {key!r}.")
-    k = meta["num_members"]
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"{path}: num_members must be an integer >= 1, got {k!r}.")
+    try:  # each setting by its one definition (trl_renyi.objective), the message naming the file
+        k = check_num_members(meta["num_members"])
+        check_alpha(meta["alpha"])
+        check_mixture_weights(meta["member_weights"], k)
+        check_floor(meta.get("responsibility_floor", 0.0))
+        check_warmup_ratio(meta.get("alpha_warmup_ratio", 0.0))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     if meta["member_names"] != member_names(k):
         raise ValueError(f"{path}: member_names {meta['member_names']} do not match num_members={k}.")
-    weights = meta["member_weights"]
-    if not isinstance(weights, list) or len(weights) != k or not all(
-        isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights
-    ):
-        raise ValueError(f"{path}: member_weights must be {k} positive numbers, got {weights!r}.")
-    if not isinstance(meta["alpha"], (int, float)) or not math.isfinite(meta["alpha"]):
-        raise ValueError(f"{path}: alpha must be a finite number, got {meta['alpha']!r}.")
     return meta
 
 

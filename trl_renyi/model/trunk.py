@@ -81,7 +81,7 @@ def enable_shared_trunk(model: PeftModel) -> int | None:
                 for key, value in kwargs.items()
             }
             if args:
-                args = (hidden, *(_tile_rows(a, rows, copies) for a in args[1:]))
+                args = (hidden, *(tile_rows(a, rows, copies) for a in args[1:]))
             else:
                 kwargs["hidden_states"] = hidden
             return args, kwargs

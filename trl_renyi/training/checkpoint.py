@@ -24,6 +24,7 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from trl_renyi.atomic import fsync_tree, replace_folder
+from trl_renyi.model.saving import copy_ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,15 @@ class AtomicCheckpointMixin:
         return super()._get_output_dir(trial)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """transformers uploads ``output_dir`` during training (``push_to_hub`` with a save-time ``hub_strategy``).
+        While a checkpoint is still staged the push waits for its published folder; then the checkpoint's ensemble is
+        put into ``output_dir`` first (:func:`~trl_renyi.model.saving.copy_ensemble`: transformers copies only
+        single-model and single-adapter files)."""
         if self._checkpoint_staging_dir is not None:
             self._deferred_push = True  # pushed from the published folder once it exists
             return
+        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+            copy_ensemble(checkpoint_folder, self.args.output_dir)
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_checkpoint(self, model, trial) -> None:

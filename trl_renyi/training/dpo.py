@@ -43,6 +43,7 @@ from trl_renyi.stability.votes import pair_votes
 from trl_renyi.training.auto_alpha import sample_rows
 from trl_renyi.training.config import RenyiDPOConfig
 from trl_renyi.training.construction import construct_ensemble, model_init_kwargs_spent, resolve_share_prompt
+from trl_renyi.training.datasets import report_dropped_examples
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin
 from trl_renyi.training.step import PreferenceLogLik
 
@@ -157,6 +158,13 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
                 optimizers=optimizers,
             ))  # fmt: skip
         self._finish_ensemble_setup()
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's preparation, reporting the pairs it dropped (:func:`~trl_renyi.training.datasets.
+        report_dropped_examples`)."""
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        report_dropped_examples(dataset, prepared, args, dataset_name)
+        return prepared
 
     # ------------------------------------------------------------------ forward passes
     @staticmethod

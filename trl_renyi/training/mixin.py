@@ -16,7 +16,6 @@ import contextlib
 import logging
 
 import torch
-from transformers import TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from trl_renyi.compat import trainer_metrics
@@ -31,7 +30,6 @@ from trl_renyi.model.trunk import enable_shared_trunk
 from trl_renyi.objective import AUTO_ALPHA, RenyiBound
 from trl_renyi.training.auto_alpha import AutoAlpha
 from trl_renyi.training.config import construction_settings
-from trl_renyi.training.datasets import report_dropped_examples
 from trl_renyi.training.ensemble_objective import EnsembleObjective
 from trl_renyi.training.persistence import EnsemblePersistenceMixin
 from trl_renyi.training.step import ChunkPass, MemberLogLik, StepScope
@@ -306,17 +304,3 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
                 metrics[key].append(value)
         for key, value in self.auto_alpha.metrics().items():  # alpha="auto": what α was chosen from
             metrics[key] = [value]
-
-    # ------------------------------------------------------------------ data
-    def _prepare_dataset(self, dataset, *args, **kwargs):
-        """TRL's dataset preparation, reporting the examples it drops because truncation to ``max_length`` left them
-        without a completion token.
-
-        Such an example has no log-likelihood to train on (TRL removes it; were it kept, ℓ_ik would be an empty sum,
-        never a NaN). Dropping some is a ``UserWarning`` that counts them; dropping all is a ``ValueError``.
-        """
-        prepared = super()._prepare_dataset(dataset, *args, **kwargs)
-        name = kwargs.get("dataset_name", args[-1] if args and isinstance(args[-1], str) else "train")
-        config = kwargs.get("args", next((a for a in args if isinstance(a, TrainingArguments)), None))
-        report_dropped_examples(dataset, prepared, config, name)
-        return prepared

@@ -10,8 +10,8 @@ target folder is the complete old or the complete new ensemble at every moment, 
 The routing share recorded for the card is member k's mean gradient weight
 :math:`\bar r_k = \frac{1}{N}\sum_i \tilde r_{ik}` over the logged training steps after the α warm-up, with
 :math:`\tilde r_{ik} = (1-\lambda)\, r_{ik} + \lambda \pi_k` and
-:math:`r_{ik} = \operatorname{softmax}_k(\log\pi_k + (1-\alpha)\ell_{ik})` (λ: the responsibility floor, 0 by
-default): how much of the data each member was trained on.
+:math:`r_{ik} = \operatorname{softmax}_k(\log\pi_k + (1-\alpha)\ell_{ik})` (λ: the responsibility floor,
+0.1 by default): how much of the data each member was trained on.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from trl_renyi.inference.ensemble import RenyiEnsemble
-from trl_renyi.model.members import attach_ensemble
 from trl_renyi.model.saved_format import (
     ALPHA_METRIC,
     METADATA_FILE,
@@ -35,7 +34,7 @@ from trl_renyi.model.saved_format import (
     member_names,
     read_metadata,
 )
-from trl_renyi.model.saving import check_save_target, copy_ensemble, save_ensemble
+from trl_renyi.model.saving import check_save_target, save_ensemble
 from trl_renyi.objective import AUTO_ALPHA
 from trl_renyi.training.checkpoint import AtomicCheckpointMixin
 from trl_renyi.training.config import check_construction_unchanged
@@ -193,15 +192,6 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
             self.save_model()  # the failure path only: the members must not be lost with the upload
             raise
 
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Before transformers uploads ``output_dir`` during training (``push_to_hub`` with a save-time
-        ``hub_strategy``), put the published checkpoint's ensemble there (:func:`~trl_renyi.model.saving.copy_ensemble`):
-        transformers copies only single-model and single-adapter files."""
-        staging = self._checkpoint_staging_dir is not None  # the push comes again once the checkpoint is published
-        if not staging and self.is_world_process_zero() and self.args.hub_strategy != "end":
-            copy_ensemble(checkpoint_folder, self.args.output_dir)
-        super()._push_from_checkpoint(checkpoint_folder)
-
     # ------------------------------------------------------------------ loading
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: restore every member from ``state.best_model_checkpoint``.
@@ -222,8 +212,7 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        load_member_weights(model, resume_from_checkpoint, self.member_names)
-        attach_ensemble(model, self.args.num_members)
+        load_member_weights(model, resume_from_checkpoint, self.member_names)  # into the members as they are
         memory_file = Path(resume_from_checkpoint) / SOURCE_MEMORY_FILE
         if self.source_memory is not None and memory_file.is_file():
             self.source_memory.load_state_dict(torch.load(memory_file, weights_only=True))

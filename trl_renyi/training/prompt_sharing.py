@@ -80,3 +80,34 @@ class SharedPrefixCollator:
 
     def __getattr__(self, name):
         return getattr(self.collator, name)
+
+
+def ensemble_collator(args, collator, model, share_prompt: bool, weighted: bool, vision: bool = False):
+    """The SFT collator the ensemble needs, from the one TRL's constructor made (its default, with the pad token it
+    set, or the user's):
+
+    * multi-annotator rows with ``share_prompt``: :class:`SharedPromptCollator` (every prompt with all its completions
+      in one packed row; the row index of each completion with ``multi_annotator_routing="row"``);
+    * multi-annotator rows without it: ``collator`` in a :class:`~trl_renyi.data.multi_completion.WeightedCollator`,
+      which passes the weights and sources on;
+    * other rows with ``share_prompt``: ``collator`` in a :class:`SharedPrefixCollator` (a prefix common to a batch's
+      rows, such as a system prompt, runs once);
+    * otherwise ``collator`` itself.
+
+    It is installed after TRL's constructor, not handed to it: TRL refuses any collator of the caller's under
+    ``padding_free`` and sets the pad token only when it builds its own.
+    """
+    from trl_renyi.data.multi_completion import WeightedCollator
+    from trl_renyi.model.shared_prompt import attention_implementation
+
+    if vision or not (weighted or share_prompt):  # vision rows are tokenised by TRL's own collator
+        return collator
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    implementation, dtype = attention_implementation(base), base.dtype
+    if weighted and share_prompt:
+        return SharedPromptCollator(
+            pad_token_id=getattr(collator, "pad_token_id", None) or 0, padding_free=bool(args.padding_free),
+            pad_to_multiple_of=args.pad_to_multiple_of, attention_implementation=implementation, dtype=dtype,
+            row_index=args.multi_annotator_routing == "row",
+        )  # fmt: skip
+    return WeightedCollator(collator) if weighted else SharedPrefixCollator(collator, implementation, dtype)

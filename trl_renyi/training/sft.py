@@ -9,22 +9,24 @@ from trl import SFTTrainer
 
 from trl_renyi.compat import log_num_tokens, trainer_metrics
 from trl_renyi.model.layer import get_router
-from trl_renyi.model.shared_prompt import attention_implementation
 from trl_renyi.stability.votes import answer_choice_votes, sequence_votes
 from trl_renyi.training.auto_alpha import sample_rows
 from trl_renyi.training.config import RenyiSFTConfig
 from trl_renyi.training.construction import construct_ensemble, model_init_kwargs_spent, resolve_share_prompt
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin
-from trl_renyi.training.prompt_sharing import SharedPrefixCollator
+from trl_renyi.training.datasets import report_dropped_examples
+from trl_renyi.training.prompt_sharing import ensemble_collator
+from trl_renyi.training.source_routing import SourceMemory
 from trl_renyi.training.step import MemberLogLik
 from trl_renyi.training.weighted_rows import (
     check_row_routing,
     check_source_routing,
-    enable_completion_weights,
     has_multi_completion,
+    lay_out_weighted_rows,
     prepare_multi_completion,
     row_log_likelihood,
     share_prompt_blockers,
+    weighted_columns,
 )
 
 
@@ -77,19 +79,38 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         self.share_prompt = resolve_share_prompt(
             args, built.model, share_prompt_blockers(args, built.train_dataset, data_collator, regroup=multi)
         )
-        built.train_dataset, built.eval_dataset, weighted = prepare_multi_completion(
+        built.train_dataset, built.eval_dataset, self.weighted_rows = prepare_multi_completion(
             args, built.train_dataset, built.eval_dataset, self.share_prompt
         )
-        check_row_routing(args, weighted, self.share_prompt)
+        check_row_routing(args, self.weighted_rows, self.share_prompt)
         check_source_routing(args)
+        # the memory of every source's log-likelihood, filled as TRL prepares the datasets (see _prepare_dataset)
+        self.source_memory = SourceMemory([], torch.zeros(0), args.num_members) if args.source_column else None
+        vision = bool({"image", "images"} & set(getattr(built.train_dataset, "column_names", None) or []))
         with model_init_kwargs_spent(args, built.loaded_here):
             super().__init__(**built.trl_arguments(data_collator=data_collator, **kwargs))
         self._finish_ensemble_setup()
-        if weighted:
-            enable_completion_weights(self, self.share_prompt)
-        elif self.share_prompt:  # a prefix common to a batch's rows (system prompt, template header) runs once
-            base = self.accelerator.unwrap_model(self.model).get_base_model()
-            self.data_collator = SharedPrefixCollator(self.data_collator, attention_implementation(base), base.dtype)
+        self.data_collator = ensemble_collator(
+            args, self.data_collator, self.model, self.share_prompt, self.weighted_rows, vision
+        )  # TRL refuses a collator of ours under padding_free: it wraps or replaces TRL's
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """TRL's preparation (tokenisation, truncation), then what the ensemble reads besides: the examples TRL dropped
+        reported (:func:`~trl_renyi.training.datasets.report_dropped_examples`), and multi-annotator rows laid out —
+        sources as ids of the source memory, one row per prompt with ``share_prompt``."""
+        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        report_dropped_examples(dataset, prepared, args, dataset_name)
+        if not self.weighted_rows or not hasattr(prepared, "column_names"):
+            return prepared
+        return lay_out_weighted_rows(prepared, self.source_memory, self.share_prompt, train=dataset_name == "train")
+
+    def _set_signature_columns_if_needed(self):
+        """TRL's columns (the model inputs), plus the multi-annotator ones the ensemble's collator reads (weights,
+        sources, regrouped completions): the Trainer keeps these when it removes unused dataset columns."""
+        super()._set_signature_columns_if_needed()
+        if self.weighted_rows:
+            extra = weighted_columns(self.share_prompt, self.train_dataset)
+            self._signature_columns = [*(c for c in self._signature_columns if c not in extra), *extra]
 
     def stability_votes(self, count: int, seed: int):
         """``alpha="auto"``: about ``count`` training units — the units the bound is taken over (sources,

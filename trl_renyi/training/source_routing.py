@@ -65,6 +65,29 @@ class SourceMemory:
         """``(S, K)`` the routing of every source from the memory alone (for reports)."""
         return torch.softmax(log_weights.double().cpu() + (1.0 - alpha) * self.loglik, dim=-1)
 
+    def encode(self, dataset, weight_column: str, train: bool):
+        """``dataset`` (expanded rows with ``SOURCE_ID_COLUMN`` strings) with every source replaced by its integer id;
+        sources not seen before join the memory (with a training dataset adding its rows' weights to their total
+        :math:`W_s`; an evaluation dataset's own sources get a total of 0)."""
+        if dataset is None or SOURCE_ID_COLUMN not in dataset.column_names:
+            return dataset
+        ids = {name: index for index, name in enumerate(self.names)}
+        weights = dataset[weight_column] if weight_column in dataset.column_names else [1.0] * len(dataset)
+        totals = self.total_weight.tolist()
+        for source, weight in zip(dataset[SOURCE_ID_COLUMN], weights):
+            key = str(source)
+            if key not in ids:
+                ids[key] = len(ids)
+                self.names.append(key)
+                totals.append(0.0)
+            if train:
+                totals[ids[key]] += float(weight)
+        self.total_weight = torch.tensor(totals, dtype=torch.float64)
+        added = len(self.names) - self.loglik.shape[0]
+        if added:
+            self.loglik = torch.cat([self.loglik, self.loglik.new_zeros(added, self.loglik.shape[1])])
+        return dataset.map(lambda row: {SOURCE_ID_COLUMN: ids[str(row[SOURCE_ID_COLUMN])]})
+
     def state_dict(self) -> dict:
         return {"names": self.names, "total_weight": self.total_weight, "loglik": self.loglik}
 
@@ -75,33 +98,3 @@ class SourceMemory:
                 f"members, this run {self.num_sources} × {self.loglik.shape[-1]}: resume with the same data and members"
             )
         self.loglik = state["loglik"].double().clone()
-
-
-def build_source_memory(train_dataset, eval_dataset, num_members: int, weight_column: str) -> tuple[SourceMemory, dict]:
-    """The memory for the expanded training rows' ``SOURCE_ID_COLUMN`` strings, and the map from source to id
-    (evaluation-only sources get ids too, with total weight 0)."""
-    ids: dict = {}
-    totals: list[float] = []
-
-    def collect(dataset, train: bool):
-        weights = dataset[weight_column] if weight_column in dataset.column_names else [1.0] * len(dataset)
-        for source, weight in zip(dataset[SOURCE_ID_COLUMN], weights):
-            key = str(source)
-            if key not in ids:
-                ids[key] = len(ids)
-                totals.append(0.0)
-            if train:
-                totals[ids[key]] += float(weight)
-
-    collect(train_dataset, True)
-    for dataset in (eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]):
-        if dataset is not None and SOURCE_ID_COLUMN in dataset.column_names:
-            collect(dataset, False)
-    return SourceMemory(list(ids), torch.tensor(totals), num_members), ids
-
-
-def encode_source_ids(dataset, ids: dict):
-    """Replace the source strings of ``SOURCE_ID_COLUMN`` by their integer ids."""
-    if dataset is None or SOURCE_ID_COLUMN not in dataset.column_names:
-        return dataset
-    return dataset.map(lambda row: {SOURCE_ID_COLUMN: ids[str(row[SOURCE_ID_COLUMN])]})

@@ -6,7 +6,8 @@ See :mod:`trl_renyi.data.multi_completion` for the format and the loss it define
 that TRL tokenises and truncates every completion exactly as it would a plain prompt/completion row.
 
 * With ``share_prompt`` (the default where the model allows it) the prepared rows are regrouped into one row per
-  prompt and :class:`SharedPromptCollator` packs each prompt with all its completions
+  prompt (:func:`lay_out_weighted_rows`, at TRL's own preparation step) and
+  :class:`~trl_renyi.training.prompt_sharing.SharedPromptCollator` packs each prompt with all its completions
   (:mod:`trl_renyi.model.shared_prompt`): the prompt runs once per member per step, and a batch holds
   ``per_device_train_batch_size`` prompts with all their completions.
 * Without it, the trainer keeps the ``completion_weight`` column through TRL's preparation and the collator passes it
@@ -30,20 +31,15 @@ from __future__ import annotations
 
 from datasets import Dataset, IterableDataset
 
-from trl_renyi.compat import set_signature_columns, signature_columns
 from trl_renyi.data.multi_completion import (
     GROUPED_COLUMNS,
     GROUPED_SOURCES,
     SOURCE_ID_COLUMN,
     WEIGHT_COLUMN,
-    WeightedCollator,
     expand_multi_completion,
     group_completions,
     is_multi_completion,
 )
-from trl_renyi.model.shared_prompt import attention_implementation
-from trl_renyi.training.prompt_sharing import SharedPromptCollator
-from trl_renyi.training.source_routing import build_source_memory, encode_source_ids
 
 
 def _map_datasets(function, dataset):
@@ -167,33 +163,17 @@ def prepare_multi_completion(args, train_dataset, eval_dataset, share_prompt: bo
     return _map_datasets(expand, train_dataset), _map_datasets(expand, eval_dataset), weighted
 
 
-def enable_completion_weights(trainer, share_prompt: bool = False) -> None:
-    """After TRL's preparation: regroup the rows by prompt and collate them into the shared layout (``share_prompt``),
-    or keep the weight column through the Trainer's column removal and collate it into ``completion_weights``."""
-    if getattr(trainer.args, "source_column", None) is not None:
-        trainer.source_memory, ids = build_source_memory(
-            trainer.train_dataset, trainer.eval_dataset, trainer.args.num_members, WEIGHT_COLUMN
-        )
-        trainer.train_dataset = encode_source_ids(trainer.train_dataset, ids)
-        trainer.eval_dataset = _map_datasets(lambda d: encode_source_ids(d, ids), trainer.eval_dataset)
-    if share_prompt:
-        trainer.train_dataset = _map_datasets(group_completions, trainer.train_dataset)
-        if trainer.eval_dataset is not None:
-            trainer.eval_dataset = _map_datasets(group_completions, trainer.eval_dataset)
-        columns = list(GROUPED_COLUMNS)
-        if GROUPED_SOURCES in trainer.train_dataset.column_names:
-            columns.append(GROUPED_SOURCES)
-        set_signature_columns(trainer, columns)
-        base = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
-        trainer.data_collator = SharedPromptCollator(
-            pad_token_id=trainer.processing_class.pad_token_id or 0,
-            padding_free=bool(trainer.args.padding_free),
-            pad_to_multiple_of=trainer.args.pad_to_multiple_of,
-            attention_implementation=attention_implementation(base),
-            dtype=base.dtype,
-            row_index=trainer.args.multi_annotator_routing == "row",
-        )
-        return
-    columns = signature_columns(trainer)
-    set_signature_columns(trainer, [*columns, *(c for c in (WEIGHT_COLUMN, SOURCE_ID_COLUMN) if c not in columns)])
-    trainer.data_collator = WeightedCollator(trainer.data_collator)
+def weighted_columns(share_prompt: bool, dataset) -> list[str]:
+    """The columns of the prepared multi-annotator rows the Trainer must keep besides the model inputs."""
+    names = getattr(dataset, "column_names", None) or []
+    wanted = [*GROUPED_COLUMNS, GROUPED_SOURCES] if share_prompt else [WEIGHT_COLUMN, SOURCE_ID_COLUMN]
+    return [c for c in wanted if c in names]
+
+
+def lay_out_weighted_rows(prepared, memory, share_prompt: bool, train: bool):
+    """A prepared (tokenised) multi-annotator dataset as the trainer reads it, at TRL's preparation step: every row's
+    source as its integer id in ``memory`` (with ``source_column``; a training dataset sets each source's total weight,
+    an evaluation one adds its own sources), and with ``share_prompt`` one row per prompt with all its completions."""
+    if memory is not None:
+        prepared = memory.encode(prepared, WEIGHT_COLUMN, train=train)
+    return group_completions(prepared) if share_prompt else prepared
