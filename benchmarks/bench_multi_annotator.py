@@ -34,6 +34,7 @@ from bench_utils import StepTimer, machine_description, median_after_warmup, qui
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "chaosnli-snli.jsonl"
+sys.path.insert(0, str(REPO / "experiments"))  # the ChaosNLI converter lives with the studies
 
 
 def parse_args(argv=None):
@@ -63,7 +64,7 @@ def _relative(path: Path) -> str:
 
 def two_label_items(path: Path, count: int) -> tuple[list[dict], str]:
     """``count`` ChaosNLI items whose 5 original votes fall on exactly two labels (from the file, or generated)."""
-    from trl_renyi.data.chaosnli import vote_counts
+    from chaosnli import vote_counts
 
     if path.is_file():
         rows = [json.loads(line) for line in path.open() if line.strip()]
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from datasets import Dataset
 
-    from trl_renyi.data.chaosnli import chaosnli_to_multi_completion, chaosnli_to_prompt_completion
+    from chaosnli import chaosnli_to_multi_completion, chaosnli_to_prompt_completion
 
     steps = args.warmup + args.repeats
     items, source = two_label_items(Path(args.data), args.items_per_step * steps)

@@ -106,7 +106,7 @@ def run(trainer_cls, config_cls, base, tokenizer, dataset, args, **extra) -> tup
     return totals, sum(totals[name] for name in CATEGORIES)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--num-members", type=int, default=4)
@@ -117,7 +117,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "profile_step.json"))
     parser.add_argument("--docs", default=None, help="page to update (default docs/benchmarks.md; quick: none)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     from trl import SFTConfig, SFTTrainer
 
     from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer

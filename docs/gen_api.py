@@ -18,29 +18,30 @@ from pathlib import Path
 
 OUTPUT = Path(__file__).resolve().parent / "api.md"
 
-# (section title, module, names or None for every public name the module defines)
+# (section title, module, names or None for the module's ``__all__``, or every public name it defines)
 SECTIONS = [
     ("Trainers", "trl_renyi.training.sft", ["RenyiSFTTrainer"]),
-    ("Trainers", "trl_renyi.training.dpo", ["RenyiDPOTrainer"]),
+    ("Trainers", "trl_renyi.training.dpo", None),
     ("Configuration", "trl_renyi.training.config", ["RenyiEnsembleArguments", "RenyiSFTConfig", "RenyiDPOConfig"]),
     ("Ensemble", "trl_renyi.inference.ensemble", ["RenyiEnsemble", "EnsembleScorer"]),
     ("Scoring", "trl_renyi.inference.scoring", ["MemberModel", "ScoreResult", "score_completions"]),
-    ("Objective", "trl_renyi.objective", ["renyi_bound", "RenyiBound", "alpha_at_step"]),
-    ("Uncertainty", "trl_renyi.inference.uncertainty", ["decompose", "Decomposition", "mixture_log_prob"]),
+    ("Objective", "trl_renyi.objective", None),
+    ("Preference likelihood", "trl_renyi.preference", None),
+    ("Stability criterion", "trl_renyi.stability", None),
+    ("Uncertainty", "trl_renyi.inference.uncertainty", None),
     ("Choices", "trl_renyi.inference.choices", ["predict_choices", "predict_preferences", "ChoicePrediction"]),
     ("Generation", "trl_renyi.inference.generation", ["generate", "GeneratedText"]),
-    ("Members", "trl_renyi.model.members", ["build_ensemble", "attach_ensemble", "tile_for_members"]),
+    ("Members", "trl_renyi.model.members", None),
     ("Member layer", "trl_renyi.model.layer", ["MemberBatchedLinear", "member_routing", "routed_members", "base_model_only", "member_names"]),
     ("Models", "trl_renyi.model.loading", ["load_causal_lm", "load_tokenizer", "hub_id"]),
     ("Data", "trl_renyi.data.conflict", None),
+    ("Data", "trl_renyi.data.group_conflicts", None),
     ("Hub", "trl_renyi.hub", None),
     ("Demo", "trl_renyi.cli.demo", ["run_demo", "DemoConfig", "DemoResult"]),
     ("Demo", "trl_renyi.evaluation.families", ["evaluate_families", "FamilyReport", "uncertainty_gap"]),
 ]
 # bare anchors in docstrings copied from TRL's configs point into TRL's dataset-formats page, not into this one
 TRL_DATASET_FORMATS = "https://huggingface.co/docs/trl/dataset_formats"
-# methods inherited from TRL / transformers are documented there; only these are listed for the trainers
-TRAINER_METHODS = {"ensemble", "member_forward", "renyi_objective", "current_alpha", "create_model_card"}
 
 
 def _doc(obj) -> str:
@@ -55,6 +56,9 @@ def _signature(name: str, obj) -> str:
 
 
 def _public_names(module) -> list[str]:
+    exported = getattr(module, "__all__", None)
+    if exported is not None:
+        return [name for name in exported if inspect.isclass(getattr(module, name)) or callable(getattr(module, name))]
     return [
         name
         for name, obj in vars(module).items()
@@ -64,24 +68,30 @@ def _public_names(module) -> list[str]:
     ]
 
 
+def _library_base(cls):
+    """The first base of ``cls`` that comes from another library (TRL's trainer for ours), or None."""
+    return next((base for base in cls.__mro__[1:] if not base.__module__.startswith("trl_renyi")), None)
+
+
 def _methods(cls) -> list[tuple[str, object]]:
-    out = []
-    is_trainer = cls.__name__.endswith("Trainer")
-    for name, member in vars(cls).items():
-        if name.startswith("_"):
-            continue
-        if is_trainer and name not in TRAINER_METHODS:
-            continue
-        if isinstance(member, (staticmethod, classmethod)):
-            member = member.__func__
-        if isinstance(member, property):
-            out.append((name, member.fget))
-        elif inspect.isfunction(member):
+    """Public methods (and properties) that ``cls`` or its project bases define and that the library base it extends
+    does not: for a trainer, what it adds to TRL's; what it overrides is documented by TRL."""
+    inherited = set(dir(_library_base(cls))) if cls.__name__.endswith("Trainer") else set()
+    out, seen = [], set()
+    for klass in cls.__mro__:
+        if not klass.__module__.startswith("trl_renyi"):
+            break
+        for name, member in vars(klass).items():
+            if name.startswith("_") or name in seen or name in inherited:
+                continue
+            if isinstance(member, (staticmethod, classmethod)):
+                member = member.__func__
+            if isinstance(member, property):
+                member = member.fget
+            elif not inspect.isfunction(member):
+                continue
+            seen.add(name)
             out.append((name, member))
-    if is_trainer:  # the shared mixin's methods
-        for base in cls.__mro__[1:]:
-            if base.__module__.startswith("trl_renyi"):
-                out += [(n, m) for n, m in _methods(base) if n not in {x for x, _ in out}]
     return out
 
 
@@ -146,10 +156,14 @@ def render() -> str:
     return resolve_anchors("\n".join(lines).rstrip() + "\n")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 when docs/api.md is out of date")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     text = render()
     if args.check:
         current = OUTPUT.read_text() if OUTPUT.exists() else ""

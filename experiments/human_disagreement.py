@@ -119,7 +119,7 @@ def parse_args(argv=None):
 # -------------------------------------------------------------------------------------------------------------- data
 def read_items(path: Path) -> list[dict]:
     """The file's ChaosNLI rows; every row is checked (``label_count``, and the part's text fields) with its line."""
-    from trl_renyi.data.chaosnli import chaosnli_part, label_words
+    from chaosnli import chaosnli_part, label_words
 
     if not path.is_file():
         raise FileNotFoundError(f"ChaosNLI file {path} does not exist")
@@ -151,7 +151,7 @@ def split_items(rows: list[dict], train: int, held_out: int, seed: int) -> tuple
 
 
 def majority_share(row: dict) -> float:
-    from trl_renyi.data.chaosnli import human_distribution
+    from chaosnli import human_distribution
 
     return max(human_distribution(row))
 
@@ -159,7 +159,7 @@ def majority_share(row: dict) -> float:
 # ------------------------------------------------------------------------------------------------------------ scoring
 def evaluate(model, held_out: list[dict]) -> dict:
     """Score the held-out items' label words and compare with their 100 votes (metrics of the module docstring)."""
-    from trl_renyi.data.chaosnli import chaosnli_prompt, human_distribution, label_words
+    from chaosnli import chaosnli_prompt, human_distribution, label_words
     from trl_renyi.evaluation.distributions import entropies, jensen_shannon_distances, kl_divergences, spearman
     from trl_renyi.evaluation.metrics import accuracy_at_coverage, error_detection_auroc
 
@@ -213,7 +213,7 @@ def audit_precision(model, train: list[dict], top: int = 100) -> dict:
     """Rank the training items as ``trl-renyi audit`` ranks SFT data and measure how many of the top ones humans
     really contest (majority share < 0.6), against the share among all training items (a random ranking)."""
     from trl_renyi.evaluation.audit import SFT_SCORES, score_sft
-    from trl_renyi.data.chaosnli import chaosnli_prompt, label_words, vote_counts
+    from chaosnli import chaosnli_prompt, label_words, vote_counts
 
     columns = {"prompt": [], "completion": []}
     for row in train:
@@ -235,7 +235,7 @@ def audit_precision(model, train: list[dict], top: int = 100) -> dict:
 def training_dataset(train: list[dict], labels: str, seed: int):
     from datasets import Dataset
 
-    from trl_renyi.data.chaosnli import chaosnli_to_multi_completion
+    from chaosnli import chaosnli_to_multi_completion
 
     return Dataset.from_dict(chaosnli_to_multi_completion(train, labels, random.Random(seed)))
 
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
     train, held_out = split_items(rows, args.train_items, args.eval_items, args.seed)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from trl_renyi.data.chaosnli import chaosnli_part
+    from chaosnli import chaosnli_part
 
     part = chaosnli_part(rows[0])
     dataset = training_dataset(train, args.train_labels, args.seed)

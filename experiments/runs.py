@@ -241,6 +241,26 @@ def apply_size_defaults(args, prefix: str) -> tuple[Path, Path | None]:
     return out_dir, docs
 
 
+#: arguments that say where results go, not what is measured: left out of the command a results page shows
+OUTPUT_ARGUMENTS = ("--output_dir", "--docs")
+
+
+def display_command(script: str, argv: list[str]) -> str:
+    """``python experiments/SCRIPT ARGS`` as a results page shows it: without :data:`OUTPUT_ARGUMENTS` (and their
+    values), so the line reads the same wherever the results were written."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in OUTPUT_ARGUMENTS:
+            skip = "=" not in arg
+            continue
+        shown.append(arg)
+    return " ".join([f"python experiments/{script}", *shown])
+
+
 def save_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import math
 import sys
 import tempfile
@@ -51,7 +52,11 @@ OFFSETS = (-0.4, -0.15, 0.15, 0.4)
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("synthetic", "group"))
+    parser.add_argument(
+        "part", choices=("synthetic", "group", "render"),
+        help="render: rewrite a results section from its stored JSON (``--data`` names the group file; without it the "
+        "synthetic part), the decision recomputed from the stored spectrum and null by the current rule",
+    )  # fmt: skip
     parser.add_argument("--data", default=None, help="group: a group-annotated JSON-lines file")
     parser.add_argument("--held_out_split", default=None, help="group: the file's split held out (e.g. dev); default: 30 %% stratified")
     parser.add_argument("--max_train_items", type=int, default=None, help="group: at most this many training items")
@@ -362,9 +367,9 @@ def group_section(payload: dict, command: str) -> str:
         f"LoRA fitted in {payload['fit_steps']} steps, {payload['fit_seconds']:.0f} s; votes weighted by "
         f"{payload['weighting']}).",
         "",
-        "| units | U | λ₁ | null λ₁ q50 / q95 / q99 | significant | α* (φ = 0.1) | recommended α | stationarity | "
-        "AUROC scores vs group | opposite sides, contested | same side, agreed | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| units | U | λ₁ | null λ₁ q50 / q95 / q99 | significant | bulk edge λ₀ | α* (φ = 0.1) | recommended α | "
+        "stationarity | AUROC scores vs group | opposite sides, contested | same side, agreed | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in payload["groupings"].items():
         r = entry["report"]
@@ -372,26 +377,57 @@ def group_section(payload: dict, command: str) -> str:
         lines.append(
             f"| {GROUPING_LABELS.get(name, name)} | {r['num_units']} | {r['eigenvalues'][0]:.3g} | "
             f"{q['0.5']:.3g} / {q['0.95']:.3g} / {q['0.99']:.3g} | {'yes' if r['significant'] else 'no'} | "
-            f"{r['alpha_critical_floor']:.3f} | {r['recommended_alpha']:.3f} | {r['stationarity']:.2g} | "
+            f"{runs.fmt(r.get('bulk_edge'), 2)} | {r['alpha_critical_floor']:.3f} | {r['recommended_alpha']:.3f} | {r['stationarity']:.2g} | "
             f"{runs.fmt(entry.get('auroc_group'), 3)} | {runs.fmt(entry.get('opposite_sides_contested'), 2)} | "
             f"{runs.fmt(entry.get('same_side_agreed'), 2)} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
 
+def stored_command(payload: dict, part: str) -> str:
+    """The command of a run stored without one: its non-default settings from the payload's ``config``."""
+    base = [part] + (["--data", payload["data"]] if part == "group" else [])
+    defaults = vars(parse_args(base)[0])
+    flags = [
+        f"--{key} {value}" if value is not True else f"--{key}"
+        for key, value in payload["config"].items()
+        if key not in ("part", "data") and value != defaults.get(key) and value not in (None, False)
+    ]
+    return runs.display_command("stability.py", [*base, *" ".join(flags).split()])
+
+
+def render(args, out_dir: Path) -> tuple[str, str]:
+    """The results section of a stored run (its JSON in ``out_dir``), every report's decision re-derived."""
+    from trl_renyi.stability import StabilityReport
+
+    stem = Path(args.data).stem if args.data else "synthetic"
+    payload = json.loads((out_dir / f"{stem}.json").read_text())
+    command = payload.get("command") or stored_command(payload, "group" if args.data else "synthetic")
+    if args.data:
+        for entry in payload["groupings"].values():
+            entry["report"] = StabilityReport.from_dict(entry["report"]).rederived().to_dict()
+        return group_section(payload, command), f"stability-{stem}"
+    payload["report"] = StabilityReport.from_dict(payload["report"]).rederived().to_dict()
+    return synthetic_section(payload, command), "stability-synthetic"
+
+
 def main(argv=None) -> int:
     args, out_dir, docs = parse_args(argv)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python experiments/stability.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = runs.display_command("stability.py", list(argv if argv is not None else sys.argv[1:]))
     clock = runs.Stopwatch()
-    if args.part == "synthetic":
+    if args.part == "render":
+        section, marker = render(args, out_dir)
+    elif args.part == "synthetic":
         payload = run_synthetic(args, out_dir)
+        payload["command"] = command
         payload["plots"] = [str(plot_synthetic(payload, out_dir / "synthetic.png")), str(out_dir / "synthetic_spectrum.png")]
         payload["seconds"] = clock.seconds()
         runs.save_json(out_dir / "synthetic.json", payload)
         section, marker = synthetic_section(payload, command), "stability-synthetic"
     else:
         payload = run_group(args, out_dir)
+        payload["command"] = command
         payload["seconds"] = clock.seconds()
         stem = Path(args.data).stem
         runs.save_json(out_dir / f"{stem}.json", payload)

@@ -58,7 +58,6 @@ def test_saved_members_record_the_hub_id_and_load_with_auto_peft(tmp_path, monke
     """adapter_config.json records the original's Hub id (so every PEFT tool resolves the base), the ensemble keeps
     the alias (the weights it was trained on), and saving offline warns nothing about the base model's config."""
     import json
-    import shutil
     import warnings
 
     from peft import AutoPeftModelForCausalLM, PeftModel

@@ -16,6 +16,7 @@ from peft import PeftModel
 from tests.helpers import CPU_ARGS, lora_config
 from trl_renyi import RenyiEnsemble, RenyiSFTConfig, RenyiSFTTrainer, build_ensemble
 from trl_renyi.hub import model_card
+from trl_renyi.model import saved_format
 
 PROMPTS = ["What colour is the sky?", "Say hello."]
 COMPLETIONS = [" It is blue.", " Ahoy matey!"]
@@ -161,9 +162,7 @@ def test_from_pretrained_with_a_repo_id_downloads_the_revision(make_model, token
         requested.update(repo_id=repo_id, revision=revision)
         return str(tmp_path / "repo")
 
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(saved_format, "snapshot_download", snapshot_download)
     loaded = RenyiEnsemble.from_pretrained("someone/tiny-renyi", revision="abc123", base_model=make_model())
     assert requested == {"repo_id": "someone/tiny-renyi", "revision": "abc123"}
     assert loaded.num_members == 2 and loaded.alpha == 0.5

@@ -1,13 +1,19 @@
-"""Multi-annotator rows: a weighted row trains exactly like its expanded one-completion rows; ChaosNLI converter."""
+"""Multi-annotator rows: a weighted row trains exactly like its expanded one-completion rows; ChaosNLI converter (a
+research converter, kept with the studies in experiments/chaosnli.py)."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
 
-from tests.helpers import CPU_ARGS, PLAIN_OBJECTIVE, assert_close_dicts, first_batch, lora_config, lora_grads, step_grads
+from tests.helpers import CPU_ARGS, PLAIN_OBJECTIVE, assert_close_dicts, first_batch, lora_config, step_grads
 from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
-from trl_renyi.data.chaosnli import chaosnli_to_multi_completion, chaosnli_to_prompt_completion
 from trl_renyi.data.multi_completion import expand_multi_completion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from chaosnli import chaosnli_to_multi_completion, chaosnli_to_prompt_completion  # noqa: E402
 from trl_renyi.model.members import member_names
 
 ROWS = {

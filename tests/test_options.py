@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from tests.helpers import CPU_ARGS, assert_close_dicts, lora_config
+from tests.helpers import CPU_ARGS, assert_close_dicts, first_batch, lora_config
 from trl_renyi import RenyiDPOConfig, RenyiDPOTrainer, RenyiSFTConfig, RenyiSFTTrainer
 
 MISSING_MODEL = "/nonexistent/model-that-would-fail-to-load"
@@ -204,11 +204,6 @@ def test_settings_set_on_trainer_args_after_construction_are_the_ones_trained_wi
     """``Trainer.hyperparameter_search`` sets a trial's values with ``setattr(trainer.args, ...)`` after construction:
     α, the floor, the warm-up and the mixture weights are read from ``args`` at use, so the loss equals that of a
     trainer built with those values; a value the built ensemble cannot honour is refused by name."""
-    import torch
-
-    from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
-    from tests.helpers import first_batch
-
     def build(**settings):
         args = RenyiSFTConfig(output_dir=str(tmp_path / "run"), num_members=3, member_init_std=0.05, max_steps=4,
                               per_device_train_batch_size=4, gradient_checkpointing=False, **{**CPU_ARGS, **settings})  # fmt: skip
@@ -234,3 +229,25 @@ def test_settings_set_on_trainer_args_after_construction_are_the_ones_trained_wi
     searched.args.num_members = 5
     with pytest.raises(ValueError, match="num_members was 3 when the trainer was built"):
         searched.train()
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_compute_loss_refuses_to_return_outputs_by_name(tmp_path, tokenizer, make_model, prompt_completion_dataset, kind):
+    """``compute_loss(..., return_outputs=True)`` (what ``prediction_step`` asks for with ``compute_metrics``) has K
+    sets of logits to return: refused with the scoring API to use instead, not a wrong single set."""
+    from datasets import Dataset
+
+    if kind == "sft":
+        config, trainer_cls, data = RenyiSFTConfig, RenyiSFTTrainer, prompt_completion_dataset
+    else:
+        config, trainer_cls = RenyiDPOConfig, RenyiDPOTrainer
+        data = Dataset.from_dict({"prompt": ["Hi"] * 4, "chosen": [" Hello."] * 4, "rejected": [" Bye."] * 4})
+    args = config(output_dir=str(tmp_path / "run"), num_members=2, max_steps=1, per_device_train_batch_size=2,
+                  gradient_checkpointing=False, **CPU_ARGS)  # fmt: skip
+    trainer = trainer_cls(model=make_model(), args=args, train_dataset=data, processing_class=tokenizer,
+                          peft_config=lora_config())  # fmt: skip
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
+        with pytest.raises(ValueError, match=f"{trainer_cls.__name__} does not return logits.*RenyiEnsemble.score"):
+            trainer.compute_loss(trainer.model, batch, return_outputs=True)

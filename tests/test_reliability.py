@@ -15,7 +15,13 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from tests.helpers import CPU_ARGS, PLAIN_OBJECTIVE, first_batch, lora_config, lora_grads
+from tests.helpers import (
+    CPU_ARGS,
+    PLAIN_OBJECTIVE,
+    first_batch,
+    lora_config,
+    lora_grads,
+)
 from tests.training_script import build_trainer, dataset, member_weights
 from trl_renyi import (
     RenyiDPOConfig,
@@ -24,6 +30,7 @@ from trl_renyi import (
     RenyiSFTTrainer,
     build_ensemble,
 )
+from trl_renyi.model import saved_format
 from trl_renyi.model.layer import member_names
 from trl_renyi.testing import tiny_llama
 from trl_renyi.training.checkpoint import STAGING_PREFIX
@@ -445,15 +452,13 @@ def test_trust_remote_code_is_off_unless_asked(saved_ensemble, recorded_loads):
 
 
 def test_hub_revisions_are_pinned(saved_ensemble, recorded_loads, monkeypatch):
-    import huggingface_hub
-
     downloads = []
 
     def fake_snapshot_download(repo_id, revision=None, **kwargs):
         downloads.append((repo_id, revision))
         return str(saved_ensemble)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(saved_format, "snapshot_download", fake_snapshot_download)
     ensemble = RenyiEnsemble.from_pretrained("org/tiny-ensemble", revision="3f2a9c1", base_model_revision="v1.0")
     assert downloads == [("org/tiny-ensemble", "3f2a9c1")]
     assert recorded_loads["model"][-1][1]["revision"] == "v1.0"

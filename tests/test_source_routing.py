@@ -11,7 +11,7 @@ from tests.helpers import CPU_ARGS, PLAIN_OBJECTIVE, assert_close_dicts, lora_co
 from tests.test_multi_annotator import randomise_members
 from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
 from trl_renyi.model.members import member_names
-from trl_renyi.objective import floored_renyi_bound, renyi_bound, source_renyi_bound
+from trl_renyi.objective import floored_renyi_bound, source_renyi_bound
 from trl_renyi.training.source_routing import SourceMemory
 
 

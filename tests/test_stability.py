@@ -22,6 +22,8 @@ from trl_renyi.stability import (
     critical_alpha,
     gradient_table,
     measure_stability,
+    recommend_alpha,
+    spread_is_favourable,
     spread_spectrum,
 )
 from trl_renyi.testing import tiny_llama, tiny_tokenizer
@@ -544,3 +546,18 @@ def test_free_text_votes_become_choices_among_the_answers_each_prompt_gets(tok):
     assert choices.group_weight == [1.0, 2.0, 1.0, 1.0] and choices.group_unit == [0, 1, 0, 2]
     single = SequenceVotes([rows[0][0], rows[3][0]], [rows[0][1], rows[3][1]], [1.0, 1.0], [0, 1], ["a", "b"])
     assert answer_choice_votes(single) is None
+
+
+def test_the_recommendation_never_spreads_along_directions_of_one_vote_or_less():
+    """The bulk edge is max(null quantile, 1): a null far below 1 (units averaging many votes) does not make every
+    direction above it worth spreading along."""
+    floor = 0.1
+    # a null above 1 is the edge: the geometric middle of the window (1−φ)(1−α) = 1/sqrt(λ1 λ0)
+    assert recommend_alpha(9.0, 4.0, floor) == pytest.approx(1 - 1 / (0.9 * 6.0))
+    # a null far below 1: the edge is 1, not the null's 0.004
+    assert recommend_alpha(9.0, 0.004, floor) == pytest.approx(1 - 1 / (0.9 * 3.0))
+    # clears the null but not 1: keep α = 1
+    assert recommend_alpha(0.8, 0.004, floor) is None and recommend_alpha(4.0, 4.0, floor) is None
+    # the recommendation spreads the top direction and not the edge
+    alpha = recommend_alpha(9.0, 0.004, floor)
+    assert spread_is_favourable(alpha, 9.0, floor) and not spread_is_favourable(alpha, 1.0, floor)

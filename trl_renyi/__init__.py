@@ -34,7 +34,11 @@ if TYPE_CHECKING:
     from trl_renyi.model.layer import member_names
     from trl_renyi.model.members import build_ensemble, tile_for_members
     from trl_renyi.objective import RenyiBound, renyi_bound
-    from trl_renyi.training.config import RenyiDPOConfig, RenyiEnsembleArguments, RenyiSFTConfig
+    from trl_renyi.training.config import (
+        RenyiDPOConfig,
+        RenyiEnsembleArguments,
+        RenyiSFTConfig,
+    )
     from trl_renyi.training.dpo import RenyiDPOTrainer
     from trl_renyi.training.sft import RenyiSFTTrainer
 

@@ -116,6 +116,12 @@ def dpo_trainer_accepts_ensemble(model, ref_model) -> Iterator[None]:
     as π_ref, also for precomputed reference log-probs: a copy of a member, wrong as soon as a member's initial
     B ≠ 0. The ensemble's π_ref is the base model (see ``RenyiDPOTrainer.compute_ref_log_probs``), so inside
     the block the lookup is answered with member_0's config, and afterwards TRL's ``"ref"`` adapter is deleted.
+
+    Why not through TRL's public arguments: a ready PeftModel with ``ref_model=None`` always takes this branch; the
+    bare base model with ``peft_config`` would make TRL wrap it in one adapter named ``"default"`` after the members
+    were built and checked (they are assembled before TRL's constructor); and an explicit ``ref_model`` loads a second
+    copy of the base, the memory the shared-base reference exists to save. So the swap stays, here, for the
+    constructor only.
     """
     from peft import PeftModel
 

@@ -22,10 +22,16 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants
 
 from trl_renyi.model.loading import hub_id
-from trl_renyi.model.saved_format import CARD_FILE, CARD_TMP_FILE, LIBRARY_NAME, METADATA_FILE, member_names
+from trl_renyi.model.saved_format import (
+    CARD_FILE,
+    CARD_TMP_FILE,
+    LIBRARY_NAME,
+    METADATA_FILE,
+    member_names,
+)
 from trl_renyi.version import __version__
 
 #: The Jinja template of the card (package data), rendered by ``huggingface_hub.ModelCard.from_template``.
@@ -161,8 +167,6 @@ def write_model_card(directory: str | os.PathLike, metadata: Mapping, **kwargs) 
 def require_hub_access(what: str, saved_in: str | os.PathLike | None = None) -> None:
     """Refuse ``what`` (an upload) by name when the Hub is switched off (``HF_HUB_OFFLINE=1``), saying where the
     ensemble was saved instead, rather than failing inside ``huggingface_hub`` with ``OfflineModeIsEnabled``."""
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE:
         where = ""
         if saved_in:

@@ -125,9 +125,11 @@ class PreferenceLikelihood:
         return cls(**{k: values[k] for k in cls.__dataclass_fields__ if k in values})
 
     def to_metadata(self) -> dict:
+        """The fields recorded in ``renyi_ensemble.json`` under ``preference_likelihood``."""
         return asdict(self)
 
     def with_beta(self, beta: float) -> PreferenceLikelihood:
+        """The same likelihood with β replaced (``trl-renyi eval --beta``)."""
         return replace(self, beta=float(beta))
 
     def check_scorable(self) -> None:

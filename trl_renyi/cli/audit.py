@@ -30,13 +30,18 @@ from pathlib import Path
 
 import torch
 
-from trl_renyi.data.loading import load_split
-from trl_renyi.evaluation.data import training_examples, training_format
 from trl_renyi.cli.parsing import CHAT_MODES, RenyiParser, chat_field
+from trl_renyi.data.loading import load_split
 from trl_renyi.evaluation import plots
-from trl_renyi.evaluation.audit import PREFERENCE_SCORES, SFT_SCORES, audit_table, score_preferences, score_sft
+from trl_renyi.evaluation.audit import (
+    PREFERENCE_SCORES,
+    SFT_SCORES,
+    audit_table,
+    score_preferences,
+    score_sft,
+)
+from trl_renyi.evaluation.data import training_examples, training_format
 from trl_renyi.inference.ensemble import RenyiEnsemble
-
 
 
 @dataclass

@@ -19,8 +19,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from transformers.trainer_callback import ProgressCallback
 
-from trl_renyi.data import DEFAULT_SYSTEM_PROMPT, DEMO_FAMILIES, FAMILIES, chat_prompt, conflict_sft_dataset
+from trl_renyi.cli.parsing import RenyiParser
+from trl_renyi.data import (
+    DEFAULT_SYSTEM_PROMPT,
+    DEMO_FAMILIES,
+    FAMILIES,
+    chat_prompt,
+    conflict_sft_dataset,
+)
 from trl_renyi.data import held_out_items as make_held_out_items
 from trl_renyi.evaluation.families import (
     SIGNALS,
@@ -31,7 +40,10 @@ from trl_renyi.evaluation.families import (
     uncertainty_gap,
     write_family_plots,
 )
-from trl_renyi.model.loading import DEFAULT_MODEL
+from trl_renyi.model.loading import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+from trl_renyi.model.saved_format import ALPHA_METRIC, CARD_FILE
+from trl_renyi.training.config import RenyiSFTConfig
+from trl_renyi.training.sft import RenyiSFTTrainer
 
 DATASET_NAME = "trl_renyi:conflict_sft_chat"
 # two contradictory families and two consistent ones the base model already knows: a family it cannot learn from
@@ -110,10 +122,6 @@ class DemoResult:
 
 def _quiet_progress(trainer) -> None:
     """Keep the training progress bar but show the loss on it instead of printing every log dictionary."""
-    from transformers.trainer_callback import ProgressCallback
-
-    from trl_renyi.model.saved_format import ALPHA_METRIC
-
     class LossOnBar(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.training_bar is not None and logs and "loss" in logs:
@@ -142,13 +150,6 @@ def run_demo(
         tokenizer: its tokenizer (required with ``model``; loaded with the model otherwise).
         print_fn: where the report goes.
     """
-    from peft import LoraConfig
-
-    from trl_renyi.model.loading import load_causal_lm, load_tokenizer
-    from trl_renyi.model.saved_format import CARD_FILE
-    from trl_renyi.training.config import RenyiSFTConfig
-    from trl_renyi.training.sft import RenyiSFTTrainer
-
     start, cpu_start = time.perf_counter(), time.process_time()
     config = DemoConfig(**{**asdict(config or DemoConfig()), **overrides})
     if config.num_threads:
@@ -294,8 +295,6 @@ def format_report(result: DemoResult, member_names: list[str], config: DemoConfi
 
 
 def make_parser():
-    from trl_renyi.cli.parsing import RenyiParser
-
     return RenyiParser((DemoConfig,), prog="trl-renyi demo")
 
 

@@ -70,11 +70,11 @@ from __future__ import annotations
 import argparse
 
 from trl_renyi.cli import training
+from trl_renyi.training.config import RenyiDPOConfig
+from trl_renyi.training.dpo import RenyiDPOTrainer
 
 
 def main(script_args, training_args, model_args, dataset_args):
-    from trl_renyi.training.dpo import RenyiDPOTrainer
-
     # The base model's loading arguments, the dataset checked (columns, empty splits, null fields), the output
     # folder and the checkpoint to resume from, all before the model loads
     datasets, checkpoint = training.prepare_run(script_args, training_args, model_args, dataset_args, "dpo")
@@ -93,8 +93,6 @@ def main(script_args, training_args, model_args, dataset_args):
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None):
-    from trl_renyi.training.config import RenyiDPOConfig
-
     return training.make_parser(RenyiDPOConfig, "trl-renyi dpo", subparsers, "dpo")
 
 

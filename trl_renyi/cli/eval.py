@@ -30,7 +30,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 from trl_renyi.cli.parsing import CHAT_MODES, RenyiParser, chat_field
 from trl_renyi.evaluation.data import FORMATS, load_choice_items, model_inputs
 from trl_renyi.evaluation.metrics import DEFAULT_COVERAGES

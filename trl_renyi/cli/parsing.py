@@ -9,6 +9,7 @@ missing files, data in the wrong format) into one line on stderr and exit status
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import os
 import re
@@ -16,6 +17,8 @@ import sys
 from dataclasses import field
 
 from trl import TrlParser
+
+from trl_renyi.objective import check_alpha
 
 #: Errors that carry a message written for the user: reported in one line.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
@@ -42,8 +45,6 @@ def chat_field():
 
 def parse_alpha(text: str) -> float | str:
     """``--alpha``: a number, or ``auto`` (chosen by the stability criterion)."""
-    from trl_renyi.objective import check_alpha
-
     try:
         return check_alpha(text, allow_auto=True)
     except ValueError as error:
@@ -88,7 +89,6 @@ class RenyiParser(TrlParser):
             match = re.search(r"not used by the HfArgumentParser: (\[.*\])", str(error))
             if not match:
                 raise
-            import ast
 
             raise ValueError(self.unknown_flag_message(ast.literal_eval(match.group(1)))) from None
 

@@ -74,11 +74,11 @@ from __future__ import annotations
 import argparse
 
 from trl_renyi.cli import training
+from trl_renyi.training.config import RenyiSFTConfig
+from trl_renyi.training.sft import RenyiSFTTrainer
 
 
 def main(script_args, training_args, model_args, dataset_args):
-    from trl_renyi.training.sft import RenyiSFTTrainer
-
     # The base model's loading arguments, the dataset checked (columns, empty splits, null fields), the output
     # folder and the checkpoint to resume from, all before the model loads
     datasets, checkpoint = training.prepare_run(script_args, training_args, model_args, dataset_args, "sft")
@@ -95,8 +95,6 @@ def main(script_args, training_args, model_args, dataset_args):
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None):
-    from trl_renyi.training.config import RenyiSFTConfig
-
     return training.make_parser(RenyiSFTConfig, "trl-renyi sft", subparsers, "sft")
 
 

@@ -32,7 +32,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
+
+from trl_renyi.cli import training
+from trl_renyi.cli.parsing import RenyiParser
+from trl_renyi.model.loading import DEFAULT_MODEL
+from trl_renyi.stability import measure_stability
 from trl_renyi.stability.votes import UNITS
+from trl_renyi.training.config import RenyiSFTConfig
 
 RESULT_FILE = "stability.json"
 PLOT_FILE = "stability.png"
@@ -88,9 +95,6 @@ class StabilityArguments:
 
 
 def main(script_args, stability_args, training_args, model_args, dataset_args):
-    from trl_renyi.cli import training
-    from trl_renyi.stability import measure_stability
-
     # The data: choice items where the file has options (exact Fisher), else the trainer's own rows
     records, choice_rows = training.stability_data(script_args, training_args, dataset_args, stability_args)
     # One member, α = 1: a plain LoRA fit (or the given adapter loaded into it)
@@ -119,12 +123,6 @@ def main(script_args, stability_args, training_args, model_args, dataset_args):
 
 
 def make_parser(subparsers=None):
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
-
-    from trl_renyi.cli.parsing import RenyiParser
-    from trl_renyi.model.loading import DEFAULT_MODEL
-    from trl_renyi.training.config import RenyiSFTConfig
-
     dataclass_types = (ScriptArguments, StabilityArguments, RenyiSFTConfig, ModelConfig, DatasetMixtureConfig)
     if subparsers is not None:
         parser = subparsers.add_parser("stability", help="Run trl-renyi stability", dataclass_types=dataclass_types)

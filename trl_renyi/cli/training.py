@@ -8,22 +8,55 @@ The scripts themselves (:mod:`trl_renyi.cli.sft`, :mod:`trl_renyi.cli.dpo`) read
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
+import torch
+from datasets import Dataset
+from peft import LoraConfig, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers.trainer_utils import get_last_checkpoint
+from trl import (
+    DatasetMixtureConfig,
+    ModelConfig,
+    ScriptArguments,
+    get_dataset,
+    get_peft_config,
+    get_quantization_config,
+)
+
+from trl_renyi.cli.parsing import RenyiParser
+from trl_renyi.compat import ignore_in_ddp
 from trl_renyi.data.formats import prepare_training_dataset
+from trl_renyi.data.group_conflicts import (
+    ANNOTATOR_COLUMN,
+    annotator_choice_rows,
+    group_choice_rows,
+    group_items_from_rows,
+    is_group_annotated,
+    pooled_vote_rows,
+)
 from trl_renyi.data.loading import load_dataset_dict
 from trl_renyi.model.loading import DEFAULT_MODEL
+from trl_renyi.model.saved_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    METADATA_FILE,
+    member_names,
+)
+from trl_renyi.stability import choice_votes, pair_votes, sequence_votes
+from trl_renyi.stability.votes import answer_choice_votes
+from trl_renyi.training.config import RenyiDPOConfig
+from trl_renyi.training.construction import coerce_config
+from trl_renyi.training.dpo import RenyiDPOTrainer
+from trl_renyi.training.sft import RenyiSFTTrainer
 
 
 def make_parser(config_class, prog: str, subparsers=None, name: str | None = None):
     """A :class:`~trl.TrlParser` over ``(ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig)``, the same
     dataclasses as TRL's own scripts with the Rényi config in place of TRL's, so every ``trl sft`` / ``trl dpo`` flag
     and ``--config file.yaml`` works, plus the ensemble fields (``--num_members``, ``--alpha``, ...)."""
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
-
-    from trl_renyi.cli.parsing import RenyiParser
-
     dataclass_types = (ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig)
     if subparsers is not None:
         parser = subparsers.add_parser(name, help=f"Run {prog}", dataclass_types=dataclass_types)
@@ -37,8 +70,6 @@ def make_parser(config_class, prog: str, subparsers=None, name: str | None = Non
 def load_training_data(script_args, dataset_args, seed: int = 0):
     """The ``DatasetDict`` named by ``--dataset_name`` (Hub id, local file or folder, ``trl_renyi:<name>``) or by a
     ``datasets:`` mixture in the YAML config (TRL's ``DatasetMixtureConfig``)."""
-    from trl import get_dataset
-
     if dataset_args.datasets:
         return get_dataset(dataset_args)
     if not script_args.dataset_name:
@@ -72,8 +103,6 @@ def select_splits(dataset, script_args, training_args):
 def ensemble_peft_config(model_args):
     """The ``LoraConfig`` replicated into every member, from ModelConfig's ``--lora_*`` flags. The ensemble is made of
     LoRA members, so ``--use_peft`` is implied."""
-    from trl import get_peft_config
-
     model_args.use_peft = True
     targets = model_args.lora_target_modules
     if isinstance(targets, list) and len(targets) == 1 and targets[0] in ("all-linear", "all_linear"):
@@ -83,8 +112,6 @@ def ensemble_peft_config(model_args):
 
 def model_init_kwargs(model_args, training_args) -> dict:
     """The loading arguments of the base model (as TRL's scripts build them)."""
-    from trl import get_quantization_config
-
     kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -141,8 +168,6 @@ def check_output_dir(output_dir: str) -> None:
 def checkpoint_to_resume(training_args) -> str | None:
     """The checkpoint ``--resume_from_checkpoint`` names: a folder, or with ``True`` the latest ``checkpoint-*`` of
     ``--output_dir`` (transformers' ``get_last_checkpoint``, as TRL's scripts resolve it); ``None`` to start afresh."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "no", ""):
         return None
@@ -159,10 +184,6 @@ def checkpoint_to_resume(training_args) -> str | None:
 
 def ignore_bias_buffers(trainer) -> None:
     """``--ignore_bias_buffers`` of TRL's DPO script: DDP skips the model's boolean buffers."""
-    import torch
-
-    from trl_renyi.compat import ignore_in_ddp
-
     ignore_in_ddp(trainer.model, [name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool])
 
 
@@ -186,16 +207,6 @@ def stability_data(script_args, training_args, dataset_args, stability_args):
     (``options`` with ``label`` / ``label_counts``) the rows one LoRA is fitted on and the choice rows the criterion is
     measured on (exact Fisher); for any other data the checked training rows and ``None`` (the trainer's own rows
     are measured)."""
-    from datasets import Dataset
-
-    from trl_renyi.data.group_conflicts import (
-        annotator_choice_rows,
-        group_choice_rows,
-        group_items_from_rows,
-        is_group_annotated,
-        pooled_vote_rows,
-    )
-
     dataset = load_training_data(script_args, dataset_args, seed=training_args.seed)
     split = script_args.dataset_train_split
     if split not in dataset:
@@ -225,14 +236,6 @@ def single_fit_trainer(fit_rows, stability_args, training_args, model_args):
     """A one-member trainer (α = 1: plain TRL training) on ``fit_rows``, whose member 0 is θ*: fitted by
     ``trainer.train()``, or holding ``stability_args.adapter`` (a PEFT adapter folder, or member
     ``stability_args.member`` of a saved ensemble) when one is given."""
-    import dataclasses
-
-    from peft import LoraConfig
-
-    from trl_renyi.training.construction import coerce_config
-    from trl_renyi.training.dpo import RenyiDPOTrainer
-    from trl_renyi.training.sft import RenyiSFTTrainer
-
     dpo = stability_args.trainer == "dpo"
     fit_dir = str(Path(training_args.output_dir) / "fit")  # the fit's run files apart from the report
     values = {"num_members": 1, "alpha": 1.0, "alpha_warmup_ratio": 0.0, "save_strategy": "no", "output_dir": fit_dir}
@@ -241,19 +244,12 @@ def single_fit_trainer(fit_rows, stability_args, training_args, model_args):
     args = dataclasses.replace(training_args, **values)
     args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     if dpo:
-        from trl_renyi.training.config import RenyiDPOConfig
-
         args = coerce_config(args, RenyiDPOConfig, model_args.model_name_or_path, "DPO")
     adapter = _adapter_folder(stability_args)
     peft_config = LoraConfig.from_pretrained(str(adapter)) if adapter else ensemble_peft_config(model_args)
     trainer_class = RenyiDPOTrainer if dpo else RenyiSFTTrainer
     trainer = trainer_class(model_args.model_name_or_path, args, train_dataset=fit_rows, peft_config=peft_config)
     if adapter:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        from trl_renyi.model.saved_format import ADAPTER_WEIGHTS
-
         state = load_file(str(adapter / ADAPTER_WEIGHTS))
         model = trainer.accelerator.unwrap_model(trainer.model)
         result = set_peft_model_state_dict(model, state, adapter_name=trainer.member_names[0])
@@ -264,8 +260,6 @@ def single_fit_trainer(fit_rows, stability_args, training_args, model_args):
 
 def _adapter_folder(stability_args) -> Path | None:
     """The folder holding the adapter weights of ``--adapter`` (an ensemble's ``member_k/``), or ``None``."""
-    from trl_renyi.model.saved_format import ADAPTER_CONFIG, METADATA_FILE, member_names
-
     if stability_args.adapter is None:
         return None
     folder = Path(stability_args.adapter).expanduser()
@@ -279,10 +273,6 @@ def _adapter_folder(stability_args) -> Path | None:
 def stability_votes(trainer, choice_rows, stability_args, source_column: str | None = None):
     """The votes ``trl-renyi stability`` measures: the choice rows (group files keep annotator ids in
     ``annotator``), or the trainer's own prepared rows per ``--unit`` (sources named by ``source_column``)."""
-    from trl_renyi.data.group_conflicts import ANNOTATOR_COLUMN
-    from trl_renyi.stability import choice_votes, pair_votes, sequence_votes
-    from trl_renyi.stability.votes import answer_choice_votes
-
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     if choice_rows is not None:
         source = source_column or ANNOTATOR_COLUMN

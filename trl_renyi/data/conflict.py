@@ -79,6 +79,7 @@ class Item:
 
     @property
     def contradictory(self) -> bool:
+        """Whether the item's completions disagree (a conflict item)."""
         return len(self.answers) > 1
 
     @property
@@ -107,6 +108,7 @@ class TaskFamily:
 
     @property
     def contradictory(self) -> bool:
+        """Whether the family's items contradict each other."""
         return len(self.conventions) > 1
 
 

@@ -63,6 +63,20 @@ def detect_format(columns, kind: str, source: str = "dataset", dataset_text_fiel
     raise ValueError(message)
 
 
+def evaluation_format(first: dict, path="data") -> str:
+    """The format of an evaluation file from its first record: ``"mc1"`` / ``"mc2"`` for TruthfulQA-style records
+    (``mc1_targets`` / ``mc2_targets``), ``"preference"`` for chosen/rejected pairs (the training formats:
+    :func:`detect_format`)."""
+    if "mc1_targets" in first or "mc2_targets" in first:
+        return "mc1" if "mc1_targets" in first else "mc2"
+    if "chosen" in first and "rejected" in first:
+        return "preference"
+    raise ValueError(
+        f"Cannot tell the format of {path}: its first record has fields {sorted(first)}; expected TruthfulQA's "
+        "'question' + 'mc1_targets'/'mc2_targets', or preference pairs 'chosen'/'rejected' (with or without 'prompt')."
+    )
+
+
 def is_sharegpt(example: dict) -> bool:
     """Whether a row holds ShareGPT-style messages (``from`` / ``value`` keys, or a ``conversations`` column)."""
     for key in _MESSAGE_COLUMNS:

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datasets import Dataset
+
 #: how the answer follows the item's prompt in the training rows and at scoring (plain text, one option per answer)
 ANSWER_CUE = "\nAnswer:"
 #: the column of :func:`annotator_vote_rows` that names each vote's annotator
@@ -57,14 +59,17 @@ class GroupItem:
 
     @property
     def group_names(self) -> list[str]:
+        """The groups that voted on the item, in file order."""
         return list(self.groups)
 
     def distribution(self, group: str) -> list[float]:
+        """The group's label distribution over the item's choices."""
         counts = self.groups[group]
         total = sum(counts)
         return [c / total for c in counts]
 
     def pooled_counts(self) -> list[float]:
+        """Vote counts over the choices, all groups pooled."""
         return [sum(votes) for votes in zip(*self.groups.values())]
 
     def pooled_distribution(self) -> list[float]:
@@ -74,6 +79,7 @@ class GroupItem:
         return [c / total for c in counts]
 
     def modal_options(self, group: str) -> set[int]:
+        """The choices the group voted for most (several on a tie)."""
         counts = self.groups[group]
         top = max(counts)
         return {i for i, c in enumerate(counts) if c == top}
@@ -384,8 +390,6 @@ def group_dataset(path, rows: str = "vote", seed: int = 0):
     """A group-annotated file (:func:`read_group_items`) as a ``datasets.Dataset`` of training rows ``rows``
     (:data:`GROUP_ROWS`), group names dropped. Train it with the settings of :data:`GROUP_ROW_SETTINGS` (e.g.
     ``source_column="annotator"`` for ``rows="annotator"``)."""
-    from datasets import Dataset
-
     return Dataset.from_dict(group_training_rows(read_group_items(path), rows, seed))
 
 

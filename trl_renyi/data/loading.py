@@ -18,7 +18,13 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from difflib import get_close_matches
 from pathlib import Path
+
+from datasets import DatasetDict, load_dataset, load_from_disk
+
+from trl_renyi.data import conflict
+from trl_renyi.paths import did_you_mean
 
 BUILTIN_PREFIX = "trl_renyi:"
 #: The bundled datasets: name -> (generator, conversational).
@@ -45,14 +51,8 @@ def looks_like_hub_id(name: str) -> bool:
 
 def builtin_dataset(name: str, seed: int = 0):
     """The bundled dataset ``trl_renyi:<name>`` as a ``DatasetDict`` with a ``train`` split."""
-    from datasets import DatasetDict
-
-    from trl_renyi.data import conflict
-
     key = name[len(BUILTIN_PREFIX) :]
     if key not in BUILTIN_DATASETS:
-        from difflib import get_close_matches
-
         close = get_close_matches(key, list(BUILTIN_DATASETS), n=1)
         hint = f" Did you mean {BUILTIN_PREFIX + close[0]!r}?" if close else ""
         raise ValueError(
@@ -92,8 +92,6 @@ def _is_empty(path: Path) -> bool:
 
 def load_local(path: Path, streaming: bool = False):
     """A ``DatasetDict`` from a local data file or folder (see the module docstring)."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
     if path.is_file():
         builder = file_type(path)
         if builder is None:
@@ -120,8 +118,6 @@ def load_local(path: Path, streaming: bool = False):
 
 def load_dataset_dict(name: str, config: str | None = None, streaming: bool = False, seed: int = 0):
     """The ``DatasetDict`` (or ``IterableDatasetDict`` when streaming) named by ``name``."""
-    from datasets import load_dataset
-
     name = str(name) if name is not None else ""
     if not name:
         raise ValueError("A dataset is required: a local data file or folder, trl_renyi:<name>, or a Hub dataset id.")
@@ -131,8 +127,6 @@ def load_dataset_dict(name: str, config: str | None = None, streaming: bool = Fa
     if path.exists():
         return load_local(path, streaming)
     if not looks_like_hub_id(name):
-        from trl_renyi.paths import did_you_mean
-
         hint = did_you_mean(path)
         kind = "data file" if file_type(path) else "file or folder"
         raise FileNotFoundError(f"{name}: no such {kind}.{hint}")

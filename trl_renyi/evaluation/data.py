@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from trl.data_utils import extract_prompt
 
+from trl_renyi.data.formats import evaluation_format
 from trl_renyi.data.loading import read_records
 from trl_renyi.inference.encoding import is_conversational
 
@@ -29,19 +30,6 @@ class ChoiceItem:
     labels: list[int]
     id: str
     info: dict = field(default_factory=dict)
-
-
-def detect_format(records: list[dict], path: str | os.PathLike = "data") -> str:
-    """``"mc1"`` for TruthfulQA-style records (``mc1_targets``), ``"preference"`` for chosen/rejected pairs."""
-    first = records[0]
-    if "mc1_targets" in first or "mc2_targets" in first:
-        return "mc1" if "mc1_targets" in first else "mc2"
-    if "chosen" in first and "rejected" in first:
-        return "preference"
-    raise ValueError(
-        f"Cannot tell the format of {path}: its first record has fields {sorted(first)}; expected TruthfulQA's "
-        "'question' + 'mc1_targets'/'mc2_targets', or preference pairs 'chosen'/'rejected' (with or without 'prompt')."
-    )
 
 
 def split_dialogue(chosen, rejected) -> tuple[object, object, object]:
@@ -113,7 +101,7 @@ def load_choice_items(
     if first_item < 0 or (max_items is not None and max_items < 1):
         raise ValueError(f"first_item must be >= 0 and max_items >= 1, got {first_item} and {max_items}.")
     records = read_records(path)
-    fmt = detect_format(records, path) if data_format == "auto" else data_format
+    fmt = evaluation_format(records[0], path) if data_format == "auto" else data_format
     end = None if max_items is None else first_item + max_items
     records = records[first_item:end]
     if not records:

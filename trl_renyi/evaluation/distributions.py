@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import torch
 from torchmetrics.functional.regression import spearman_corrcoef
 
-PROBABILITY_FLOOR = 1e-15
+#: ChaosNLI's scorer clips predicted distributions here (kept for comparability with its scoreboard)
+CHAOSNLI_FLOOR = 1e-15
 
 
 def _rows(values: Sequence) -> torch.Tensor:
@@ -35,7 +36,7 @@ def _rows(values: Sequence) -> torch.Tensor:
 
 def clipped(predicted: Sequence) -> torch.Tensor:
     """Predicted distributions clipped at 1e-15 and renormalised (ChaosNLI's numerical guard)."""
-    p = _rows(predicted).clamp_min(PROBABILITY_FLOOR)
+    p = _rows(predicted).clamp_min(CHAOSNLI_FLOOR)
     return p / p.sum(-1, keepdim=True)
 
 

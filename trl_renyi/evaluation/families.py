@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from trl_renyi.data import FAMILIES, Item, chat_answer, chat_prompt
+from trl_renyi.evaluation import plots
+from trl_renyi.inference.choices import prediction_from_member_log_probs
 
 #: The epistemic signals reported per family: field of :class:`FamilyReport` -> label.
 SIGNALS = {
@@ -59,8 +61,6 @@ def evaluate_families(ensemble, items: dict[str, list[Item]], system_prompt: str
     Returns ``(routing, reports, per_item)``: the routing table (``"family/convention"`` → mean responsibilities over
     those answers), a :class:`FamilyReport` per family and per-item details.
     """
-    from trl_renyi.inference.choices import prediction_from_member_log_probs
-
     index = [(family, item) for family, family_items in items.items() for item in family_items]
     prompts = [chat_prompt(item.prompt, system_prompt) for _, item in index]
     scores = ensemble.score(
@@ -231,8 +231,6 @@ def format_family_report(routing, reports, gap, answers, member_names: list[str]
 def write_family_plots(routing, reports: Sequence[FamilyReport], member_names: list[str], out_dir) -> list[Path]:
     """``routing.png`` (the routing table as a heatmap) and ``uncertainty.png`` (the signals per family, contradictory
     families in red) in ``out_dir``."""
-    from trl_renyi.evaluation import plots
-
     heatmap = plots.routing_heatmap(
         list(routing.values()), member_names, Path(out_dir) / "routing.png",
         title="Routing of held-out reference answers", xlabel="family/convention", item_labels=list(routing),

@@ -19,14 +19,13 @@ the targets (each group's distribution :math:`q_{ig}`, majority, the between-gro
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from trl_renyi.evaluation.metrics import error_detection_auroc
-
-PROBABILITY_FLOOR = 1e-12
+from trl_renyi.evaluation.metrics import PROBABILITY_FLOOR, error_detection_auroc
 
 
 def contested_auroc(scores: Sequence[float], contested: Sequence[bool]) -> float:
@@ -243,8 +242,6 @@ def chance_contested_share(items, draws: int = 200, seed: int = 0) -> float:
     """The share of items that would be contested if each item's votes were dealt to the groups at random (group sizes
     kept): every item's votes are shuffled among its groups ``draws`` times and the contested share averaged. With few
     votes per group many items are contested by chance alone; compare with the observed share."""
-    import random
-
     rng = random.Random(seed)
     total = 0.0
     for item in items:

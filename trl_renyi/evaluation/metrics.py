@@ -29,6 +29,10 @@ from torchmetrics.functional.classification import (
 )
 
 DEFAULT_COVERAGES = (0.5, 0.8)
+#: the floor of a probability under a logarithm, wherever the library takes one (NLL, cross-entropies); a benchmark's
+#: own scorer keeps its own (ChaosNLI's in :mod:`~trl_renyi.evaluation.distributions`, LeWiDi's in
+#: :mod:`~trl_renyi.evaluation.group_conflicts`)
+PROBABILITY_FLOOR = 1e-12
 
 
 def _as_float(values) -> torch.Tensor:
@@ -93,7 +97,7 @@ def accuracy(correct) -> float:
     return float(correct.double().mean())
 
 
-def negative_log_likelihood(prob_true, eps: float = 1e-12) -> float:
+def negative_log_likelihood(prob_true, eps: float = PROBABILITY_FLOOR) -> float:
     """Mean ``−log p(true answer)``, with probabilities floored at ``eps``."""
     p = _as_float(prob_true)
     _check_lengths(prob_true=p)

@@ -18,7 +18,11 @@ from peft import PeftModel
 from trl_renyi.compat import quiet_checkpointing_alias
 from trl_renyi.inference.ensemble import EnsembleScorer, RenyiEnsemble
 from trl_renyi.model.layer import base_model_only
-from trl_renyi.model.loading import embedded_alias_of_hub_id, load_causal_lm, load_tokenizer
+from trl_renyi.model.loading import (
+    embedded_alias_of_hub_id,
+    load_causal_lm,
+    load_tokenizer,
+)
 
 
 class SingleModel(EnsembleScorer):

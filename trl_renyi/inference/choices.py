@@ -77,6 +77,7 @@ class ChoicePrediction:
         return int(self.probs.argmax())
 
     def to_dict(self) -> dict:
+        """The prediction as JSON-ready values."""
         return {
             "probs": self.probs.tolist(),
             "member_probs": self.member_probs.tolist(),
@@ -291,7 +292,7 @@ def predict_preferences(
     batch_size: int = 8,
     show_progress: bool | None = None,
 ) -> list[ChoicePrediction]:
-    """Preference predictions over (chosen, rejected), choice 0 being the chosen response.
+    r"""Preference predictions over (chosen, rejected), choice 0 being the chosen response.
 
     Without ``reference`` the two responses are compared by likelihood (as :func:`predict_choices`). With a reference
     model (e.g. ``SingleModel.base_of(ensemble).members``, the base model DPO uses as π_ref) each member's preference

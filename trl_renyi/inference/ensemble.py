@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel
 
 from trl_renyi.compat import quiet_checkpointing_alias
+from trl_renyi.hub import model_card, push_ensemble_to_hub
 from trl_renyi.inference.choices import predict_choices as _predict_choices
 from trl_renyi.inference.choices import predict_preferences as _predict_preferences
 from trl_renyi.inference.encoding import has_chat_template
@@ -28,8 +29,8 @@ from trl_renyi.model.members import (
 )
 from trl_renyi.model.saved_format import (
     KEPT_FIELDS,
-    PREFERENCE_FIELD,
     METADATA_FILE,
+    PREFERENCE_FIELD,
     check_base_model_hash,
     check_base_model_name,
     check_member_weights,
@@ -93,14 +94,17 @@ class EnsembleScorer:
 
     @property
     def num_members(self) -> int:
+        """K, the number of members."""
         return len(self.member_names)
 
     @property
     def member_weights(self) -> list[float]:
+        """The mixture weights w_k (sum to 1) used by every prediction."""
         return self.log_weights.exp().tolist()
 
     @property
     def device(self) -> torch.device:
+        """The device the base model's parameters live on."""
         return next(self.model.parameters()).device
 
     def member_forward(self, batch: dict[str, torch.Tensor], **model_kwargs):
@@ -235,8 +239,6 @@ class RenyiEnsemble(EnsembleScorer):
         Writes every member as a plain PEFT adapter folder (safetensors), the tokenizer, ``renyi_ensemble.json`` and
         the model card ``README.md``.
         """
-        from trl_renyi.hub import model_card
-
         settings = {
             **self.metadata,
             "alpha": self.alpha,
@@ -256,8 +258,6 @@ class RenyiEnsemble(EnsembleScorer):
         """Upload the ensemble to the Hub repository ``repo_id``: every member folder, ``renyi_ensemble.json``, the
         tokenizer and a generated model card. Keyword arguments: ``token``, ``private``, ``revision``,
         ``commit_message``, ``create_pr`` (see :func:`trl_renyi.hub.upload_ensemble_folder`)."""
-        from trl_renyi.hub import push_ensemble_to_hub
-
         return push_ensemble_to_hub(self, repo_id, model_name=model_name, dataset_name=dataset_name, **kwargs)
 
     @classmethod

@@ -82,6 +82,7 @@ class GeneratedText:
         return [(i, self.tokens[i], float(v)) for i, v in enumerate(values) if float(v) > threshold]
 
     def to_dict(self) -> dict:
+        """The generation as JSON-ready values."""
         return {
             "text": self.text,
             "token_ids": self.token_ids,

@@ -52,14 +52,17 @@ class MemberModel:
 
     @property
     def num_members(self) -> int:
+        """K, the number of members."""
         return len(self.member_names)
 
     @property
     def device(self) -> torch.device:
+        """The device the model's parameters live on."""
         return next(self.model.parameters()).device
 
     @property
     def pad_token_id(self) -> int:
+        """The tokenizer's padding id (its end-of-sequence id when it has none)."""
         tokenizer = self.tokenizer
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from huggingface_hub import constants
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
@@ -110,8 +112,6 @@ def convert(gguf_path: Path, folder: Path, checksum: str, load_from_gguf) -> Pat
 
 def hub_cache_dir() -> Path:
     """The Hugging Face Hub cache in force (``HF_HUB_CACHE``, else ``HF_HOME/hub``, as huggingface_hub resolves it)."""
-    from huggingface_hub import constants
-
     return Path(constants.HF_HUB_CACHE).expanduser()
 
 

@@ -95,6 +95,8 @@ class MemberBatchedLayer:
     quantized_base = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Under member routing, the k-th block of rows gets y = W x + s_k B_k A_k dropout_k(x), all K members in one
+        batched matmul; a base-only router gives W x; otherwise PEFT's own forward."""
         router = self.member_router
         if router is None:
             return super().forward(x, *args, **kwargs)
@@ -183,6 +185,21 @@ def get_router(model) -> MemberRouter:
 
 
 @contextmanager
+def router_state(model, **changes):
+    """Set attributes of the model's :class:`MemberRouter` inside the block and restore their previous values on exit
+    (also when the block raises): the one mechanism of every routing context below."""
+    router = get_router(model)
+    previous = {name: getattr(router, name) for name in changes}
+    for name, value in changes.items():
+        setattr(router, name, value)
+    try:
+        yield router
+    finally:
+        for name, value in previous.items():
+            setattr(router, name, value)
+
+
+@contextmanager
 def member_routing(
     model, rows_per_member: int | None = None, names: Sequence[str] | None = None, tokens_per_row: int | None = None
 ):
@@ -193,16 +210,12 @@ def member_routing(
     ``tokens_per_row`` T admits layers that see the batch flattened to K blocks of B·T token rows. Outside any
     block the layers are stock PEFT. Keep the backward inside the block under gradient checkpointing.
     """
-    router = get_router(model)
-    previous = router.routing
-    chosen = list(names) if names is not None else (previous.names if previous is not None else router.member_names)
+    previous = get_router(model).routing
+    chosen = list(names) if names is not None else (previous.names if previous is not None else get_router(model).member_names)
     rows = rows_per_member if rows_per_member is not None else (previous.rows_per_member if previous else None)
     tokens = tokens_per_row if tokens_per_row is not None else (previous.tokens_per_row if previous else None)
-    router.routing = Routing(chosen, rows, tokens)
-    try:
+    with router_state(model, routing=Routing(chosen, rows, tokens)) as router:
         yield router.routing
-    finally:
-        router.routing = previous
 
 
 @contextmanager
@@ -211,17 +224,11 @@ def routed_members(model, names: Sequence[str]):
 
     The forward AND its backward must both run inside the block under gradient checkpointing.
     """
-    router = get_router(model)
-    previous = router.routing
-    router.routing = Routing(
-        list(names),
-        previous.rows_per_member if previous is not None else None,
-        previous.tokens_per_row if previous is not None else None,
-    )
-    try:
+    previous = get_router(model).routing
+    rows = previous.rows_per_member if previous is not None else None
+    tokens = previous.tokens_per_row if previous is not None else None
+    with router_state(model, routing=Routing(list(names), rows, tokens)):
         yield
-    finally:
-        router.routing = previous
 
 
 @contextmanager
@@ -233,25 +240,15 @@ def base_model_only(model):
     (``disable_adapter()`` re-freezes every adapter but the active one on exit). Meant for no-grad reference passes
     (DPO's π_ref, one pass for all K members).
     """
-    router = get_router(model)
-    previous = router.base_only, router.trunk_active
-    router.base_only, router.trunk_active = True, False  # the rows are never tiled here
-    try:
+    with router_state(model, base_only=True, trunk_active=False):  # the rows are never tiled here
         yield
-    finally:
-        router.base_only, router.trunk_active = previous
 
 
 @contextmanager
 def router_disabled(model):
     """Plain PEFT behaviour (the active adapter only) inside the block, also within an enclosing routing block."""
-    router = get_router(model)
-    previous = router.routing, router.trunk_active
-    router.routing, router.trunk_active = None, False
-    try:
+    with router_state(model, routing=None, trunk_active=False):
         yield
-    finally:
-        router.routing, router.trunk_active = previous
 
 
 def member_layers(model):

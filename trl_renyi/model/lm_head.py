@@ -171,13 +171,18 @@ def supports_completion_head(model) -> bool:
     return isinstance(head, torch.nn.Linear) and head.bias is None
 
 
+def has_completion_head(model) -> bool:
+    """Whether :func:`add_completion_lm_head` patched ``model`` (the base model under the adapters)."""
+    return bool(getattr(model, "_renyi_completion_head", False))
+
+
 def add_completion_lm_head(model) -> bool:
     """Patch ``model.forward`` so that ``model(..., labels=labels, completion_head=True)`` returns a
     ``FusedCausalLMOutput`` computed by the completion-only chunked head. Other calls are unchanged.
 
     Returns ``False`` (and patches nothing) when the model's logits are not a plain linear head. Idempotent.
     """
-    if getattr(model, "_renyi_completion_head", False):
+    if has_completion_head(model):
         return True
     if not supports_completion_head(model):
         return False

@@ -14,21 +14,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from trl_renyi.data.loading import looks_like_hub_id
 from trl_renyi.model.layer import MEMBER_PREFIX, member_names
 from trl_renyi.model.loading import canonical_name, model_name_or_path
-from trl_renyi.objective import check_alpha, check_floor, check_num_members, check_warmup_ratio
+from trl_renyi.objective import (
+    check_alpha,
+    check_floor,
+    check_num_members,
+    check_warmup_ratio,
+)
 from trl_renyi.objective import check_member_weights as check_mixture_weights
+from trl_renyi.paths import did_you_mean
 from trl_renyi.version import __version__
 
 # ---------------------------------------------------------------------------------------------------- names
@@ -365,12 +372,9 @@ def resolve_ensemble_folder(path: str | os.PathLike, revision: str | None = None
         return folder
     if folder.exists():
         raise NotADirectoryError(f"{folder} is a file; an ensemble is a folder holding {METADATA_FILE}.")
-    from trl_renyi.data.loading import looks_like_hub_id
 
     text = str(path)
     if "/" in text and looks_like_hub_id(text) and not text.startswith("~") and not Path(text.split("/")[0]).is_dir():
-        from huggingface_hub import snapshot_download
-
         try:
             return Path(snapshot_download(text, revision=revision))
         except Exception as err:
@@ -378,7 +382,6 @@ def resolve_ensemble_folder(path: str | os.PathLike, revision: str | None = None
                 f"{text!r} is no local folder, and the Hub repository {text!r} could not be fetched "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
             ) from None
-    from trl_renyi.paths import did_you_mean
 
     hint = did_you_mean(folder, folders_only=True)
     raise FileNotFoundError(f"Ensemble folder {str(folder)!r} does not exist.{hint}")

@@ -30,7 +30,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from trl_renyi.atomic import fsync_tree, replace_folder
-from trl_renyi.model.loading import hub_id, is_embedded, loaded_vocab_size, model_name_or_path
+from trl_renyi.model.loading import (
+    hub_id,
+    is_embedded,
+    loaded_vocab_size,
+    model_name_or_path,
+)
 from trl_renyi.model.saved_format import (
     ADAPTER_WEIGHTS,
     CARD_FILE,

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from peft import PeftModel
 
-from trl_renyi.model.layer import MemberBatchedLayer, get_router
+from trl_renyi.model.layer import MemberBatchedLayer, get_router, router_state
 from trl_renyi.model.members import tile_rows
 
 logger = logging.getLogger(__name__)
@@ -98,10 +98,5 @@ def enable_shared_trunk(model: PeftModel) -> int | None:
 def shared_trunk(model, active: bool = True):
     """Inside the block, forwards take the untiled batch and tile at the first adapted layer (see
     :func:`enable_shared_trunk`). Keep the backward inside the block when gradient checkpointing is on."""
-    router = get_router(model)
-    previous = router.trunk_active
-    router.trunk_active = active and router.trunk_layer is not None
-    try:
+    with router_state(model, trunk_active=active and get_router(model).trunk_layer is not None):
         yield
-    finally:
-        router.trunk_active = previous

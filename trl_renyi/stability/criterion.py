@@ -56,7 +56,10 @@ every vote's outcome from the fitted model (exactly, for choices; from held-out 
 (the bulk edge) should spread, the bulk should not: :math:`1 - \frac{1}{(1-\varphi)\lambda_0} \le \alpha <
 1 - \frac{1}{(1-\varphi)\lambda_1}`. The recommendation is the geometric middle of that window,
 :math:`(1-\varphi)(1-\alpha) = 1/\sqrt{\lambda_1\lambda_0}`, so the top direction is favoured and the bulk edge
-disfavoured by the same factor :math:`\sqrt{\lambda_1/\lambda_0}`. When nothing clears the null, α = 1.
+disfavoured by the same factor :math:`\sqrt{\lambda_1/\lambda_0}`. When nothing clears the null, α = 1. The edge is
+never taken below 1 (:func:`bulk_edge`): where each unit averages many votes the null shrinks like 1/n, yet a direction
+with λ ≤ 1 carries no more than one vote's worth of information per unit and spreading along it only makes label
+specialists.
 """
 
 from __future__ import annotations
@@ -126,28 +129,31 @@ class GradientTable:
 
     @property
     def num_units(self) -> int:
+        """U, the number of units (columns of the gradient table)."""
         return len(self.unit_names) if self.unit_names else (int(self.group_unit.max()) + 1 if self.group_unit.numel() else 0)
 
     @property
     def num_votes(self) -> int:
+        """The number of votes (scored rows) the units gather."""
         return int(self.observed_count.sum())
 
     @property
     def dim(self) -> int:
+        """The dimension of the (sketched) LoRA gradient."""
         return int(self.vectors.shape[1])
 
     def fisher(self, dtype=torch.float64) -> torch.Tensor:
-        """``(D, D)`` :math:`G = \sum_m \omega_m f_m f_m^\top`."""
+        r"""``(D, D)`` :math:`G = \sum_m \omega_m f_m f_m^\top`."""
         keep = self.fisher_weights > 0
         f = self.vectors[keep].to(dtype)
         return (f.T * self.fisher_weights[keep].to(dtype)) @ f
 
     def total_vote_weight(self) -> float:
-        """:math:`\sum_v w_v n_v`, the data's total weight (the scale of the Fisher)."""
+        r""":math:`\sum_v w_v n_v`, the data's total weight (the scale of the Fisher)."""
         return float((self.group_weight * self.observed_count.sum(1).to(self.group_weight.dtype)).sum())
 
     def unit_matrix(self, columns: torch.Tensor, index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """``(D', U)``: :math:`\sum_{v\in u} w_v \sum_a n_{va}\, c_{i_{va}}` for per-outcome columns ``columns``
+        r"""``(D', U)``: :math:`\sum_{v\in u} w_v \sum_a n_{va}\, c_{i_{va}}` for per-outcome columns ``columns``
         ``(D', M)``, outcome indices ``index`` ``(V, A)`` (−1: none) and counts ``counts`` ``(V, A)``: one product with
         the ``(M, U)`` matrix of each outcome's total weight in each unit."""
         scale = (counts.to(columns.dtype) * self.group_weight.to(columns.dtype)[:, None]).masked_fill(index < 0, 0.0)
@@ -205,6 +211,7 @@ class Spectrum:
     stationarity: float = 0.0
 
     def null_quantile(self, level: float) -> float:
+        """The ``level`` quantile of λ₁ over the null draws (labels permuted within items)."""
         if not self.null_top:
             return math.nan
         return float(torch.quantile(torch.tensor(self.null_top, dtype=torch.float64), level))
@@ -246,7 +253,7 @@ STATIONARY = 1e-3
 
 
 def stationarity(columns: torch.Tensor) -> float:
-    """:math:`\lVert\sum_u c_u\rVert^2 / (U \sum_u \lVert c_u\rVert^2)` for columns ``(D, U)``: 0 when they sum
+    r""":math:`\lVert\sum_u c_u\rVert^2 / (U \sum_u \lVert c_u\rVert^2)` for columns ``(D, U)``: 0 when they sum
     to zero, 1 when they are all equal."""
     total = columns.sum(1)
     return float(total @ total) / max(columns.shape[1] * float((columns * columns).sum()), 1e-300)
@@ -332,10 +339,25 @@ def spread_is_favourable(alpha: float, eigenvalue: float, floor: float = 0.0) ->
     return (1.0 - floor) * (1.0 - alpha) * eigenvalue > 1.0
 
 
+#: the bulk edge is never taken below this: λ ≈ 1 is what a unit of one vote drawn from the fitted model gives
+#: (information equality), a direction a single model serves
+INFORMATION_EDGE = 1.0
+
+
+def bulk_edge(null_edge: float) -> float:
+    r""":math:`\lambda_0 = \max(\text{null quantile}, 1)`. The null's quantile measures sampling noise; where units
+    average many votes (a group's distribution weighing one vote) that noise shrinks like 1/n and the quantile falls
+    far below 1, but a direction with λ ≤ 1 still carries no more than one vote's worth of information per unit (the
+    aleatoric case: spreading along it makes label specialists), so it is never favoured."""
+    return max(float(null_edge), INFORMATION_EDGE)
+
+
 def recommend_alpha(top: float, null_edge: float, floor: float = 0.0) -> float | None:
-    r"""The α at the geometric middle of the window where the top direction spreads and the null's bulk edge does not,
-    :math:`(1-\varphi)(1-\alpha) = 1/\sqrt{\lambda_1\lambda_0}`; ``None`` when :math:`\lambda_1 \le \lambda_0` (nothing
-    clears the null: keep α = 1)."""
-    if not (top > null_edge > 0):
+    r"""The α at the geometric middle of the window where the top direction spreads and the bulk edge
+    :math:`\lambda_0` (:func:`bulk_edge` of the null's quantile) does not,
+    :math:`(1-\varphi)(1-\alpha) = 1/\sqrt{\lambda_1\lambda_0}`; ``None`` when :math:`\lambda_1 \le \lambda_0`
+    (nothing clears the bulk: keep α = 1)."""
+    edge = bulk_edge(null_edge)
+    if not top > edge:
         return None
-    return 1.0 - 1.0 / ((1.0 - floor) * math.sqrt(top * null_edge))
+    return 1.0 - 1.0 / ((1.0 - floor) * math.sqrt(top * edge))

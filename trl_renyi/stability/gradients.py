@@ -23,11 +23,16 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
+from trl_renyi.compat import disable_gradient_checkpointing, quiet_checkpointing_alias
 from trl_renyi.model.layer import base_model_only, member_routing
 from trl_renyi.model.lm_head import supports_completion_head
 from trl_renyi.model.modes import eval_mode, is_activation_checkpointing
 from trl_renyi.model.per_example import LoraGradientCapture, adapter_requires_grad
-from trl_renyi.model.shared_prompt import attention_implementation, pack_shared_prompts, shared_prompt_refusal
+from trl_renyi.model.shared_prompt import (
+    attention_implementation,
+    pack_shared_prompts,
+    shared_prompt_refusal,
+)
 from trl_renyi.stability.criterion import GradientTable
 from trl_renyi.stability.votes import ChoiceVotes, PairVotes, SequenceVotes
 
@@ -54,8 +59,6 @@ def active_adapter(model, adapter: str | None) -> str:
 def measuring(model, adapter: str, checkpointing_kwargs: dict | None = None):
     """The model as one adapter, in evaluation mode, without gradient checkpointing (switched on again afterwards with
     ``checkpointing_kwargs``, e.g. the trainer's ``gradient_checkpointing_kwargs``), its weights requiring gradients."""
-    from trl_renyi.compat import disable_gradient_checkpointing, quiet_checkpointing_alias
-
     router = _router(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     with ExitStack() as stack:

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from trl_renyi.stability.criterion import NULL_QUANTILES, Spectrum, critical_alpha, recommend_alpha
+import matplotlib
+import matplotlib.pyplot as plt
+
+from trl_renyi.stability.criterion import (
+    NULL_QUANTILES,
+    Spectrum,
+    bulk_edge,
+    critical_alpha,
+    recommend_alpha,
+)
 
 
 @dataclass
@@ -24,12 +33,13 @@ class StabilityReport:
         eigenvalues: top generalised eigenvalues λ_1 ≥ λ_2 ≥ … of F v = λ (G + δI) v.
         null_top: the null's top eigenvalue in every draw; ``null_quantiles`` its quantiles;
             ``null_spectrum_mean`` its mean top eigenvalues (for the plot).
-        null_level: the quantile λ_1 must clear; ``null_edge`` its value λ_0.
+        null_level: the quantile λ_1 must clear; ``null_edge`` its value; ``bulk_edge`` λ_0 = max(null_edge, 1), the
+            edge of the directions not to spread along (:func:`~trl_renyi.stability.criterion.bulk_edge`).
         floor: the responsibility floor φ the α values account for.
         alpha_critical: 1 − 1/λ_1 (no floor); ``alpha_critical_floor``: 1 − 1/((1−φ)λ_1);
             ``alpha_bulk``: 1 − 1/((1−φ)λ_0), below which the bulk spreads too.
-        significant: λ_1 > λ_0; ``num_significant``: how many eigenvalues clear λ_0.
-        recommended_alpha: the geometric middle of [α_bulk, α*_floor) when significant, else 1; ``reason`` says why.
+        significant: λ_1 clears the null (λ_1 > null_edge); ``num_significant``: how many eigenvalues clear λ_0.
+        recommended_alpha: the geometric middle of [α_bulk, α*_floor) when λ_1 > λ_0, else 1; ``reason`` says why.
         unit_names: the units; ``scores``: per top direction, every unit's split score g_uᵀv_j.
         stationarity: how far the fit is from stationary, ‖Σ_u ĝ_u‖² / (U Σ_u ‖ĝ_u‖²) in the whitened metric (0 at a
             fit, 1 when every unit pulls the same way); above 1e-3 the spread directions are taken orthogonal to the
@@ -51,6 +61,7 @@ class StabilityReport:
     null_spectrum_mean: list[float]
     null_level: float
     null_edge: float
+    bulk_edge: float
     floor: float
     alpha_critical: float
     alpha_critical_floor: float
@@ -66,24 +77,13 @@ class StabilityReport:
 
     @property
     def lambda1(self) -> float:
+        """λ₁, the top generalized eigenvalue."""
         return self.eigenvalues[0] if self.eigenvalues else 0.0
 
     @classmethod
     def from_spectrum(cls, spectrum: Spectrum, table, *, kind, unit, floor, damping, null_level, seconds=0.0):
-        top = spectrum.eigenvalues[0] if spectrum.eigenvalues else 0.0
+        """The report for a measured spectrum and the gradient table it came from."""
         edge = spectrum.null_quantile(null_level)
-        recommended = recommend_alpha(top, edge, floor) if math.isfinite(edge) else None
-        if recommended is None:
-            reason = (
-                f"λ1 = {top:.3g} does not clear the null's {null_level:.0%} quantile {edge:.3g}: no direction in which a "
-                "spread ensemble beats a collapsed one beyond what data drawn from the fitted model gives; keep α = 1"
-            )
-        else:
-            reason = (
-                f"λ1 = {top:.3g} clears the null's {null_level:.0%} quantile {edge:.3g}: α = {recommended:.3f} spreads the "
-                f"members along the {sum(v > edge for v in spectrum.eigenvalues)} direction(s) above the null and not "
-                "along the bulk"
-            )
         return cls(
             kind=kind,
             unit=unit,
@@ -98,20 +98,18 @@ class StabilityReport:
             null_quantiles={f"{q:g}": spectrum.null_quantile(q) for q in NULL_QUANTILES},
             null_spectrum_mean=spectrum.null_spectra.mean(0).tolist() if len(spectrum.null_spectra) else [],
             null_level=float(null_level),
-            null_edge=edge,
             floor=float(floor),
-            alpha_critical=critical_alpha(top),
-            alpha_critical_floor=critical_alpha(top, floor),
-            alpha_bulk=critical_alpha(edge, floor) if math.isfinite(edge) else math.nan,
-            significant=recommended is not None,
-            num_significant=sum(v > edge for v in spectrum.eigenvalues) if math.isfinite(edge) else 0,
-            recommended_alpha=1.0 if recommended is None else recommended,
-            reason=reason,
+            **decision(list(spectrum.eigenvalues), edge, float(floor), float(null_level)),
             unit_names=[_name(u) for u in table.unit_names],
             scores=spectrum.scores.tolist(),
             stationarity=spectrum.stationarity,
             seconds=float(seconds),
         )
+
+    def rederived(self) -> StabilityReport:
+        """The same measurement with its decision (edges, α values, recommendation) recomputed from the stored
+        spectrum and null by the current rule: a report saved by an earlier version, read the way this one reads."""
+        return replace(self, **decision(self.eigenvalues, self.null_edge, self.floor, self.null_level))
 
     def top_units(self, direction: int = 0, count: int = 5) -> tuple[list, list]:
         """``(positive side, negative side)``: the units with the largest and smallest split scores on a direction,
@@ -144,26 +142,31 @@ class StabilityReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready values."""
         return _finite(asdict(self))
 
     def save(self, path) -> Path:
+        """Write the report as JSON to ``path``; returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
-    def load(cls, path) -> StabilityReport:
-        values = json.loads(Path(path).read_text())
+    def from_dict(cls, values: dict) -> StabilityReport:
+        """The report of :meth:`to_dict`'s values (``None`` back to NaN where a float was not finite)."""
+        values = {"bulk_edge": None, **values}  # reports written before the bulk edge was recorded lack it
         return cls(**{k: (math.nan if v is None and k in _FLOAT_FIELDS else v) for k, v in values.items()})
+
+    @classmethod
+    def load(cls, path) -> StabilityReport:
+        """Read a report written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def plot(self, path, max_named_units: int = 40) -> Path:
         """Two panels: the spectrum against the null (mean and the quantile λ_1 must clear), and the units' split
         scores on the top direction."""
-        import matplotlib
-
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
         ranks = range(1, len(self.eigenvalues) + 1)
@@ -195,7 +198,45 @@ class StabilityReport:
         return path
 
 
-_FLOAT_FIELDS = {"null_edge", "alpha_critical", "alpha_critical_floor", "alpha_bulk"}
+def decision(eigenvalues: list[float], null_edge: float, floor: float, null_level: float) -> dict:
+    """The report's decision fields from the spectrum and the null's quantile λ_1 must clear: ``null_edge``,
+    ``bulk_edge``, the α values, ``significant``, ``num_significant``, ``recommended_alpha`` and its ``reason``."""
+    top = eigenvalues[0] if eigenvalues else 0.0
+    finite = math.isfinite(null_edge)
+    bulk = bulk_edge(null_edge) if finite else math.nan
+    recommended = recommend_alpha(top, null_edge, floor) if finite else None
+    above = sum(v > bulk for v in eigenvalues) if finite else 0
+    if recommended is None and not top > null_edge:
+        reason = (
+            f"λ1 = {top:.3g} does not clear the null's {null_level:.0%} quantile {null_edge:.3g}: no direction in which "
+            "a spread ensemble beats a collapsed one beyond what data drawn from the fitted model gives; keep α = 1"
+        )
+    elif recommended is None:
+        reason = (
+            f"λ1 = {top:.3g} clears the null's {null_level:.0%} quantile {null_edge:.3g} but not 1: a real but weak "
+            "direction, no more than one vote's worth of information per unit (spreading along it makes label "
+            "specialists); keep α = 1"
+        )
+    else:
+        reason = (
+            f"λ1 = {top:.3g} clears the bulk edge {bulk:.3g} (the null's {null_level:.0%} quantile {null_edge:.3g}, at "
+            f"least 1): α = {recommended:.3f} spreads the members along the {above} direction(s) above it and not "
+            "along the bulk"
+        )
+    return {
+        "null_edge": null_edge,
+        "bulk_edge": bulk,
+        "alpha_critical": critical_alpha(top),
+        "alpha_critical_floor": critical_alpha(top, floor),
+        "alpha_bulk": critical_alpha(bulk, floor) if finite else math.nan,
+        "significant": bool(top > null_edge),
+        "num_significant": above,
+        "recommended_alpha": 1.0 if recommended is None else recommended,
+        "reason": reason,
+    }
+
+
+_FLOAT_FIELDS = {"null_edge", "bulk_edge", "alpha_critical", "alpha_critical_floor", "alpha_bulk"}
 
 
 def _name(unit) -> str:

@@ -17,10 +17,16 @@ A unit is a row, a completion of a multi-annotator row, a pair, or every vote of
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from trl_renyi.data.multi_completion import GROUPED_COLUMNS, GROUPED_SOURCES, SOURCE_ID_COLUMN, WEIGHT_COLUMN
+from trl_renyi.data.multi_completion import (
+    GROUPED_COLUMNS,
+    GROUPED_SOURCES,
+    SOURCE_ID_COLUMN,
+    WEIGHT_COLUMN,
+)
 
 #: the units the criterion can be measured over
 UNITS = ("row", "completion", "source")
@@ -245,8 +251,6 @@ def _unit_key(unit: str, row: dict, row_index, vote_index: int, source_key: str)
 
 def subsample_units(votes, max_units: int | None, seed: int = 0):
     """The votes of at most ``max_units`` units drawn at random (all when ``None`` or fewer)."""
-    import random
-
     num_units = len(votes.unit_names)
     if max_units is None or num_units <= max_units:
         return votes

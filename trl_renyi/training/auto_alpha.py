@@ -30,9 +30,12 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from accelerate.utils import broadcast_object_list
+from datasets import Dataset, IterableDataset
 from transformers import TrainerCallback
 
 from trl_renyi.objective import AUTO_ALPHA
+from trl_renyi.stability import measure_stability
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +113,6 @@ class AutoAlpha(TrainerCallback):
         if trainer.accelerator.is_main_process:
             resolution = measure(trainer, step)
         if trainer.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
             shared = [resolution.to_dict() if resolution is not None else None]
             broadcast_object_list(shared, from_process=0)
             resolution = AlphaResolution.from_dict(shared[0])
@@ -132,8 +133,6 @@ class AutoAlpha(TrainerCallback):
 
 def measure(trainer, step: int) -> AlphaResolution:
     """The criterion on a sample of the trainer's training units, at member 0 (see the module docstring)."""
-    from trl_renyi.stability import measure_stability
-
     args = trainer.args
     if args.num_members == 1:
         return AlphaResolution(1.0, step, None, None, None, False, 0, 0.0, "one member: α has no effect")
@@ -162,8 +161,6 @@ def measure(trainer, step: int) -> AlphaResolution:
 
 def sample_rows(dataset, count: int, seed: int):
     """At most ``count`` rows of ``dataset`` drawn at random (a ``Dataset``; an ``IterableDataset``'s first rows)."""
-    from datasets import Dataset, IterableDataset
-
     if isinstance(dataset, IterableDataset):
         return Dataset.from_list(list(dataset.take(count)))
     if len(dataset) <= count:

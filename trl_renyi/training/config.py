@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import textwrap
-
-import torch
 from dataclasses import dataclass, field
 
+import torch
 from trl import DPOConfig, SFTConfig
 
 from trl_renyi.model.saved_format import SETTINGS_FIELDS

@@ -17,7 +17,12 @@ from transformers import TrainingArguments, set_seed
 
 from trl_renyi.compat import create_model_from_path
 from trl_renyi.data.formats import prepare_training_datasets
-from trl_renyi.model.loading import is_embedded, load_causal_lm, load_tokenizer, with_quantization_config
+from trl_renyi.model.loading import (
+    is_embedded,
+    load_causal_lm,
+    load_tokenizer,
+    with_quantization_config,
+)
 from trl_renyi.model.members import attach_ensemble, build_ensemble
 from trl_renyi.model.shared_prompt import shared_prompt_refusal
 from trl_renyi.training.config import RenyiEnsembleArguments

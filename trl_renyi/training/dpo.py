@@ -20,6 +20,7 @@ The loss is :math:`-\sum_i J_i(\alpha) / N_\text{pairs}`, so K = 1 equals DPOTra
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import NamedTuple
 
@@ -37,13 +38,25 @@ from trl_renyi.compat import (
 from trl_renyi.model.layer import get_router
 from trl_renyi.model.modes import eval_mode
 from trl_renyi.model.saved_format import PREFERENCE_FIELD
-from trl_renyi.model.shared_prompt import attention_implementation, pack_preference_pairs
-from trl_renyi.preference import LIKELIHOOD_LOSS_TYPES, PreferenceLikelihood, pair_log_likelihood
+from trl_renyi.model.shared_prompt import (
+    attention_implementation,
+    pack_preference_pairs,
+)
+from trl_renyi.preference import (
+    LIKELIHOOD_LOSS_TYPES,
+    PreferenceLikelihood,
+    pair_log_likelihood,
+)
 from trl_renyi.stability.votes import pair_votes
 from trl_renyi.training.auto_alpha import sample_rows
 from trl_renyi.training.config import RenyiDPOConfig
-from trl_renyi.training.construction import construct_ensemble, model_init_kwargs_spent, resolve_share_prompt
+from trl_renyi.training.construction import (
+    construct_ensemble,
+    model_init_kwargs_spent,
+    resolve_share_prompt,
+)
 from trl_renyi.training.datasets import report_dropped_examples
+from trl_renyi.training.forward import base_forward, member_forward
 from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin
 from trl_renyi.training.step import PreferenceLogLik
 
@@ -214,7 +227,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
             if self.ref_model is not None:
                 log_probs = self.ref_model(**kwargs, fused_lm_head=True).log_probs
             else:
-                log_probs = self._completion_outputs(model, inputs, self.base_forward, 1).log_probs
+                log_probs = self._completion_outputs(model, inputs, base_forward, 1).log_probs
         return self.likelihood.sequence_logps(log_probs, inputs["completion_mask"]).chunk(2, dim=0)
 
     def _reference_logps(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,22 +249,17 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         r"""The α-Rényi loss of one batch of pairs, in order: the routed members' ℓ_ik (:meth:`member_loglik`: one
         member-batched forward of the chosen and rejected rows, each member's margin against the base model's
-        reference, minus TRL's per-pair loss), then inside a step run in member chunks the chunk's share
-        (:meth:`chunk_loss`), else :math:`-\frac1N \sum_i J_i` at the α in force plus TRL's MoE term
-        (:meth:`ensemble_loss`), and TRL's DPO metrics. With K = 1 it is ``DPOTrainer``'s loss, for every α."""
-        self.refuse_outputs(
-            return_outputs, "evaluate without compute_metrics, and use score_pairs() or RenyiEnsemble.score for per-member scores"
-        )
-        mode = self.loss_mode
+        reference, minus TRL's per-pair loss), then :math:`-\frac1N \sum_i J_i` at the α in force plus TRL's MoE term
+        (:meth:`ensemble_loss`; inside a step run in member chunks, the chunk's share), and TRL's DPO metrics. With
+        K = 1 it is ``DPOTrainer``'s loss, for every α."""
+        if return_outputs:  # there are K sets of logits
+            raise ValueError("RenyiDPOTrainer does not return logits from compute_loss; evaluate without "
+                             "compute_metrics, and use score_pairs() or RenyiEnsemble.score for per-member scores.")  # fmt: skip
+        mode = "train" if self.model.training else "eval"
         step = self.member_loglik(model, inputs)
-        chunk = self.current_chunk
-        if chunk is not None:
-            loss = self.chunk_loss(step)
-            if chunk.complete:
-                self.log_metrics(chunk.steps, inputs, mode)
-            return loss
-        loss = self.ensemble_loss(step, mode)
-        self.log_metrics([step], inputs, mode)
+        loss, measured = self.ensemble_loss(step, mode)
+        if measured:
+            self.record_metrics(measured, inputs, mode)
         return loss
 
     def member_loglik(self, model, inputs: dict) -> PreferenceLogLik:
@@ -260,7 +268,9 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
         (:attr:`likelihood`), with TRL's normaliser (the pairs, times the loss weight)."""
         ref_chosen, ref_rejected = self._reference_logps(inputs)
         num_members = get_router(self.accelerator.unwrap_model(model)).num_members
-        outputs = self._completion_outputs(model, inputs, self.member_forward, num_members)
+        outputs = self._completion_outputs(
+            model, inputs, functools.partial(member_forward, router_logits=self.aux_loss_enabled), num_members
+        )
         rows = inputs["input_ids"].shape[0]
         likelihood = self.likelihood
         per_token = outputs.log_probs.reshape(num_members, rows, -1)
@@ -281,7 +291,7 @@ class RenyiDPOTrainer(RenyiEnsembleTrainerMixin, DPOTrainer):
             rejected_logps=rejected_logps.detach().T,
         )
 
-    def log_metrics(self, steps: list[PreferenceLogLik], inputs: dict, mode: str) -> None:
+    def record_metrics(self, steps: list[PreferenceLogLik], inputs: dict, mode: str) -> None:
         """TRL's DPO metrics for the ensemble (rewards of the π-weighted member mean), the same per member under
         ``renyi/member_k/``, TRL's token metrics (entropy, chosen-token accuracy) over all members' rows, and TRL's
         MoE ``aux_loss``; from one or several (chunked) forwards."""

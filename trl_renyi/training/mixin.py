@@ -1,13 +1,14 @@
 """What RenyiSFTTrainer and RenyiDPOTrainer share after their construction: the step and the parts of the loss.
 
-Each trainer owns its ``compute_loss`` (as TRL's trainers do), which reads top to bottom and calls the shared parts
-defined here downward: :meth:`~RenyiEnsembleTrainerMixin.member_forward` (one member-batched forward of the routed
-members), :meth:`~RenyiEnsembleTrainerMixin.ensemble_loss` (the α-Rényi bound at the α in force, TRL's normaliser
-carried by the step, TRL's MoE term), :meth:`~RenyiEnsembleTrainerMixin.chunk_loss` (inside a step run in member
-chunks) and the routing metrics. Nothing here calls back into a trainer but through ``compute_loss``, the Trainer's own
-entry point, which the chunked step drives as transformers' ``training_step`` does. Each step owns a
-:class:`~trl_renyi.training.step.StepScope` for the values it computes once. Saving, loading and publishing are
-inherited from :class:`~trl_renyi.training.persistence.EnsemblePersistenceMixin`.
+Each trainer owns its ``compute_loss`` (as TRL's trainers do), which reads top to bottom and calls downward: the
+member-batched forward (:func:`~trl_renyi.training.forward.member_forward`, a function), then the parts defined here,
+:meth:`~RenyiEnsembleTrainerMixin.ensemble_loss` (the α-Rényi bound at the α in force, TRL's normaliser carried by the
+step, TRL's MoE term) or, inside a step run in member chunks, :meth:`~RenyiEnsembleTrainerMixin.chunk_loss`, and the
+routing metrics. Nothing here calls a trainer's method but ``compute_loss``, the Trainer's own entry point, which the
+chunked step drives as transformers' ``training_step`` does; the one value a trainer hands down is its normaliser,
+carried by the step record. Each step owns a :class:`~trl_renyi.training.step.StepScope` for the values it computes
+once. Saving, loading and publishing are inherited from
+:class:`~trl_renyi.training.persistence.EnsemblePersistenceMixin`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ import torch
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from trl_renyi.compat import trainer_metrics
-from trl_renyi.model.layer import base_model_only, get_router, member_names, member_routing, routed_members
+from trl_renyi.model.layer import (
+    get_router,
+    member_names,
+    member_routing,
+    routed_members,
+)
 from trl_renyi.model.lm_head import add_completion_lm_head
 from trl_renyi.model.loading import check_vocabulary
-from trl_renyi.model.members import register_members_with_zero3, set_members_trainable, tile_for_members
-from trl_renyi.model.modes import is_activation_checkpointing
+from trl_renyi.model.members import (
+    register_members_with_zero3,
+    set_members_trainable,
+)
 from trl_renyi.model.saved_format import ALPHA_METRIC
-from trl_renyi.model.shared_prompt import model_inputs_only
 from trl_renyi.model.trunk import enable_shared_trunk
 from trl_renyi.objective import AUTO_ALPHA, RenyiBound
 from trl_renyi.training.auto_alpha import AutoAlpha
@@ -52,13 +59,14 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
         peft_model = self.accelerator.unwrap_model(self.model)
         check_vocabulary(peft_model, self.processing_class)  # before a token id past the embeddings fails a step
         set_members_trainable(peft_model, self.member_names)
-        self._completion_head = add_completion_lm_head(peft_model.get_base_model())
+        add_completion_lm_head(peft_model.get_base_model())
         self.shared_trunk_layer = enable_shared_trunk(peft_model) if self.args.shared_trunk else None
         if is_deepspeed_zero3_enabled():
             register_members_with_zero3(peft_model, self.member_names)
 
     @property
     def num_members(self) -> int:
+        """K, the number of ensemble members."""
         return self.args.num_members
 
     @property
@@ -82,13 +90,12 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
         and a fresh :class:`StepScope` holds what the step computes once. The trainer's steps hold it around their
         forward and backward; on exit the scope is dropped and the shared trunk switched off again."""
         peft_model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        router = get_router(peft_model)
         outer, self._scope = self._scope, self._scope or StepScope()
         try:
             with member_routing(peft_model):
                 yield
         finally:
-            router.trunk_active = False
+            get_router(peft_model).trunk_active = False  # set by the member forward for the step's backward
             self._scope = outer
 
     def _once(self, name: str, batch, compute):
@@ -160,73 +167,22 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
         return total
 
     # ------------------------------------------------------------------ the shared parts of compute_loss
-    @property
-    def loss_mode(self) -> str:
-        """``"train"`` or ``"eval"``: where the metrics of this forward go."""
-        return "train" if self.model.training else "eval"
+    def ensemble_loss(self, step: MemberLogLik, mode: str) -> tuple[torch.Tensor, list[MemberLogLik]]:
+        r"""The batch's loss from its ℓ_ik, and the forwards whose metrics are now due.
 
-    def refuse_outputs(self, return_outputs: bool, hint: str) -> None:
-        """The ensemble's ``compute_loss`` returns no logits (there are K sets); ``hint`` names the scoring API."""
-        if return_outputs:
-            raise ValueError(f"{type(self).__name__} does not return logits from compute_loss; {hint}.")
-
-    def member_forward(self, model, inputs: dict):
-        """One member-batched forward of ``inputs`` (B rows) through the routed members (all K, or a chunk).
-
-        ``inputs`` must hold ``labels`` (-100 where no log-prob is needed). Uses the completion-only chunked head of
-        :mod:`trl_renyi.model.lm_head` when the model allows it (TRL's fused head otherwise) and returns a
-        ``FusedCausalLMOutput`` for the K·B tiled rows: ``log_probs`` ``(K·B, T−1)``, rows ``k·B … (k+1)·B − 1``
-        belonging to the k-th routed member. With a shared trunk the model receives the untiled batch and tiles at
-        the first adapted layer; only the labels are tiled here.
-        """
-        inputs = model_inputs_only(inputs)
-        peft_model = self.accelerator.unwrap_model(model)
-        router = get_router(peft_model)
-        if router.routing is None:  # called outside a training or prediction step
-            if torch.is_grad_enabled() and is_activation_checkpointing(peft_model):
-                raise RuntimeError(
-                    "member_forward with gradients under gradient checkpointing must run inside "
-                    "`trainer.member_routing(model)` together with its backward (the backward recomputes the forward); "
-                    "training_step and prediction_step open it themselves."
-                )
-            with self.member_routing(model):
-                return self.member_forward(model, inputs)
-        copies = router.num_members
-        router.routing.rows_per_member, router.routing.tokens_per_row = inputs["input_ids"].shape[:2]
-        # the trunk state stays set until the step's backward is done (gradient checkpointing recomputes with it)
-        router.trunk_active = router.trunk_layer is not None and "cu_seq_lens_q" not in inputs
-        if router.trunk_active:
-            tiled = {**inputs, "labels": tile_for_members({"labels": inputs["labels"]}, copies)["labels"]}
-        else:
-            tiled = tile_for_members(inputs, copies)
-        tiled["use_cache"] = False
-        if getattr(self, "aux_loss_enabled", False):  # TRL's switch: MoE models return their router logits
-            tiled["output_router_logits"] = True
-        if getattr(self, "_completion_head", False):
-            return model(**tiled, completion_head=True, num_members=copies)
-        return model(**tiled, fused_lm_head=True)
-
-    def base_forward(self, model, inputs: dict):
-        """One forward of the frozen base model alone over the untiled ``inputs`` (B rows), with the LM head that
-        :meth:`member_forward` uses: every member's delta is skipped (:func:`~trl_renyi.model.layer.base_model_only`),
-        with no ``requires_grad`` or active-adapter change. E.g. DPO's reference π_ref, one pass for all K members.
-        Call it under ``torch.no_grad()``. Returns a ``FusedCausalLMOutput`` with ``log_probs`` ``(B, T−1)``.
-        """
-        inputs = {**model_inputs_only(inputs), "use_cache": False}
-        with base_model_only(self.accelerator.unwrap_model(model)):
-            if getattr(self, "_completion_head", False):
-                return model(**inputs, completion_head=True, num_members=1)
-            return model(**inputs, fused_lm_head=True)
-
-    def ensemble_loss(self, step: MemberLogLik, mode: str) -> torch.Tensor:
-        r"""The batch's loss from its ℓ_ik: :math:`-\sum_i w_i J_i` at the α in force (:meth:`renyi_objective`; over
-        sources, :math:`-\sum_s J_s`, with ``source_column``), normalised as the trainer's step says
-        (``step.normalise``: TRL's own, so K = 1 is TRL's loss for every α), plus TRL's MoE load-balancing term."""
+        The loss is :math:`-\sum_i w_i J_i` at the α in force (:meth:`renyi_objective`; over sources,
+        :math:`-\sum_s J_s`, with ``source_column``), normalised as the trainer's step says (``step.normalise``:
+        TRL's own, so K = 1 is TRL's loss for every α), plus TRL's MoE load-balancing term; the metrics are due for
+        this forward. Inside a step run in member chunks it is the chunk's share (:meth:`chunk_loss`), and the metrics
+        are due for every chunk's forward once the last is done (none before)."""
+        chunk = self.current_chunk
+        if chunk is not None:
+            return self.chunk_loss(step), (chunk.steps if chunk.complete else [])
         if step.source_ids is not None:
             bound_sum = self.source_objective(step, mode).value.sum()
         else:
             bound_sum = step.weighted_sum(self.renyi_objective(step.loglik, mode, per_token=step.num_tokens).value)
-        return self.with_router_aux_loss(step.normalise(-bound_sum), step)
+        return self.with_router_aux_loss(step.normalise(-bound_sum), step), [step]
 
     def chunk_loss(self, step: MemberLogLik) -> torch.Tensor:
         """``compute_loss`` inside a step run in member chunks (:meth:`_chunked_training_step`): while scoring, the

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from trl_renyi.hub import model_card, require_hub_access, write_model_card
 from trl_renyi.inference.ensemble import RenyiEnsemble
 from trl_renyi.model.saved_format import (
     ALPHA_METRIC,
@@ -126,7 +127,6 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
         transformers_save = super()._save
         if not self.args.should_save:  # another process: only joins the collectives of a sharded save
             return transformers_save(output_dir, state_dict)
-        from trl_renyi.hub import model_card
 
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
@@ -154,7 +154,6 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
         output_dir = Path(self.args.output_dir)
         if not self.is_world_process_zero() or not (output_dir / METADATA_FILE).is_file():
             return
-        from trl_renyi.hub import write_model_card
 
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         write_model_card(
@@ -183,8 +182,6 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
         """Upload as transformers does (it saves to ``args.output_dir`` once the Hub repository exists). When the Hub is
         switched off or the push fails (creating the repository comes before transformers' save), the ensemble is
         saved to ``args.output_dir`` before the error propagates, so the members are never lost with the upload."""
-        from trl_renyi.hub import require_hub_access
-
         try:
             require_hub_access("push_to_hub", saved_in=self.args.output_dir)
             return super().push_to_hub(*args, **kwargs)

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from trl_renyi.data.multi_completion import GROUPED_SOURCES
-from trl_renyi.model.shared_prompt import SharedPromptBatch, pack_shared_prompts, shared_prefix_length
+from trl_renyi.data.multi_completion import GROUPED_SOURCES, WeightedCollator
+from trl_renyi.model.shared_prompt import (
+    SharedPromptBatch,
+    attention_implementation,
+    pack_shared_prompts,
+    shared_prefix_length,
+)
 
 
 def layout_batch(layout: SharedPromptBatch, attention_implementation: str, dtype) -> dict:
@@ -97,9 +102,6 @@ def ensemble_collator(args, collator, model, share_prompt: bool, weighted: bool,
     It is installed after TRL's constructor, not handed to it: TRL refuses any collator of the caller's under
     ``padding_free`` and sets the pad token only when it builds its own.
     """
-    from trl_renyi.data.multi_completion import WeightedCollator
-    from trl_renyi.model.shared_prompt import attention_implementation
-
     if vision or not (weighted or share_prompt):  # vision rows are tokenised by TRL's own collator
         return collator
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

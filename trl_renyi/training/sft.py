@@ -12,9 +12,14 @@ from trl_renyi.model.layer import get_router
 from trl_renyi.stability.votes import answer_choice_votes, sequence_votes
 from trl_renyi.training.auto_alpha import sample_rows
 from trl_renyi.training.config import RenyiSFTConfig
-from trl_renyi.training.construction import construct_ensemble, model_init_kwargs_spent, resolve_share_prompt
-from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin
+from trl_renyi.training.construction import (
+    construct_ensemble,
+    model_init_kwargs_spent,
+    resolve_share_prompt,
+)
 from trl_renyi.training.datasets import report_dropped_examples
+from trl_renyi.training.forward import member_forward
+from trl_renyi.training.mixin import RenyiEnsembleTrainerMixin
 from trl_renyi.training.prompt_sharing import ensemble_collator
 from trl_renyi.training.source_routing import SourceMemory
 from trl_renyi.training.step import MemberLogLik
@@ -126,20 +131,17 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         r"""The α-Rényi loss of one batch, in order: the routed members' ℓ_ik (:meth:`member_loglik`, one
-        member-batched forward; TRL's normaliser N carried with it), then inside a step run in member chunks the
-        chunk's share (:meth:`chunk_loss`), else :math:`-\frac1N \sum_i J_i` at the α in force plus TRL's MoE term
-        (:meth:`ensemble_loss`), and TRL's SFT metrics. With K = 1 it is ``SFTTrainer``'s loss, for every α."""
-        self.refuse_outputs(return_outputs, "use RenyiEnsemble.score for per-member scores")
-        mode = self.loss_mode
+        member-batched forward; TRL's normaliser N carried with it), then :math:`-\frac1N \sum_i J_i` at the α in force plus
+        TRL's MoE term (:meth:`ensemble_loss`; inside a step run in member chunks, the chunk's share), and TRL's SFT
+        metrics. With K = 1 it is ``SFTTrainer``'s loss, for every α."""
+        if return_outputs:  # there are K sets of logits
+            raise ValueError("RenyiSFTTrainer does not return logits from compute_loss; use RenyiEnsemble.score for "
+                             "per-member scores.")  # fmt: skip
+        mode = "train" if self.model.training else "eval"
         step = self.member_loglik(model, inputs, num_items_in_batch)
-        chunk = self.current_chunk
-        if chunk is not None:
-            loss = self.chunk_loss(step)
-            if chunk.complete:
-                self.log_metrics(chunk.steps, inputs, mode)
-            return loss
-        loss = self.ensemble_loss(step, mode)
-        self.log_metrics([step], inputs, mode)
+        loss, measured = self.ensemble_loss(step, mode)
+        if measured:
+            self.record_metrics(measured, inputs, mode)
         return loss
 
     def member_loglik(self, model, inputs: dict, num_items_in_batch=None) -> MemberLogLik:
@@ -147,7 +149,7 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
         each routed member, from one member-batched forward; multi-annotator rows carry their weights; with TRL's
         normaliser (:meth:`normalise`) and MoE averaging."""
         weights = inputs.get("completion_weights")
-        outputs = self.member_forward(model, inputs)
+        outputs = member_forward(model, inputs, router_logits=self.aux_loss_enabled)
         routed = get_router(self.accelerator.unwrap_model(model)).num_members
         loglik, num_tokens = sequence_log_likelihood(
             outputs.log_probs, inputs["labels"], routed, padding_free_segments(inputs)
@@ -187,7 +189,7 @@ class RenyiSFTTrainer(RenyiEnsembleTrainerMixin, SFTTrainer):
             loss = loss / self.current_gradient_accumulation_steps
         return loss
 
-    def log_metrics(self, steps: list[MemberLogLik], inputs, mode: str) -> None:
+    def record_metrics(self, steps: list[MemberLogLik], inputs, mode: str) -> None:
         """TRL's own SFT metrics from one or several (chunked) forwards: entropy, token accuracy over all members'
         tokens, tokens seen, and TRL's MoE ``aux_loss``."""
         self.log_router_aux_loss(steps, mode)
