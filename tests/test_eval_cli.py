@@ -111,10 +111,12 @@ def test_eval_multiple_choice_report_matches_the_api(saved, tmp_path):
     assert len(lines) == 6 and set(json.loads(lines[0])) >= {"id", "labels", "ensemble", "base", "single"}
 
 
-def test_eval_preference_pairs_by_likelihood_and_reward(saved, tmp_path):
+def test_eval_preference_pairs_by_likelihood_and_reward(saved, tmp_path, capsys):
     out = tmp_path / "pref"
     args = ["eval", "--ensemble", str(saved / "ensemble"), "--data", str(saved / "pairs.jsonl"), "--output_dir"]
-    assert cli_main([*args, str(out), "--baselines", "base", "--plots", "false"]) == 0
+    capsys.readouterr()
+    assert cli_main([*args, str(out), "--baselines", "base", "--no_plots"]) == 0
+    assert f"Report and predictions (no plots: --no_plots) written to {out}." in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["format"] == "preference" and report["data"]["num_items"] == 4
     assert set(report["models"]) == {"ensemble", "base"}

@@ -252,7 +252,18 @@ def run_study(tmp_path, data, *flags):
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Quick smoke test: a tiny random model, numbers meaningless." in result.stdout  # says what it is for
     return json.loads((out / "group_conflicts.json").read_text()), out
+
+
+def test_quick_says_in_its_help_that_it_is_a_smoke_test():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / "group_conflicts.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0
+    assert "a smoke test of the pipeline, not a measurement: a tiny random offline model" in " ".join(result.stdout.split())
 
 
 def test_study_quick_two_groups_many_options_with_annotators(tmp_path):

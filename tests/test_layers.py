@@ -12,7 +12,7 @@ LAYERS = [
     {"hub"},
     {"model"},
     {"data"},
-    {"objective", "preference", "compat", "atomic", "paths", "version"},
+    {"objective", "preference", "compat", "atomic", "paths", "run_log", "version"},
 ]
 
 

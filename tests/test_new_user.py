@@ -93,7 +93,7 @@ def test_messages_without_roles_name_the_row_and_column():
     from datasets import Dataset
 
     dataset = Dataset.from_list([{"messages": [{"speaker": "user", "text": "Hi"}]}])
-    with pytest.raises(ValueError, match=r"chat.jsonl, row 0, column 'messages': a message has keys \['speaker', 'text'\]"):
+    with pytest.raises(ValueError, match=r"chat.jsonl, row 0 \(counting from 0\), column 'messages': a message has keys \['speaker', 'text'\]"):
         prepare_training_dataset(dataset, "sft", "chat.jsonl")
 
 
@@ -214,6 +214,8 @@ def test_a_run_prints_no_false_warning_and_reports_the_alpha_in_force(make_model
         assert not [m for m in messages if phrase in m], (phrase, messages)
     summary = [e for e in trainer.state.log_history if "renyi/alpha" in e]
     assert summary and summary[-1]["renyi/alpha"] == -1.0
+    # the seconds per optimizer step are in the log, so a slow (shared) machine shows itself
+    assert 0 < summary[-1]["step_seconds"] < 60
 
 
 def test_the_config_docstring_lists_the_ensemble_fields():
@@ -286,11 +288,11 @@ def one_error_line(lines, command):
 @pytest.mark.parametrize(
     ("rows", "expected"),
     [
-        ([{"prompt": "p", "completion": "c"}, {"prompt": "q", "completion": None}], r"row 1, column 'completion': null"),
-        ([{"prompt": "p", "completion": "c"}, {"prompt": 7, "completion": "c"}], r"row 1, column 'prompt': int 7"),
+        ([{"prompt": "p", "completion": "c"}, {"prompt": "q", "completion": None}], r"row 1 \(counting from 0\), column 'completion': null"),
+        ([{"prompt": "p", "completion": "c"}, {"prompt": 7, "completion": "c"}], r"row 1 \(counting from 0\), column 'prompt': int 7"),
         (
             [{"prompt": [{"role": "user", "content": None}], "completion": [{"role": "assistant", "content": "c"}]}],
-            r"row 0, column 'prompt': message 0 has content null",
+            r"row 0 \(counting from 0\), column 'prompt': message 0 has content null",
         ),
     ],
     ids=["null-completion", "number-prompt", "null-message-content"],
@@ -358,7 +360,7 @@ def test_a_read_only_output_dir_is_one_line(tmp_path, capsys):
     assert code == 1 and f"error: --output_dir {out}: cannot write there" in one_error_line(lines, "sft")
 
 
-def test_resume_from_checkpoint_true_resumes_from_the_latest_checkpoint(tiny_model_dir, tmp_path, capsys):
+def test_resume_from_checkpoint_true_resumes_from_the_latest_checkpoint(tiny_model_dir, tmp_path, capsys, caplog):
     out = tmp_path / "out"
     args = [
         "sft", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", "trl_renyi:conflict_sft", "--num_members",
@@ -372,7 +374,10 @@ def test_resume_from_checkpoint_true_resumes_from_the_latest_checkpoint(tiny_mod
     state = json.loads(saved_state.read_text())
     state["log_history"].append({"step": 2, "marker": "from checkpoint-2"})  # carried on only by a resumed run
     saved_state.write_text(json.dumps(state))
+    caplog.set_level("INFO", logger="trl_renyi")
     assert cli([*args, "--max_steps", "4", "--resume_from_checkpoint", "True"]) == 0
+    assert f"Resuming from {out / 'checkpoint-2'} (step 2)." in caplog.text  # the run says where it starts
+    assert "Training 2 LoRA members (r = 4)" in caplog.text
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and {"step": 2, "marker": "from checkpoint-2"} in state["log_history"]
 
@@ -439,3 +444,55 @@ def test_the_example_scripts_are_the_commands_complete_scripts():
         assert trainer in text and "trainer.train(" in text and "save_and_push(trainer" in text
         assert callable(module.make_parser) and callable(module.main)
     assert "importlib" not in (REPO / "trl_renyi" / "cli" / "training.py").read_text()
+
+
+# ------------------------------------------------------------------- issue 35: bad model ids, YAML typos, group files
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("someone/no-such-model", "model 'someone/no-such-model' is no local folder and not in the Hugging Face cache"),
+        ("./models/no-such-folder", "model './models/no-such-folder': no such local folder (looked in"),
+        ("smollm2-135m-instrct", "Did you mean the embedded 'smollm2-135m-instruct'?"),
+    ],
+)
+def test_a_bad_model_id_is_one_line_naming_it(tmp_path, capsys, monkeypatch, model, expected):
+    """Offline (as the tests run): a Hub-style id that is not cached, a missing local path and a typo of an embedded
+    alias each give one line naming the id, where it was looked for and the embedded models, before anything loads."""
+    monkeypatch.chdir(tmp_path)
+    args = ["sft", "--model_name_or_path", model, "--dataset_name", "trl_renyi:conflict_sft", "--output_dir", "out"]
+    code, lines = run_cli(capsys, *args)
+    line = one_error_line(lines, "sft")
+    assert code == 1 and expected in line and "Embedded models (offline): smollm2-135m-instruct" in line
+
+
+def test_a_model_the_hub_cannot_give_is_one_line_too(monkeypatch, make_model, tokenizer, prompt_completion_dataset, tmp_path):
+    """Online, whether a Hub id exists is the download's to say: its OSError becomes one line naming the id, for the
+    trainers (TRL's loader) and for loading a base model (scoring, eval)."""
+    from huggingface_hub import constants
+
+    from trl_renyi import RenyiSFTConfig, RenyiSFTTrainer
+    from trl_renyi.model import loading
+    from trl_renyi.training import construction
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def not_found(*args, **kwargs):
+        raise OSError("someone/private is not a local folder and is not a valid model identifier listed on the Hub\nmore")
+
+    monkeypatch.setattr(construction, "create_model_from_path", not_found)
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", not_found)
+    args = RenyiSFTConfig(output_dir=str(tmp_path), num_members=2, report_to="none", use_cpu=True)
+    with pytest.raises(FileNotFoundError, match=r"^model 'someone/private' could not be loaded: someone/private is not "):
+        RenyiSFTTrainer("someone/private", args=args, train_dataset=prompt_completion_dataset,
+                        processing_class=tokenizer, peft_config=__import__("peft").LoraConfig(r=4))  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"^model 'someone/private' could not be loaded"):
+        loading.load_causal_lm("someone/private")
+
+
+def test_a_typo_in_a_yaml_config_gets_did_you_mean(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("num_member: 2\nalpah: 0\nmax_steps: 1\n")
+    code, lines = run_cli(capsys, "sft", "--config", str(config), "--output_dir", str(tmp_path / "out"))
+    line = one_error_line(lines, "sft")
+    assert code == 1 and f"unknown keys in {config}: num_member (did you mean num_members?)" in line
+    assert "alpah (did you mean alpha" in line

@@ -162,7 +162,7 @@ def test_k1_matches_dpo_trainer_on_a_4bit_base(base_dir, tokenizer, tmp_path):
     assert_close_dicts(grads, grads_ref, rtol=1e-2, scaled=True)
 
 
-def test_ensemble_trains_saves_and_reloads_on_a_4bit_base(base_dir, tokenizer, prompt_completion_dataset, tmp_path):
+def test_ensemble_trains_saves_and_reloads_on_a_4bit_base(base_dir, tokenizer, prompt_completion_dataset, tmp_path, caplog):
     """K = 2 trains on the NF4 base (the quantised weights stay frozen), and ``RenyiEnsemble.from_pretrained`` with a
     ``quantization_config`` rebuilds it over a quantised base with the same member outputs."""
     from trl_renyi import RenyiEnsemble, RenyiSFTConfig, RenyiSFTTrainer
@@ -173,7 +173,9 @@ def test_ensemble_trains_saves_and_reloads_on_a_4bit_base(base_dir, tokenizer, p
     )  # fmt: skip
     assert trainer.model.get_base_model().is_loaded_in_4bit
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    caplog.set_level("INFO", logger="trl_renyi")
     trainer.train()
+    assert "The base model is loaded in 4 bit (nf4, compute dtype" in caplog.text  # the run says so when it starts
     assert all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters() if n in frozen)
     out = tmp_path / "ensemble"
     trainer.save_model(str(out))

@@ -21,6 +21,7 @@ def test_the_readme_has_the_sft_and_dpo_snippets():
     snippets = python_snippets()
     assert any("RenyiSFTTrainer(" in s for s in snippets) and any("RenyiDPOTrainer(" in s for s in snippets)
     assert all("max_steps=" in s for s in snippets if "Trainer(" in s), "a README run must be bounded on CPU"
+    assert all("gradient_checkpointing=False" in s for s in snippets if "Trainer(" in s), "as docs/installation.md advises on CPU"
 
 
 @pytest.mark.parametrize("which", ["RenyiSFTTrainer(", "RenyiDPOTrainer("])

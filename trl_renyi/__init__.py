@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from trl_renyi.run_log import configure_library_logger
 from trl_renyi.version import __version__
+
+configure_library_logger()
 
 _EXPORTS = {
     "RenyiEnsemble": "trl_renyi.inference.ensemble",

@@ -106,7 +106,10 @@ class EvalArguments:
         metadata={"help": "Coverages (fractions answered, most certain first) for the selective accuracy."},
     )
     batch_size: int = field(default=8, metadata={"help": "Sequences per member-batched forward."})
-    plots: bool = field(default=True, metadata={"help": "Write the PNG plots."})
+    plots: bool = field(
+        default=True,
+        metadata={"help": "Write the PNG plots (reliability, uncertainty, routing) to output_dir; --no_plots skips them."},
+    )
 
     def __post_init__(self):
         if self.n_bins < 1:
@@ -227,5 +230,6 @@ def make_parser():
 def main(args: EvalArguments) -> int:
     report = evaluate(args)
     print(report_table(report))
-    print(f"\nReport, predictions and plots written to {args.output_dir}.")
+    written = "Report, predictions and plots" if args.plots else "Report and predictions (no plots: --no_plots)"
+    print(f"\n{written} written to {args.output_dir}.")
     return 0

@@ -64,18 +64,26 @@ class RenyiParser(TrlParser):
                 action.metavar = "{FLOAT,auto}"
 
     def known_flags(self) -> list[str]:
-        return [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
+        """Every long flag, once: ``--num_members`` and not also its dashed alias ``--num-members``."""
+        flags = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
+        return [f for f in flags if "-" not in f[2:] or f[:2] + f[2:].replace("-", "_") not in flags]
 
-    def unknown_flag_message(self, unknown) -> str:
+    def suggestions(self, unknown, as_keys: bool = False) -> str:
+        """``"--name (did you mean --known?)"``, comma-separated, for the flags in ``unknown`` (their values
+        skipped); ``as_keys`` writes them as config-file keys, without the dashes."""
         parts = []
         for flag in unknown:
             if not str(flag).startswith("-"):
                 continue
             name = str(flag).split("=", 1)[0]
             close = difflib.get_close_matches(name, self.known_flags(), n=2, cutoff=0.6)
+            if as_keys:
+                name, close = name.lstrip("-"), [c.lstrip("-") for c in close]
             parts.append(f"{name}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
-        listed = ", ".join(parts) or ", ".join(map(str, unknown))
-        return f"unrecognized arguments: {listed}; see `{self.prog} --help`."
+        return ", ".join(parts) or ", ".join(map(str, unknown))
+
+    def unknown_flag_message(self, unknown) -> str:
+        return f"unrecognized arguments: {self.suggestions(unknown)}; see `{self.prog} --help`."
 
     def parse_args_and_config(self, args=None, *rest, **kwargs):
         listed = list(sys.argv[1:] if args is None else args)
@@ -86,10 +94,14 @@ class RenyiParser(TrlParser):
         try:
             return super().parse_args_and_config(args, *rest, **kwargs)
         except ValueError as error:
+            in_config = re.search(r"Unknown arguments from config file: (\[.*\])", str(error))
+            if in_config:  # TRL's message for a YAML key that is no field: the same help as for a flag
+                config = listed[listed.index("--config") + 1] if "--config" in listed[:-1] else "the config file"
+                keys = self.suggestions(ast.literal_eval(in_config.group(1)), as_keys=True)
+                raise ValueError(f"unknown keys in {config}: {keys}; see `{self.prog} --help`.") from None
             match = re.search(r"not used by the HfArgumentParser: (\[.*\])", str(error))
             if not match:
                 raise
-
             raise ValueError(self.unknown_flag_message(ast.literal_eval(match.group(1)))) from None
 
     def error(self, message):  # argparse's own errors (unknown flags, bad choices, missing values)

@@ -19,6 +19,7 @@ Conversational columns hold lists of ``{"role", "content"}`` messages. ShareGPT-
 
 from __future__ import annotations
 
+from trl_renyi.data.group_conflicts import is_group_annotated
 from trl_renyi.data.multi_completion import MULTI_COMPLETION_COLUMNS
 
 #: The columns each trainer accepts, in the order they are tried.
@@ -111,7 +112,7 @@ def check_messages(example: dict, source: str, row: int) -> None:
         for message in value:
             if isinstance(message, dict) and not {"role", "content"} <= set(message):
                 raise ValueError(
-                    f"{source}, row {row}, column {key!r}: a message has keys {sorted(message)}; expected 'role' and "
+                    f"{source}, row {row} (counting from 0), column {key!r}: a message has keys {sorted(message)}; expected 'role' and "
                     "'content' (or ShareGPT's 'from' and 'value')."
                 )
 
@@ -168,7 +169,7 @@ def check_values(dataset, columns, source: str) -> None:
             for offset, value in enumerate(batch[column]):
                 problem = value_problem(value, column)
                 if problem:
-                    raise ValueError(f"{source}, row {row + offset}, column {column!r}: {problem}.")
+                    raise ValueError(f"{source}, row {row + offset} (counting from 0), column {column!r}: {problem}.")
         row += len(batch[columns[0]])
 
 
@@ -198,6 +199,8 @@ def prepare_training_dataset(dataset, kind: str, source: str = "train_dataset", 
         if first is None:
             raise ValueError(f"{source} is empty: it holds no rows.")
         columns = list(first)
+    if is_group_annotated(columns):  # rows are built from it by the trainer (``group_rows``), which checks the items
+        return dataset, "group-annotated"
     fmt = detect_format(columns, kind, source, dataset_text_field)
     if not hasattr(dataset, "__len__"):
         return dataset, fmt

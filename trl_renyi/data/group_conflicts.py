@@ -23,6 +23,7 @@ rejected one. :func:`group_targets` computes what the evaluation compares with:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset
+
+logger = logging.getLogger(__name__)
 
 #: how the answer follows the item's prompt in the training rows and at scoring (plain text, one option per answer)
 ANSWER_CUE = "\nAnswer:"
@@ -359,6 +362,8 @@ GROUP_ROWS = {
 }
 #: what each kind of rows needs from the trainer (config field -> value)
 GROUP_ROW_SETTINGS = {"annotator": {"source_column": ANNOTATOR_COLUMN}, "group": {"multi_annotator_routing": "row"}}
+#: the rows each trainer can train on, its default first
+GROUP_ROWS_BY_TRAINER = {"sft": ("vote", "annotator", "group", "pooled"), "dpo": ("pairs",)}
 
 
 def is_group_annotated(columns) -> bool:
@@ -384,6 +389,43 @@ def group_training_rows(items: Sequence[GroupItem], rows: str, seed: int = 0) ->
     if rows == "pooled":
         return pooled_vote_rows(items)
     return preference_pairs(items, seed)
+
+
+def group_training_dataset(
+    dataset, rows: str | None, kind: str, source: str = "train_dataset", seed: int = 0, split: str | None = None
+):
+    """``(training rows, rows)`` of a group-annotated ``dataset`` (columns ``prompt``, ``options``, ``groups``) for
+    trainer ``kind`` (``"sft"`` / ``"dpo"``): the rows ``rows`` of :data:`GROUP_ROWS` (``None``: the trainer's
+    default, :data:`GROUP_ROWS_BY_TRAINER`), group names dropped; ``(dataset, None)`` for any other dataset. The items
+    are checked as :func:`read_group_items` checks a file, errors naming ``source`` and the row. With ``split`` (e.g.
+    ``"train"``) and a file whose items name their own split (a ``split`` column, as LeWiDi's), only that split's
+    items are used, so held-out items never reach training; a file without it is used whole."""
+    columns = getattr(dataset, "column_names", None)
+    if dataset is None or columns is None or not is_group_annotated(columns):
+        return dataset, None
+    allowed = GROUP_ROWS_BY_TRAINER[kind]
+    rows = rows or allowed[0]
+    if rows not in allowed:
+        other = next(k for k, v in GROUP_ROWS_BY_TRAINER.items() if rows in v)
+        raise ValueError(
+            f"group_rows={rows!r} builds {other.upper()} rows ({GROUP_ROWS[rows]}); the {kind.upper()} trainer takes "
+            f"group_rows in {list(allowed)}."
+        )
+    items = group_items_from_rows(dataset.to_list(), source)
+    if split is not None and any(item.split == split for item in items):
+        kept = [item for item in items if item.split == split]
+        if len(kept) < len(items):
+            logger.info(
+                "%s: %d of its %d items are of the file's split %r, the rest (%s) are left out of training.",
+                source, len(kept), len(items), split, sorted({str(i.split) for i in items} - {split}),
+            )  # fmt: skip
+        items = kept
+    built = Dataset.from_dict(group_training_rows(items, rows, seed))
+    logger.info(
+        "%s is group-annotated: %d items became %d %r training rows (%s), group names dropped.",
+        source, len(items), len(built), rows, GROUP_ROWS[rows],
+    )  # fmt: skip
+    return built, rows
 
 
 def group_dataset(path, rows: str = "vote", seed: int = 0):

@@ -52,7 +52,7 @@ def _multiple_choice_items(records: list[dict], target: str, path, offset: int =
     key = f"{target}_targets"
     items = []
     for i, record in enumerate(records, start=offset):
-        where = f"{path}, item {i}"
+        where = f"{path}, item {i} (counting from 0)"
         question = record.get("question", record.get("prompt"))
         if not isinstance(question, (str, list)) or not question:
             raise ValueError(f"{where}: missing or empty field 'question'.")
@@ -76,13 +76,13 @@ def _preference_items(records: list[dict], path, offset: int = 0) -> list[Choice
     for i, record in enumerate(records, start=offset):
         for key in ("chosen", "rejected"):
             if key not in record or not record[key]:
-                raise ValueError(f"{path}, item {i}: missing or empty field {key!r}.")
+                raise ValueError(f"{path}, item {i} (counting from 0): missing or empty field {key!r}.")
         if "prompt" in record:
             prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
         else:
             prompt, chosen, rejected = split_dialogue(record["chosen"], record["rejected"])
         if is_conversational(chosen) != is_conversational(rejected):
-            raise ValueError(f"{path}, item {i}: 'chosen' and 'rejected' must both be text or both chat messages.")
+            raise ValueError(f"{path}, item {i} (counting from 0): 'chosen' and 'rejected' must both be text or both chat messages.")
         items.append(ChoiceItem(prompt, [chosen, rejected], [1, 0], str(record.get("id", i))))
     return items
 
@@ -178,7 +178,7 @@ def training_examples(dataset, source: str = "dataset") -> tuple[str, dict[str, 
         prompts, completions = [], []
         for i, messages in enumerate(dataset["messages"]):
             if not is_conversational(messages) or messages[-1].get("role") != "assistant":
-                raise ValueError(f"{source}, example {i}: 'messages' must be chat messages ending with an assistant turn.")
+                raise ValueError(f"{source}, example {i} (counting from 0): 'messages' must be chat messages ending with an assistant turn.")
             prompts.append(messages[:-1])
             completions.append(messages[-1:])
         return "sft", {"prompt": prompts, "completion": completions}

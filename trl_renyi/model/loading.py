@@ -9,6 +9,7 @@ a Hub id.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import logging
@@ -16,9 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_renyi.model import cache
+from trl_renyi.paths import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +153,54 @@ def embedded_cache(gguf: tuple[str, str]) -> Path | None:
     return folder
 
 
+def _embedded_suggestion(name: str) -> str:
+    names = [*EMBEDDED_MODELS, *ALIASES]
+    close = difflib.get_close_matches(str(name).lower().rsplit("/", 1)[-1], names, n=1, cutoff=0.6)
+    known = ", ".join(EMBEDDED_MODELS)
+    return (f" Did you mean the embedded {close[0]!r}?" if close else "") + f" Embedded models (offline): {known}."
+
+
+def check_model_reference(name: str, revision: str | None = None) -> None:
+    """Refuse, in one line naming ``name``, a model that cannot be loaded, before anything is downloaded or loaded:
+    not an embedded alias, no local folder holding a model, and a Hub id that is neither in the Hugging Face cache
+    nor downloadable (``HF_HUB_OFFLINE=1``). The message says where it was looked for and suggests the closest
+    embedded alias. A Hub id that may be downloaded passes (whether it exists is the download's to say:
+    :func:`model_load_error`)."""
+    if not isinstance(name, str) or is_embedded(name):
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise FileNotFoundError(
+                f"model {name!r}: the folder holds no config.json, so it is no transformers model folder (one written "
+                "by save_pretrained)."
+            )
+        return
+    if path.is_file():
+        raise FileNotFoundError(f"model {name!r} is a file; a model is a folder written by save_pretrained, or a Hub id.")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:  # not a Hub id, so a local path that does not exist
+        raise FileNotFoundError(
+            f"model {name!r}: no such local folder (looked in {Path.cwd()}).{did_you_mean(path, folders_only=True)}"
+            f"{_embedded_suggestion(name)}"
+        ) from None
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return
+    if hf_constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(
+            f"model {name!r} is no local folder and not in the Hugging Face cache ({hf_constants.HF_HUB_CACHE}), and "
+            f"HF_HUB_OFFLINE=1 forbids downloading it.{_embedded_suggestion(name)}"
+        )
+
+
+def model_load_error(name: str, error: OSError) -> FileNotFoundError:
+    """The one-line error for a model whose loading failed with ``error`` (transformers' ``OSError``: a Hub id that
+    does not exist, no connection, a folder with missing files)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return FileNotFoundError(f"model {name!r} could not be loaded: {first}{_embedded_suggestion(name)}")
+
+
 def kbit_device_map() -> dict:
     """The device map for a quantised base on this process's device (as TRL's ``get_kbit_device_map``, also on CPU)."""
     return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
@@ -175,7 +229,11 @@ def load_causal_lm(name_or_path: str, dtype: str | torch.dtype | None = "float32
         model.name_or_path = canonical_name(name_or_path)
         _LOADED_VOCAB_SIZES[canonical_name(name_or_path)] = model.config.vocab_size
         return model
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    check_model_reference(name_or_path, kwargs.get("revision"))
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    except OSError as error:
+        raise model_load_error(name_or_path, error) from error
 
 
 def load_tokenizer(name_or_path: str, **kwargs):

@@ -46,7 +46,7 @@ def enable_shared_trunk(model: PeftModel) -> int | None:
         return router.trunk_layer
     prefix, layers = _decoder_layers(model)
     if layers is None:
-        logger.info(
+        logger.debug(
             "shared_trunk is off: %s keeps no `*.layers` list of decoder layers (e.g. GPT-2's `transformer.h`, whose "
             "blocks take per-row arguments positionally); every member runs the whole model.",
             type(model.get_base_model()).__name__,
@@ -56,12 +56,12 @@ def enable_shared_trunk(model: PeftModel) -> int | None:
     for name, module in model.named_modules():
         if isinstance(module, MemberBatchedLayer) and router.member_names[0] in module.lora_A:
             if not name.startswith(prefix + "."):
-                logger.info("shared_trunk is off: the LoRA module %s lies outside the decoder layers.", name)
+                logger.debug("shared_trunk is off: the LoRA module %s lies outside the decoder layers.", name)
                 return None
             adapted.add(int(name[len(prefix) + 1 :].split(".")[0]))
     first = min(adapted) if adapted else None
     if not first:
-        logger.info("shared_trunk is off: the members adapt decoder layer 0, so no layer below them can be shared.")
+        logger.debug("shared_trunk is off: the members adapt decoder layer 0, so no layer below them can be shared.")
         return None
 
     def tile_hook(layer_index):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig, SFTConfig
 
+from trl_renyi.data.group_conflicts import GROUP_ROWS
 from trl_renyi.model.saved_format import SETTINGS_FIELDS
 from trl_renyi.objective import (
     AUTO_ALPHA,
@@ -137,7 +138,21 @@ class RenyiEnsembleArguments:
         },
     )
 
+    group_rows: str | None = field(
+        default=None,
+        metadata={
+            "help": "For a group-annotated dataset (columns prompt, options, groups; docs/data.md), the training rows "
+            "to build from it, group names dropped: "
+            + "; ".join(f"'{name}': {text}" for name, text in GROUP_ROWS.items())
+            + ". Unset: 'vote' for SFT, 'pairs' for DPO. The settings a kind of rows needs (source_column='annotator' "
+            "for 'annotator') are set with it.",
+            "choices": list(GROUP_ROWS),
+        },
+    )
+
     def _validate_renyi_fields(self) -> None:
+        if self.group_rows is not None and self.group_rows not in GROUP_ROWS:
+            raise ValueError(f"group_rows must be one of {list(GROUP_ROWS)} or None, got {self.group_rows!r}.")
         self.num_members = check_num_members(self.num_members)
         self.alpha = check_alpha(self.alpha, allow_auto=True)
         self.member_weights = check_member_weights(self.member_weights, self.num_members)
@@ -203,6 +218,7 @@ def check_auto_alpha(args) -> None:
 #: The objective's own settings (α, the floor, the warm-up, the mixture weights, the reduction) are read at use.
 FIXED_AT_CONSTRUCTION = (
     "num_members", "member_init_std", "shared_trunk", "share_prompt", "source_column", "multi_annotator_routing",
+    "group_rows",
 )  # fmt: skip
 
 
@@ -255,6 +271,10 @@ class RenyiSFTArguments:
     )
 
     def __post_init__(self):
+        self._validate_sft_fields()
+        super().__post_init__()
+
+    def _validate_sft_fields(self) -> None:
         if self.source_column is not None and self.multi_annotator_routing == "row":
             raise ValueError(
                 "source_column routes whole sources and multi_annotator_routing='row' whole rows: choose one "
@@ -274,7 +294,6 @@ class RenyiSFTArguments:
                 "multi_annotator_routing='row' sums the log-likelihoods of a row's annotations and needs "
                 f"loglik_reduction='sum', got {self.loglik_reduction!r}."
             )
-        super().__post_init__()
 
 
 def ensemble_fields_doc(trl_config, *extra_fields) -> str:

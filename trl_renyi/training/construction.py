@@ -9,6 +9,7 @@ trl_arguments` are what the trainer passes to TRL's constructor, inside :func:`m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -17,10 +18,16 @@ from transformers import TrainingArguments, set_seed
 
 from trl_renyi.compat import create_model_from_path
 from trl_renyi.data.formats import prepare_training_datasets
+from trl_renyi.data.group_conflicts import (
+    GROUP_ROW_SETTINGS,
+    group_training_dataset,
+)
 from trl_renyi.model.loading import (
+    check_model_reference,
     is_embedded,
     load_causal_lm,
     load_tokenizer,
+    model_load_error,
     with_quantization_config,
 )
 from trl_renyi.model.members import attach_ensemble, build_ensemble
@@ -78,15 +85,55 @@ def construct_ensemble(
     suffix = config_class.__name__.removesuffix("Config")
     args = coerce_config(args, config_class, model if isinstance(model, str) else "model", suffix)
     check_options(args, compute_loss_func=compute_loss_func)
+    train_dataset, eval_dataset = prepare_group_rows(args, train_dataset, eval_dataset, kind)
     train_dataset, eval_dataset, dataset_format = prepare_training_datasets(
         train_dataset, eval_dataset, kind, getattr(args, "dataset_text_field", "text")
     )
     if check_config is not None:
         check_config(args)
+    if isinstance(model, str):  # one line naming a model that cannot be loaded, before anything is loaded
+        check_model_reference(model, (args.model_init_kwargs or {}).get("revision"))
     loaded_here = isinstance(model, str) and spends_init_kwargs
     args.model_init_kwargs = with_quantization_config(args.model_init_kwargs, model, quantization_config)
     model, processing_class = prepare_ensemble_model(model, args, peft_config, processing_class)
     return EnsembleConstruction(args, model, processing_class, train_dataset, eval_dataset, dataset_format, loaded_here)
+
+
+def prepare_group_rows(args, train_dataset, eval_dataset, kind: str):
+    """``(train, eval)`` with a group-annotated dataset replaced by the training rows ``args.group_rows`` names
+    (:func:`~trl_renyi.data.group_conflicts.group_training_dataset`; group names dropped) and the settings those rows
+    need set on ``args`` (:data:`~trl_renyi.data.group_conflicts.GROUP_ROW_SETTINGS`), one log line saying so. A
+    setting the user gave another value is refused by name, as is ``group_rows`` on data that is not group-annotated."""
+    rows_used = None
+    converted = []
+    for dataset, source in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+        if isinstance(dataset, dict):
+            parts = {k: group_training_dataset(v, args.group_rows, kind, f"{source}[{k!r}]", args.seed) for k, v in dataset.items()}
+            dataset, rows = {k: d for k, (d, _) in parts.items()}, next((r for _, r in parts.values() if r), None)
+        else:
+            split = "train" if source == "train_dataset" else None  # a file's own held-out items never train
+            dataset, rows = group_training_dataset(dataset, args.group_rows, kind, source, args.seed, split)
+        rows_used = rows_used or rows
+        converted.append(dataset)
+    if rows_used is None:
+        if args.group_rows is not None:
+            columns = getattr(train_dataset, "column_names", None)
+            raise ValueError(
+                f"group_rows={args.group_rows!r} builds training rows from a group-annotated dataset (columns prompt, "
+                f"options, groups); train_dataset has columns {columns}. Unset group_rows for other data."
+            )
+        return tuple(converted)
+    for name, value in GROUP_ROW_SETTINGS.get(rows_used, {}).items():
+        now = getattr(args, name)
+        default = next(f.default for f in dataclasses.fields(args) if f.name == name)
+        if now != value and now != default:
+            raise ValueError(f"group_rows={rows_used!r} needs {name}={value!r}, but {name} is {now!r}.")
+        if now != value:
+            setattr(args, name, value)
+            logger.info("group_rows=%r: %s set to %r.", rows_used, name, value)
+    if hasattr(args, "_validate_sft_fields"):
+        args._validate_sft_fields()
+    return tuple(converted)
 
 
 @contextlib.contextmanager
@@ -130,7 +177,10 @@ def prepare_ensemble_model(model, args: RenyiEnsembleArguments, peft_config, pro
             if processing_class is None:
                 processing_class = load_tokenizer(name)
         else:  # TRL's own loader, in TRL's order, so that K = 1 by name is TRL to the bit
-            model = create_model_from_path(name, **init_kwargs)
+            try:
+                model = create_model_from_path(name, **init_kwargs)
+            except OSError as error:
+                raise model_load_error(name, error) from error
     peft_model = build_ensemble(model, peft_config, args.num_members, args.seed, args.member_init_std)
     return peft_model, processing_class
 
@@ -145,5 +195,5 @@ def resolve_share_prompt(args: RenyiEnsembleArguments, model, blockers: dict[str
         return True
     if args.share_prompt:
         raise ValueError(f"share_prompt=True cannot be honoured: {reason}. Set share_prompt=False or leave it unset.")
-    logger.info("share_prompt is off: %s.", reason)
+    logger.debug("share_prompt is off: %s.", reason)
     return False

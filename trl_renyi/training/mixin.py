@@ -35,10 +35,12 @@ from trl_renyi.model.members import (
 from trl_renyi.model.saved_format import ALPHA_METRIC
 from trl_renyi.model.trunk import enable_shared_trunk
 from trl_renyi.objective import AUTO_ALPHA, RenyiBound
+from trl_renyi.run_log import set_run_log_level
 from trl_renyi.training.auto_alpha import AutoAlpha
 from trl_renyi.training.config import construction_settings
 from trl_renyi.training.ensemble_objective import EnsembleObjective
 from trl_renyi.training.persistence import EnsemblePersistenceMixin
+from trl_renyi.training.run_summary import StepTimer
 from trl_renyi.training.step import ChunkPass, MemberLogLik, StepScope
 
 logger = logging.getLogger(__name__)
@@ -52,10 +54,12 @@ class RenyiEnsembleTrainerMixin(EnsemblePersistenceMixin):
         """What needs TRL's model in place: every member trainable again (TRL may have activated one adapter, which
         freezes the others; the members were built and checked before), the completion head, the shared trunk, the
         α resolver; and the construction settings, checked again when training starts."""
+        set_run_log_level(self.args)
         self.member_names = member_names(self.args.num_members)
         self.built_with = construction_settings(self.args)
         self.auto_alpha = AutoAlpha(self)  # resolves alpha="auto" at the end of the warm-up (a no-op otherwise)
         self.add_callback(self.auto_alpha)
+        self.add_callback(StepTimer(self))  # step_seconds in every training log
         peft_model = self.accelerator.unwrap_model(self.model)
         check_vocabulary(peft_model, self.processing_class)  # before a token id past the embeddings fails a step
         set_members_trainable(peft_model, self.member_names)

@@ -39,6 +39,7 @@ from trl_renyi.model.saving import check_save_target, save_ensemble
 from trl_renyi.objective import AUTO_ALPHA
 from trl_renyi.training.checkpoint import AtomicCheckpointMixin
 from trl_renyi.training.config import check_construction_unchanged
+from trl_renyi.training.run_summary import run_summary
 from trl_renyi.training.source_routing import MEMORY_FILE as SOURCE_MEMORY_FILE
 
 logger = logging.getLogger(__name__)
@@ -165,17 +166,21 @@ class EnsemblePersistenceMixin(AtomicCheckpointMixin):
             tags=tags,
         )
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """TRL's ``train``; first refuses a construction setting changed on ``trainer.args`` since the trainer was
-        built, and warns when ``output_dir`` holds files that a final ``save_model()`` would refuse to mix with, so
-        that both are known before the training rather than after it."""
+        built, warns when ``output_dir`` holds files that a final ``save_model()`` would refuse to mix with, so that
+        both are known before the training rather than after it, and logs what the run does (the ensemble and its
+        objective, a quantised base, routing by source, the checkpoint it resumes from: :mod:`run_summary`)."""
         check_construction_unchanged(self.args, self.built_with)
+        if self.args.should_log:
+            for line in run_summary(self, resume_from_checkpoint):
+                logger.info(line)
         if self.args.should_save:
             try:
                 check_save_target(self.args.output_dir)
             except (FileExistsError, NotADirectoryError) as err:
                 logger.warning("save_model() into output_dir will be refused: %s", err)
-        return super().train(*args, **kwargs)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ publishing
     def push_to_hub(self, *args, **kwargs):
