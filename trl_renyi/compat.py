@@ -15,8 +15,15 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
+import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import torch
+from peft import PeftModel
+from transformers.pytorch_utils import Conv1D
 
 #: The library versions these internals were checked against (the upper bounds in ``pyproject.toml``).
 CHECKED_VERSIONS = {"trl": "1.16", "transformers": "5.24", "peft": "0.21", "torch": "2.13"}
@@ -31,7 +38,6 @@ def quiet_checkpointing_alias() -> Iterator[None]:
     them; the warning is theirs to fix, and nothing a user of trl_renyi can change. Warnings of the same names from a
     user's own calls outside these blocks are untouched.
     """
-    import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings(
@@ -49,8 +55,6 @@ def register_member_layer(lora_config, layer_class, quantized: dict | None = Non
     Internal: ``LoraConfig._register_custom_module`` (PEFT's experimental custom-layer API, peft 0.21), consulted
     first when LoRA layers are created (``LoraModel._create_new_module``).
     """
-    import torch
-    from transformers.pytorch_utils import Conv1D
 
     register = getattr(lora_config, "_register_custom_module", None)
     if register is None:
@@ -123,7 +127,6 @@ def dpo_trainer_accepts_ensemble(model, ref_model) -> Iterator[None]:
     copy of the base, the memory the shared-base reference exists to save. So the swap stays, here, for the
     constructor only.
     """
-    from peft import PeftModel
 
     if ref_model is not None or not isinstance(model, PeftModel):
         yield
@@ -261,8 +264,6 @@ EXPECTED_INTERNALS = [
 
 def _sets_instance_attribute(cls, name: str) -> bool:
     """Whether the source of ``cls`` (or of a class it inherits from) reads or writes the attribute ``name``."""
-    import inspect
-    import re
 
     pattern = re.compile(rf"\.{re.escape(name)}\b")
     for klass in getattr(cls, "__mro__", ()):

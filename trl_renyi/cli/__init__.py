@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from trl_renyi.cli.parsing import run_command
+
 # sub-command -> (module under trl_renyi.cli exposing make_parser() and main(*parsed), one-line description)
 COMMANDS = {
     "sft": ("sft", "Train an α-Rényi LoRA ensemble with supervised fine-tuning (like `trl sft`)."),
@@ -38,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trl-renyi: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"trl_renyi.cli.{COMMANDS[command][0]}")
-    from trl_renyi.cli.parsing import run_command
 
     def run(argv: list[str]) -> int:
         return module.main(*module.make_parser().parse_args_and_config(argv)) or 0
