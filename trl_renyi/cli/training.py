@@ -246,7 +246,11 @@ def single_fit_trainer(fit_rows, stability_args, training_args, model_args):
     if dpo:
         args = coerce_config(args, RenyiDPOConfig, model_args.model_name_or_path, "DPO")
     adapter = _adapter_folder(stability_args)
-    peft_config = LoraConfig.from_pretrained(str(adapter)) if adapter else ensemble_peft_config(model_args)
+    if adapter:
+        peft_config = LoraConfig.from_pretrained(str(adapter))
+        peft_config.base_model_name_or_path = None  # the layout only: the base is the one loaded here (no rename warning)
+    else:
+        peft_config = ensemble_peft_config(model_args)
     trainer_class = RenyiDPOTrainer if dpo else RenyiSFTTrainer
     trainer = trainer_class(model_args.model_name_or_path, args, train_dataset=fit_rows, peft_config=peft_config)
     if adapter:

@@ -353,8 +353,9 @@ def annotator_choice_rows(items: Sequence[GroupItem]) -> list[dict]:
 GROUP_ROWS = {
     "vote": "every vote its own example: one prompt/completion row per annotator vote where annotators are named, "
     "else one multi-annotator row per item weighted by the vote counts (SFT)",
-    "annotator": "one row per annotator vote carrying the annotator id, routed by annotator (source_column="
-    f"'{ANNOTATOR_COLUMN}'; SFT; needs annotations)",
+    "annotator": "one multi-annotator row per item, its annotators' votes as completions, each carrying its "
+    f"annotator id (one example per vote), routed by annotator (source_column='{ANNOTATOR_COLUMN}'; SFT; needs "
+    "annotations)",
     "group": "one multi-annotator row per (item, group) holding that group's vote distribution, group unseen (SFT; "
     "routed whole with multi_annotator_routing='row')",
     "pooled": "one multi-annotator row per item, every group's distribution weighing 1 (SFT)",
