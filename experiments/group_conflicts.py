@@ -125,6 +125,10 @@ def parse_args(argv=None):
         "scoring is always float32",
     )  # fmt: skip
     parser.add_argument("--docs", default=None, help="results page to update (e.g. docs/results.md)")
+    parser.add_argument(
+        "--render", action="store_true",
+        help="train nothing: print (and with --docs, write) the tables of the seed folders already in --output_dir",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     names = list(SETTINGS) if args.settings is None else [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in names if s not in SETTINGS]
@@ -458,16 +462,17 @@ SIGNAL_COLUMNS = (
 )  # fmt: skip
 
 
-def docs_marker(data: str, trainer: str, model: str) -> str:
-    """The results-page section a run replaces: one per data file and trainer, and per base model other than the
-    embedded default (so a run on another model never overwrites the default model's table)."""
+def docs_marker(data: str, trainer: str, model: str, seeds: bool = False) -> str:
+    """The results-page section a run replaces: one per data file and trainer, per base model other than the
+    embedded default (so a run on another model never overwrites the default model's table), and apart for runs over
+    several seeds (whose tables carry mean ± sd and the field's scores)."""
     from trl_renyi.model.loading import DEFAULT_MODEL, canonical_name
 
     marker = f"group-conflicts-{Path(data).stem}-{trainer}"
     name = canonical_name(model)
-    if name == DEFAULT_MODEL:
-        return marker
-    return f"{marker}-" + "".join(c if c.isalnum() or c in "-." else "-" for c in name.lower()).strip("-")
+    if name != DEFAULT_MODEL:
+        marker += "-" + "".join(c if c.isalnum() or c in "-." else "-" for c in name.lower()).strip("-")
+    return marker + ("-seeds" if seeds else "")
 
 
 def _cell(payload: dict, name: str, key: str) -> str:
@@ -500,7 +505,7 @@ def table(payload: dict) -> str:
         parts.append(
             f"Contested items: {anchors_['contested_share']:.3f} of the evaluated ones ({anchors_['contested_share_by_chance']:.3f} "
             f"if each item's votes were dealt to the groups at random), {anchors_['train_contested_share']:.3f} of the training "
-            f"ones ({anchors_['train_contested_share_by_chance']:.3f} by chance); {anchors_['tied_majorities']} evaluated items "
+            f"ones ({anchors_['train_contested_share_by_chance']:.3f} by chance); {anchors_['tied_majorities']:g} evaluated items "
             "have a tied pooled majority (the first option counts)."
         )
     return "\n\n".join(parts)
@@ -688,16 +693,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     clock = runs.Stopwatch()
     out_dir = Path(args.output_dir)
-    if args.seeds:
+    if args.render:
+        payload = summarise(out_dir)
+    elif args.seeds:
         for seed in args.seeds:
             run_seed(args, seed, out_dir / f"seed{seed}")
         payload = summarise(out_dir)
     else:
         payload = run_seed(args, args.seed, out_dir)
     print(table(payload))
-    print(f"Wrote {out_dir / RESULT_FILE} and the plots in {clock}.")
+    if args.render:
+        print(f"Wrote {out_dir / RESULT_FILE} from {len(payload['per_seed'])} seed folder(s).")
+    else:
+        print(f"Wrote {out_dir / RESULT_FILE} and the plots in {clock}.")
     if args.docs:
-        runs.update_results_page(docs_marker(args.data, args.trainer, args.model), table(payload), Path(args.docs))
+        marker = docs_marker(args.data, args.trainer, args.model, seeds=bool(args.seeds or args.render))
+        runs.update_results_page(marker, table(payload), Path(args.docs))
     return 0
 
 

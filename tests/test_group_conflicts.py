@@ -307,6 +307,7 @@ def test_a_results_section_per_data_file_trainer_and_base_model():
     assert study.docs_marker("x/a.jsonl", "dpo", "smollm2-135m-instruct") == "group-conflicts-a-dpo"
     assert study.docs_marker("x/a.jsonl", "sft", "gemma3-270m") == "group-conflicts-a-sft-gemma3-270m"
     assert study.docs_marker("a.jsonl", "sft", "Org/Model_1B") == "group-conflicts-a-sft-org-model-1b"
+    assert study.docs_marker("x/a.jsonl", "sft", "default", seeds=True) == "group-conflicts-a-sft-seeds"
 
 
 def test_study_quick_dpo(tmp_path):
@@ -487,3 +488,22 @@ def test_study_quick_over_seeds_reports_mean_and_sd(tmp_path):
     import statistics
 
     assert payload["sd"]["single"]["lewidi_ce"] == pytest.approx(statistics.stdev([r["lewidi_ce"] for r in runs]))
+
+    # --render trains nothing: the stored seed folders give the same summary, written into a results page section
+    import subprocess
+    import sys
+
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n")
+    (out / "seed1" / "group_conflicts.json").rename(out / "seed1" / "kept.json")  # one seed left: no sd, mean = it
+    rendered = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "group_conflicts.py"), "--data", str(data), "--output_dir", str(out),
+         "--render", "--docs", str(page)],
+        capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    summary = json.loads((out / "group_conflicts.json").read_text())
+    assert summary["seeds"] == {"single": [0]} and summary["sd"]["single"]["lewidi_ce"] is None
+    assert summary["settings"]["single"]["lewidi_ce"] == pytest.approx(runs[0]["lewidi_ce"])
+    text = page.read_text()
+    assert "<!-- group-conflicts-two-sft-seeds:start -->" in text and f"{runs[0]['lewidi_ce']:.3f}" in text

@@ -31,10 +31,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from trl_renyi.compat import config_attn_implementation
+
+if TYPE_CHECKING:  # resolved lazily by compat (a TRL type; this module imports without TRL)
+    from trl_renyi.compat import FusedCausalLMOutput
 
 #: Batch keys that describe the layout and are not model inputs (removed before every forward).
 LAYOUT_KEYS = ("completion_weights", "example_index", "num_sequence_tokens", "row_index", "source_ids")
