@@ -693,21 +693,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     clock = runs.Stopwatch()
     out_dir = Path(args.output_dir)
-    if args.render:
-        payload = summarise(out_dir)
-    elif args.seeds:
-        for seed in args.seeds:
-            run_seed(args, seed, out_dir / f"seed{seed}")
-        payload = summarise(out_dir)
-    else:
-        payload = run_seed(args, args.seed, out_dir)
+    over_seeds = bool(args.seeds or args.render)
+    for seed in [] if args.render else args.seeds or []:
+        run_seed(args, seed, out_dir / f"seed{seed}")
+    payload = summarise(out_dir) if over_seeds else run_seed(args, args.seed, out_dir)
     print(table(payload))
-    if args.render:
-        print(f"Wrote {out_dir / RESULT_FILE} from {len(payload['per_seed'])} seed folder(s).")
-    else:
-        print(f"Wrote {out_dir / RESULT_FILE} and the plots in {clock}.")
+    made = f"from {len(payload['per_seed'])} seed folder(s)" if args.render else f"and the plots in {clock}"
+    print(f"Wrote {out_dir / RESULT_FILE} {made}.")
     if args.docs:
-        marker = docs_marker(args.data, args.trainer, args.model, seeds=bool(args.seeds or args.render))
+        marker = docs_marker(args.data, args.trainer, args.model, seeds=over_seeds)
         runs.update_results_page(marker, table(payload), Path(args.docs))
     return 0
 

@@ -38,7 +38,6 @@ def quiet_checkpointing_alias() -> Iterator[None]:
     them; the warning is theirs to fix, and nothing a user of trl_renyi can change. Warnings of the same names from a
     user's own calls outside these blocks are untouched.
     """
-
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated", category=FutureWarning
@@ -55,7 +54,6 @@ def register_member_layer(lora_config, layer_class, quantized: dict | None = Non
     Internal: ``LoraConfig._register_custom_module`` (PEFT's experimental custom-layer API, peft 0.21), consulted
     first when LoRA layers are created (``LoraModel._create_new_module``).
     """
-
     register = getattr(lora_config, "_register_custom_module", None)
     if register is None:
         raise ImportError(missing_internal("peft", "LoraConfig._register_custom_module"))
@@ -127,7 +125,6 @@ def dpo_trainer_accepts_ensemble(model, ref_model) -> Iterator[None]:
     copy of the base, the memory the shared-base reference exists to save. So the swap stays, here, for the
     constructor only.
     """
-
     if ref_model is not None or not isinstance(model, PeftModel):
         yield
         return
