@@ -511,14 +511,22 @@ def table(payload: dict) -> str:
     return "\n\n".join(parts)
 
 
+# options that say what to run or where to write it, not what a result means
+NOT_RESULT_OPTIONS = ("settings", "output_dir", "docs", "render")
+
+
 def earlier_results(path: Path, config: dict) -> dict:
-    """Settings of an earlier run with the same data and sizes (kept unless run again)."""
+    """Settings of an earlier run with the same data and sizes (kept unless run again).
+
+    The two configurations are compared on the options both record, less :data:`NOT_RESULT_OPTIONS`, so an option
+    added to the study later does not discard the results written before it existed."""
     if not path.is_file():
         return {}
     payload = json.loads(path.read_text())
-    same = {k: payload.get("config", {}).get(k) for k in config if k not in ("settings", "output_dir", "docs")}
-    if same != {k: v for k, v in config.items() if k not in ("settings", "output_dir", "docs")}:
-        print(f"{path} was written with other data or sizes: starting afresh.", flush=True)
+    earlier = payload.get("config", {})
+    differing = sorted(k for k in config.keys() & earlier.keys() if k not in NOT_RESULT_OPTIONS and config[k] != earlier[k])
+    if differing:
+        print(f"{path} was written with other data or sizes ({', '.join(differing)} differ): starting afresh.", flush=True)
         return {}
     return payload.get("settings", {})
 

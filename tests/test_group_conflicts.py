@@ -297,17 +297,38 @@ def test_study_quick_three_groups_without_annotators_and_eval_data(tmp_path):
     assert "| single |" in section and "| default_row |" in section and "other model" in text
 
 
-def test_a_results_section_per_data_file_trainer_and_base_model():
+def load_study():
+    """experiments/group_conflicts.py as a module (it is a script, not part of the package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("group_conflicts_study", REPO / "experiments" / "group_conflicts.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
+    return study
+
+
+def test_a_results_section_per_data_file_trainer_and_base_model():
+    study = load_study()
     assert study.docs_marker("x/opinionqa-ideology.jsonl", "sft", "default") == "group-conflicts-opinionqa-ideology-sft"
     assert study.docs_marker("x/a.jsonl", "dpo", "smollm2-135m-instruct") == "group-conflicts-a-dpo"
     assert study.docs_marker("x/a.jsonl", "sft", "gemma3-270m") == "group-conflicts-a-sft-gemma3-270m"
     assert study.docs_marker("a.jsonl", "sft", "Org/Model_1B") == "group-conflicts-a-sft-org-model-1b"
     assert study.docs_marker("x/a.jsonl", "sft", "default", seeds=True) == "group-conflicts-a-sft-seeds"
+
+
+def test_earlier_settings_kept_across_options_that_do_not_change_results(tmp_path):
+    """A later run adds its settings to a folder's earlier ones unless the data or sizes differ; where to write, what
+    to run and options the earlier run did not have yet (``render`` here) do not discard them."""
+    study = load_study()
+    path = tmp_path / "group_conflicts.json"
+    earlier = {"data": "a.jsonl", "max_train_items": 320, "seed": 0, "precision": "bf16", "settings": ["single"],
+               "output_dir": "/elsewhere", "docs": None}  # fmt: skip
+    path.write_text(json.dumps({"config": earlier, "settings": {"single": {"lewidi_ce": 0.4}}}))
+    later = {**earlier, "settings": ["alpha1"], "output_dir": str(tmp_path), "docs": "docs/results.md", "render": False}
+    assert study.earlier_results(path, later) == {"single": {"lewidi_ce": 0.4}}
+    for key, value in (("max_train_items", 176), ("precision", "fp32"), ("seed", 1)):
+        assert study.earlier_results(path, {**later, key: value}) == {}, key
+    assert study.earlier_results(tmp_path / "absent.json", later) == {}
 
 
 def test_study_quick_dpo(tmp_path):
