@@ -702,8 +702,9 @@ def main(argv=None) -> int:
     clock = runs.Stopwatch()
     out_dir = Path(args.output_dir)
     over_seeds = bool(args.seeds or args.render)
-    for seed in [] if args.render else args.seeds or []:
-        run_seed(args, seed, out_dir / f"seed{seed}")
+    if not args.render:  # --render trains nothing: it re-summarises the stored seed folders
+        for seed in args.seeds or []:
+            run_seed(args, seed, out_dir / f"seed{seed}")
     payload = summarise(out_dir) if over_seeds else run_seed(args, args.seed, out_dir)
     print(table(payload))
     made = f"from {len(payload['per_seed'])} seed folder(s)" if args.render else f"and the plots in {clock}"
